@@ -1,0 +1,29 @@
+"""step3-jax: Step-3 (MFA attention + MoE) as pure JAX functions over pytrees.
+
+The public API:
+
+* :func:`load` — a config plus weights (a Hub checkpoint directory, or seeded random weights).
+* :func:`forward` — ``forward(params, tokens, cache, cfg) -> (logits, cache)``.
+* :func:`generate` — batched ragged-prompt generation with a jitted on-device decode loop.
+"""
+
+from step3_jax.config import Step3Config, load_config
+from step3_jax.errors import CheckpointError, ConfigError, Step3Error
+from step3_jax.model import forward
+from step3_jax.cache import KVCache
+from step3_jax.generate import GenerationResult, generate, score
+from step3_jax.checkpoint import load
+
+__all__ = [
+    "Step3Config",
+    "load_config",
+    "load",
+    "forward",
+    "generate",
+    "score",
+    "GenerationResult",
+    "KVCache",
+    "Step3Error",
+    "ConfigError",
+    "CheckpointError",
+]

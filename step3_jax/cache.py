@@ -1,0 +1,58 @@
+"""The functional KV cache: a pytree in, a pytree out.
+
+MFA keeps one K head and one V head per layer, so the cache is two ``[layers, batch, capacity,
+head_dim]`` arrays plus each sequence's filled length. Sequences of different lengths share one
+cache: sequence ``b`` occupies positions ``0 .. lengths[b]-1``. Writes go through
+:func:`write_positions`, which routes any position at or past the capacity to an out-of-bounds
+index dropped by the scatter — never the silent clamp of ``dynamic_update_slice``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from step3_jax.config import Step3Config
+
+
+@struct.dataclass
+class KVCache:
+    k: jax.Array        # [layers, batch, capacity, head_dim]
+    v: jax.Array        # [layers, batch, capacity, head_dim]
+    lengths: jax.Array  # [batch] int32: positions filled so far
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+
+def init_cache(cfg: Step3Config, batch: int, capacity: int, dtype=None) -> KVCache:
+    """An empty cache for ``batch`` sequences of up to ``capacity`` positions."""
+    shape = (cfg.num_hidden_layers, batch, capacity, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def write_positions(lengths: jax.Array, num_new: jax.Array, chunk: int,
+                    capacity: int) -> jax.Array:
+    """Cache slots for a chunk of ``chunk`` new tokens per sequence, ``[batch, chunk]`` int32.
+
+    Token ``t`` of sequence ``b`` goes to ``lengths[b] + t`` when ``t < num_new[b]`` and that slot
+    exists; otherwise to ``capacity`` (out of bounds), which a ``mode="drop"`` scatter discards.
+    """
+    pos = lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    ok = (jnp.arange(chunk)[None, :] < num_new[:, None]) & (pos < capacity)
+    return jnp.where(ok, pos, capacity)
+
+
+def update_layer(cache_arr: jax.Array, layer: jax.Array, slots: jax.Array,
+                 new: jax.Array) -> jax.Array:
+    """Scatter ``new [batch, chunk, d]`` into ``cache_arr[layer]`` at ``slots``; drops OOB slots."""
+    b = jnp.arange(slots.shape[0])[:, None]
+    return cache_arr.at[layer, b, slots].set(new.astype(cache_arr.dtype), mode="drop")

@@ -1,0 +1,252 @@
+"""Hub checkpoints (safetensors) to the parameter pytree, and back; and :func:`load`, the entry point.
+
+The Hub format (``shared/spec/model.md`` §3): ``model.safetensors`` or shards listed in
+``model.safetensors.index.json``, torch-layout ``[out, in]`` tensors, experts stacked ``[E, out,
+in]``. The mapping to our layout is not written here: every weight's Hub name, Hub shape and
+transform come from its declaration (``weights.WeightSpec``).
+
+Checks, each a one-line :class:`CheckpointError` naming the culprit, made from the safetensors
+headers before any tensor data is read: a missing text tensor, an unknown tensor, a wrong shape,
+an unsupported dtype, an index naming a file or tensor that is not there, a corrupt file. Vision
+tensors of the ``step3_vl`` wrapper are skipped with a notice. Block-FP8 checkpoints are refused
+with a clear message until the conversion work lands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from step3_jax.config import Step3Config, load_config
+from step3_jax.errors import CheckpointError
+from step3_jax.weights import Params, WeightSpec, declare, init_params, is_spec
+
+log = logging.getLogger("step3_jax")
+
+VISION_PREFIXES = ("vision_model.", "vit_downsampler.", "vit_downsampler2.",
+                   "vit_large_projector.")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
+
+
+class HubReader:
+    """Tensor headers and data of a Hub checkpoint directory, read lazily one tensor at a time."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self._handles: dict[Path, object] = {}
+        self.files: dict[str, Path] = {}  # tensor name -> file
+        index = self.directory / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            for name, file in weight_map.items():
+                self.files[name] = self.directory / file
+            for path in sorted(set(self.files.values())):
+                if not path.exists():
+                    raise CheckpointError(f"{path}: listed in {INDEX_FILE} but missing")
+                present = set(self._open(path).keys())
+                for name in sorted(n for n, f in self.files.items() if f == path):
+                    if name not in present:
+                        raise CheckpointError(f"{name}: listed in {INDEX_FILE} for {path.name} "
+                                              "but absent from that file")
+        elif (self.directory / SINGLE_FILE).exists():
+            path = self.directory / SINGLE_FILE
+            self.files = {name: path for name in self._open(path).keys()}
+        else:
+            raise CheckpointError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="numpy")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        return self._handles[path]
+
+    def _slice(self, name: str):
+        return self._open(self.files[name]).get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._slice(name).get_dtype()
+
+    def read(self, name: str) -> np.ndarray:
+        try:
+            return self._open(self.files[name]).get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({e})") from None
+
+
+def _hub_names(spec: WeightSpec, cfg: Step3Config, first_layer: int | None) -> list[str]:
+    if first_layer is None:
+        return [spec.hub]
+    return [spec.hub.format(i=first_layer + j) for j in range(spec.shape[0])]
+
+
+def _leaves_with_layers(cfg: Step3Config) -> Iterator[tuple[WeightSpec, int | None]]:
+    """Each declared weight with the first layer of its run (None for non-layer weights)."""
+    for path, spec in jax.tree_util.tree_flatten_with_path(declare(cfg), is_leaf=is_spec)[0]:
+        yield spec, (cfg.segments[path[1].idx][1] if path[0].name == "blocks" else None)
+
+
+def hub_to_layer(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:
+    """One Hub tensor -> one layer's slice of ``spec`` (transpose, reshape, pad the vocab)."""
+    if spec.transpose:
+        arr = np.swapaxes(arr, -1, -2)
+    unpadded = tuple(cfg.vocab_size if a == "vocab" else n
+                     for a, n in zip(spec.axes[-len(spec.layer_shape):], spec.layer_shape))
+    arr = arr.reshape(unpadded)
+    if unpadded != spec.layer_shape:
+        arr = np.pad(arr, [(0, full - have) for full, have in zip(spec.layer_shape, unpadded)])
+    return arr
+
+
+def layer_to_hub(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:
+    """Inverse of :func:`hub_to_layer`."""
+    axes = spec.axes[-len(spec.layer_shape):]
+    arr = arr[tuple(slice(0, cfg.vocab_size) if a == "vocab" else slice(None) for a in axes)]
+    if spec.transpose:
+        swapped = spec.hub_shape[:-2] + (spec.hub_shape[-1], spec.hub_shape[-2])
+        return np.ascontiguousarray(np.swapaxes(arr.reshape(swapped), -1, -2))
+    return np.ascontiguousarray(arr.reshape(spec.hub_shape))
+
+
+def _check_names(reader: HubReader, cfg: Step3Config) -> list[tuple[WeightSpec, int | None]]:
+    leaves = list(_leaves_with_layers(cfg))
+    expected = {n for spec, first in leaves for n in _hub_names(spec, cfg, first)}
+    present = set(reader.files)
+    quantized = sorted(n for n in present if n.endswith("weight_scale_inv"))
+    fp8 = quantized or [n for n in sorted(present & expected) if reader.dtype(n).startswith("F8")]
+    if fp8:
+        raise CheckpointError(f"{reader.directory}: block-FP8 checkpoint (tensor {fp8[0]}): FP8 "
+                              "loading is not supported yet; use the BF16 checkpoint")
+    vision = sorted(n for n in present if n.startswith(VISION_PREFIXES))
+    if vision:
+        log.info("skipping %d vision-encoder tensors (text decoder only)", len(vision))
+    unknown = sorted(present - expected - set(vision))
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise CheckpointError(f"{reader.directory}: unknown tensor {unknown[0]}{more}")
+    missing = sorted(expected - present)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{reader.directory}: missing tensor {missing[0]}{more}")
+    for spec, first in leaves:
+        for name in _hub_names(spec, cfg, first):
+            dtype = reader.dtype(name)
+            if dtype not in _SUPPORTED_DTYPES:
+                raise CheckpointError(f"{name}: unsupported dtype {dtype} "
+                                      f"(expected one of {', '.join(sorted(_SUPPORTED_DTYPES))})")
+            if reader.shape(name) != spec.hub_shape:
+                raise CheckpointError(f"{name}: expected shape {list(spec.hub_shape)}, "
+                                      f"got {list(reader.shape(name))}")
+    return leaves
+
+
+def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
+             progress: bool = True) -> Params:
+    """Read a Hub checkpoint into ``cfg``'s parameter pytree, in ``cfg.dtype``.
+
+    One stacked weight at a time is assembled on the host and placed with its sharding (or on
+    the default device), so host memory peaks at about one stacked weight.
+    """
+    reader = HubReader(directory)
+    leaves = _check_names(reader, cfg)
+    treedef = jax.tree.structure(declare(cfg), is_leaf=is_spec)
+    flat_shardings = (treedef.flatten_up_to(shardings) if shardings is not None
+                      else [None] * len(leaves))
+    dtype = jnp.dtype(cfg.dtype)
+    total = sum(math.prod(s.shape) * dtype.itemsize for s, _ in leaves)
+    out = []
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress,
+              leave=False) as bar:
+        for (spec, first), sharding in zip(leaves, flat_shardings):
+            names = _hub_names(spec, cfg, first)
+            if first is None:
+                host = hub_to_layer(reader.read(names[0]), spec, cfg).astype(dtype)
+            else:
+                host = np.empty(spec.shape, dtype)
+                for j, name in enumerate(names):
+                    host[j] = hub_to_layer(reader.read(name), spec, cfg)
+            out.append(jax.device_put(host, sharding) if sharding is not None
+                       else jnp.asarray(host))
+            bar.update(host.nbytes)
+    return treedef.unflatten(out)
+
+
+def to_hub(params: Params, cfg: Step3Config) -> dict[str, np.ndarray]:
+    """The Hub-named, torch-layout tensors of ``params`` (host NumPy arrays, params' dtype)."""
+    state = {}
+    leaves = list(_leaves_with_layers(cfg))
+    for (spec, first), value in zip(leaves, jax.tree.leaves(params)):
+        value = np.asarray(value)
+        for j, name in enumerate(_hub_names(spec, cfg, first)):
+            state[name] = layer_to_hub(value if first is None else value[j], spec, cfg)
+    return state
+
+
+def load_tokenizer(directory: str | Path | None):
+    """The ``tokenizers.Tokenizer`` in ``directory/tokenizer.json``, or None if there is none."""
+    if directory is None:
+        return None
+    path = Path(directory) / "tokenizer.json"
+    if not path.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers package raises a bare Exception on parse errors
+        raise CheckpointError(f"{path}: cannot load tokenizer ({e})") from None
+
+
+def checkpoint_dir(checkpoint: str | Path) -> Path:
+    """``checkpoint`` as an existing directory, or a one-line error."""
+    directory = Path(checkpoint).expanduser()
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint directory {directory} {what}")
+    return directory
+
+
+def load(checkpoint: str | Path | None = None, config: str | Path | None = None, *,
+         dtype: str = "float32", seed: int = 0, shardings_for=None, progress: bool = True,
+         **config_overrides) -> tuple[Params, Step3Config]:
+    """A config and its weights: from a Hub checkpoint directory, or seeded random weights.
+
+    ``checkpoint``: a Hub directory (``config.json`` + safetensors). Without it, ``config`` (a
+    preset name like ``"tiny"`` or a ``config.json`` path; default ``"tiny"``) with random
+    weights drawn from ``seed``. ``shardings_for(cfg)`` may return the parameter shardings
+    (e.g. ``lambda cfg: sharding.param_shardings(cfg, mesh)``); default: one device.
+    """
+    overrides = {"dtype": dtype, **config_overrides}
+    if checkpoint is not None:
+        directory = checkpoint_dir(checkpoint)
+        cfg = load_config(config if config is not None else directory, **overrides)
+        raw = json.loads((directory / "config.json").read_text()) if config is None else {}
+        quant = raw.get("quantization_config") or raw.get("text_config", {}).get(
+            "quantization_config")
+        if quant:
+            raise CheckpointError(f"{directory / 'config.json'}: quantized checkpoint "
+                                  f"(quant_method={quant.get('quant_method')!r}): FP8 loading is "
+                                  "not supported yet; use the BF16 checkpoint")
+        shardings = shardings_for(cfg) if shardings_for else None
+        return load_hub(directory, cfg, shardings, progress=progress), cfg
+    cfg = load_config(config if config is not None else "tiny", **overrides)
+    shardings = shardings_for(cfg) if shardings_for else None
+    return init_params(cfg, seed, shardings), cfg

@@ -1,0 +1,256 @@
+"""The ``step3-jax`` command line: ``generate``, ``score`` and ``info``.
+
+Conventions: ``--help`` on every subcommand; with ``--json`` stdout carries exactly one JSON
+document and every log line or progress bar goes to stderr; a user error prints one line
+``step3-jax: error: ...`` naming the culprit and exits 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from typing import Sequence
+
+from step3_jax.errors import Step3Error
+
+log = logging.getLogger("step3_jax")
+
+DEFAULT_PRESET = "tiny"
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}")
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", metavar="DIR",
+                   help="Hub checkpoint directory (config.json + safetensors). Without it, "
+                        "--config with seeded random weights")
+    g.add_argument("--config", metavar="PRESET|FILE",
+                   help=f"preset name (tiny, bench, step3) or config.json path; default "
+                        f"{DEFAULT_PRESET!r} when no --checkpoint is given")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weight and activation dtype (default float32: XLA:CPU runs bfloat16 "
+                        "matmuls ~25x slower)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed for random weights and for sampling (default 0)")
+    g.add_argument("--moe-impl", choices=("auto", "loop", "ragged"), default="auto",
+                   help="MoE expert kernel: loop (XLA:CPU), ragged (ragged_dot, GPU/TPU); "
+                        "default auto picks by backend")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print exactly one JSON document on stdout (logs go to stderr)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="step3-jax",
+        description="Step-3 (MFA attention + MoE) in pure-functional JAX: generate, score, "
+                    "inspect.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate", help="generate tokens for one or more prompts (one ragged batch)",
+        description="Generate continuations for a ragged batch of prompts with a jitted "
+                    "on-device decode loop.")
+    _model_args(gen)
+    g = gen.add_argument_group("prompts")
+    g.add_argument("--prompt-ids", type=_ids, action="append", default=[], metavar="1,2,3",
+                   help="a prompt as comma-separated token ids; repeat for more prompts")
+    g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a text prompt (needs tokenizer.json beside the checkpoint); repeatable")
+    s = gen.add_argument_group("sampling")
+    s.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="tokens to generate per prompt (default 32)")
+    s.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0 samples")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    s.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus: keep the most likely tokens up to this mass, in (0, 1]")
+    s.add_argument("--eos-id", type=int, action="append", default=None, metavar="ID",
+                   help="stop token id (repeatable); default: the config's eos_token_id")
+    _common(gen)
+
+    sc = sub.add_parser(
+        "score", help="log-probability of each token given its prefix",
+        description="Score token ids: logprobs[i-1] = log p(ids[i] | ids[:i]) for i >= 1.")
+    _model_args(sc)
+    sc.add_argument("--ids", type=_ids, metavar="1,2,3,...", help="token ids to score")
+    sc.add_argument("--text", help="text to score (needs tokenizer.json beside the checkpoint)")
+    _common(sc)
+
+    info = sub.add_parser(
+        "info", help="parameter counts and KV-cache size of a config",
+        description="Parameters (total and activated per token, from the weight declaration) "
+                    "and KV-cache bytes per token.")
+    info.add_argument("--config", default="step3", metavar="PRESET|FILE",
+                      help="preset name or config.json path (default step3)")
+    info.add_argument("--checkpoint", metavar="DIR", help="read config.json from this directory")
+    _common(info)
+    return parser
+
+
+def _config(args):
+    """The config alone (cheap): flags and ids are checked against it before weights load."""
+    from step3_jax.checkpoint import checkpoint_dir
+    from step3_jax.config import load_config
+
+    if args.checkpoint is None and args.config is None:
+        args.config = DEFAULT_PRESET
+    source = args.config if args.config is not None else checkpoint_dir(args.checkpoint)
+    return load_config(source, dtype=args.dtype, moe_impl=args.moe_impl)
+
+
+def _load(args):
+    from step3_jax.checkpoint import load
+
+    if args.checkpoint is None:
+        log.info("no --checkpoint: config %r with seeded random weights (seed %d)", args.config,
+                 args.seed)
+    return load(args.checkpoint, args.config, dtype=args.dtype, seed=args.seed,
+                moe_impl=args.moe_impl, progress=not args.quiet)
+
+
+def _tokenizer(args, what: str):
+    from step3_jax.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(args.checkpoint)
+    if tok is None:
+        where = args.checkpoint or f"the random-weight config {args.config!r}"
+        raise Step3Error(f"{what} needs a tokenizer.json beside the checkpoint; {where} has "
+                         "none (pass token ids instead)")
+    return tok
+
+
+def cmd_generate(args) -> dict:
+    from step3_jax.generate import generate
+
+    from step3_jax import sampling
+    from step3_jax.checkpoint import load_tokenizer
+    from step3_jax.generate import check_prompts
+
+    prompts = list(args.prompt_ids)
+    if not prompts and not args.prompt:
+        raise Step3Error("no prompt: give --prompt-ids 1,2,3 or --prompt TEXT")
+    if args.max_new_tokens < 1:
+        raise Step3Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sampling.check(args.temperature, args.top_k, args.top_p)
+    cfg = _config(args)
+    tok = _tokenizer(args, "--prompt") if args.prompt else load_tokenizer(args.checkpoint)
+    prompts += [tok.encode(text).ids for text in args.prompt]
+    check_prompts(prompts, cfg)
+    params, cfg = _load(args)
+    results, metrics = generate(params, cfg, prompts, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                seed=args.seed, eos_ids=args.eos_id)
+    if tok is not None:
+        for r in results:
+            r.text = tok.decode(r.generated_ids)
+    out = {"results": [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids,
+                        "text": r.text, "finish_reason": r.finish_reason} for r in results],
+           "metrics": {"config": cfg.name, **metrics}}
+    if not args.json:
+        for i, r in enumerate(results):
+            shown = r.text if r.text is not None else ",".join(map(str, r.generated_ids))
+            print(f"[{i}] {','.join(map(str, r.prompt_ids))} -> {shown}  ({r.finish_reason})")
+        log.info("%d tokens in %d decode steps, %.1f ms/step, compile %.1f s",
+                 metrics["generated_tokens"], metrics["decode_steps"],
+                 metrics["decode_step_ms"] or 0.0, metrics["compile_s"])
+    return out
+
+
+def cmd_score(args) -> dict:
+    from step3_jax.generate import score
+
+    if (args.ids is None) == (args.text is None):
+        raise Step3Error("give exactly one of --ids 1,2,3 or --text TEXT")
+    from step3_jax.generate import check_prompts
+
+    cfg = _config(args)
+    ids = args.ids if args.ids is not None else _tokenizer(args, "--text").encode(args.text).ids
+    if len(ids) < 2:
+        raise Step3Error(f"scoring needs at least 2 tokens, got {len(ids)}")
+    check_prompts([ids], cfg)
+    params, cfg = _load(args)
+    logprobs = score(params, cfg, ids)
+    mean = sum(logprobs) / len(logprobs)
+    out = {"ids": ids, "logprobs": logprobs, "mean_logprob": mean, "perplexity": math.exp(-mean)}
+    if not args.json:
+        for token, lp in zip(ids[1:], logprobs):
+            print(f"{token}\t{lp:.6f}")
+        print(f"perplexity\t{out['perplexity']:.4f}")
+    return out
+
+
+def cmd_info(args) -> dict:
+    from step3_jax.config import load_config
+    from step3_jax.weights import count_params
+
+    cfg = load_config(args.checkpoint or args.config)
+    counts = count_params(cfg)
+    kv_elems = cfg.num_hidden_layers * 2 * cfg.num_attention_groups * cfg.head_dim
+    out = {
+        "config": cfg.name,
+        "parameters": counts["total"],
+        "activated_parameters": counts["activated"],
+        "layers": cfg.num_hidden_layers,
+        "moe_layers": len(cfg.moe_layers),
+        "dense_layers": cfg.num_hidden_layers - len(cfg.moe_layers),
+        "kv_bytes_per_token": {"float32": kv_elems * 4, "bfloat16": kv_elems * 2,
+                               "fp8": kv_elems},
+        "vocab_size": cfg.vocab_size,
+        "padded_vocab": cfg.padded_vocab,
+    }
+    if not args.json:
+        print(f"config               {cfg.name}")
+        print(f"parameters           {counts['total']:,} ({counts['total'] / 1e9:.1f}B)")
+        print(f"activated / token    {counts['activated']:,} "
+              f"({counts['activated'] / 1e9:.1f}B, input embedding excluded)")
+        print(f"layers               {cfg.num_hidden_layers} ({out['dense_layers']} dense, "
+              f"{out['moe_layers']} MoE)")
+        kv = out["kv_bytes_per_token"]
+        print(f"KV bytes / token     {kv['fp8']:,} (fp8)  {kv['bfloat16']:,} (bf16)  "
+              f"{kv['float32']:,} (f32)")
+        print(f"vocabulary           {cfg.vocab_size} (padded to {cfg.padded_vocab})")
+    return out
+
+
+COMMANDS = {"generate": cmd_generate, "score": cmd_score, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("step3-jax: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    log.propagate = False
+    try:
+        out = COMMANDS[args.command](args)
+    except Step3Error as e:
+        print(f"step3-jax: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("step3-jax: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

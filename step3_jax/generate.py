@@ -1,0 +1,255 @@
+"""Batched generation: bucketed prefill, then one jitted on-device decode loop; and scoring.
+
+``generate`` takes prompts of different lengths as one ragged batch. Prompts are right-padded to a
+power-of-two bucket and prefilled together; each sequence then decodes from its own position.
+The decode loop is a single ``lax.while_loop`` inside one ``jit`` with explicit in/out shardings
+and the KV cache donated; it stops each sequence on EOS, on the token budget, or cleanly at the
+cache's capacity, and stops altogether when every sequence has. Lengths, the budget and the
+sampling knobs are runtime arrays: a new prompt length inside a bucket, a new budget or new
+sampling settings do not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh
+
+from step3_jax import model, sampling
+from step3_jax.cache import KVCache
+from step3_jax.config import Step3Config
+from step3_jax.errors import Step3Error
+from step3_jax.sharding import CACHE_AXES, make_mesh, named, param_shardings, replicated
+from step3_jax.weights import Params
+
+log = logging.getLogger("step3_jax")
+
+FINISH_REASONS = ("running", "eos", "length", "capacity")
+MIN_PREFILL_BUCKET = 16
+MIN_CAPACITY = 64
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    finish_reason: str  # "eos", "length" (token budget) or "capacity" (context full)
+    text: str | None = None
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The power of two >= ``max(n, minimum)``: prefill lengths and capacities compile per bucket."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], cfg: Step3Config) -> list[list[int]]:
+    """Validate token ids and lengths; a one-line :class:`Step3Error` names the culprit."""
+    if not prompts:
+        raise Step3Error("no prompt given")
+    out = []
+    for i, prompt in enumerate(prompts):
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise Step3Error(f"prompt {i} is empty")
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise Step3Error(f"token id {bad[0]} in prompt {i} is outside the vocabulary "
+                             f"(0..{cfg.vocab_size - 1})")
+        if len(prompt) > cfg.max_position_embedding:
+            raise Step3Error(f"prompt {i} has {len(prompt)} tokens, longer than the context "
+                             f"(max_position_embedding={cfg.max_position_embedding})")
+        out.append(prompt)
+    return out
+
+
+@struct.dataclass
+class _LoopState:
+    step: jax.Array      # decode steps taken
+    token: jax.Array     # [B] last sampled token (fed at the next step)
+    done: jax.Array      # [B] bool
+    reason: jax.Array    # [B] int32 index into FINISH_REASONS
+    n_gen: jax.Array     # [B] tokens generated so far
+    out: jax.Array       # [B, capacity] generated tokens
+    cache: KVCache
+
+
+def _record(state: _LoopState, token, budget, eos_ids) -> _LoopState:
+    """Append ``token`` for running sequences and decide which of them stop."""
+    running = ~state.done
+    rows = jnp.arange(token.shape[0])
+    out = state.out.at[rows, jnp.where(running, state.n_gen, state.out.shape[1])].set(
+        token, mode="drop")
+    n_gen = state.n_gen + running
+    is_eos = jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
+    full = state.cache.lengths >= state.cache.capacity
+    reason = jnp.where(is_eos, 1, jnp.where(n_gen >= budget, 2, jnp.where(full, 3, 0)))
+    stop = running & (reason > 0)
+    return state.replace(token=token, out=out, n_gen=n_gen, done=state.done | stop,
+                         reason=jnp.where(stop, reason, state.reason))
+
+
+def _prefill(params, tokens, lengths, keys, budget, eos_ids, temperature, top_k, top_p, *,
+             cfg: Step3Config, capacity: int) -> _LoopState:
+    """Prefill right-padded prompts into a fresh cache and sample each sequence's first token."""
+    logits, cache = model.prefill(params, tokens, lengths, capacity, cfg)
+    first = sampling.sample(logits, keys, jnp.int32(0), temperature, top_k, top_p)
+    batch = tokens.shape[0]
+    state = _LoopState(step=jnp.int32(0), token=first, done=jnp.zeros((batch,), bool),
+                       reason=jnp.zeros((batch,), jnp.int32), n_gen=jnp.zeros((batch,), jnp.int32),
+                       out=jnp.zeros((batch, capacity), jnp.int32), cache=cache)
+    return _record(state, first, budget, eos_ids)
+
+
+def _decode(params, state: _LoopState, keys, budget, eos_ids, temperature, top_k, top_p, *,
+            cfg: Step3Config) -> _LoopState:
+    """Decode until every sequence is done: one ``lax.while_loop`` over single-token steps."""
+
+    def body(state: _LoopState) -> _LoopState:
+        logits, cache = model.forward(params, state.token[:, None], state.cache, cfg,
+                                      num_new=(~state.done).astype(jnp.int32))
+        token = sampling.sample(logits[:, 0], keys, state.step + 1, temperature, top_k, top_p)
+        token = jnp.where(state.done, state.token, token)
+        return _record(state.replace(step=state.step + 1, cache=cache), token, budget, eos_ids)
+
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+
+
+class Generator:
+    """Compiles and runs generation for one (params, config, mesh), keeping its executables.
+
+    Two executables per shape bucket: the prefill (per batch, prompt bucket and capacity) and the
+    decode loop (per batch and capacity), whose loop state — the KV cache included — is donated.
+    """
+
+    def __init__(self, params: Params, cfg: Step3Config, mesh: Mesh | None = None):
+        self.params, self.cfg = params, cfg
+        self.mesh = mesh or make_mesh(devices=[next(iter(_devices_of(params)))])
+        self._compiled: dict[tuple, object] = {}
+
+    def _shardings(self):
+        mesh = self.mesh
+        per_seq, rep = named(mesh, ("batch",)), replicated(mesh)
+        cache = named(mesh, CACHE_AXES)
+        state = _LoopState(step=rep, token=per_seq, done=per_seq, reason=per_seq, n_gen=per_seq,
+                           out=named(mesh, ("batch", "seq")),
+                           cache=KVCache(k=cache, v=cache, lengths=per_seq))
+        knobs = (per_seq, rep, rep, rep, rep, rep)  # keys, budget, eos, temperature, top-k, top-p
+        return param_shardings(self.cfg, mesh), state, knobs
+
+    def _executable(self, name: str, key: tuple, fn, args, **static):
+        """The compiled ``fn`` for this shape bucket, and the seconds spent compiling it now."""
+        if (name, key) in self._compiled:
+            return self._compiled[(name, key)], 0.0
+        params_sh, state_sh, knobs_sh = self._shardings()
+        fn = functools.partial(fn, **static)
+        if name == "prefill":
+            per_seq = named(self.mesh, ("batch",))
+            ins = (params_sh, named(self.mesh, ("batch", "seq")), per_seq, *knobs_sh)
+            jitted = jax.jit(fn, in_shardings=ins, out_shardings=state_sh)
+        else:
+            jitted = jax.jit(fn, in_shardings=(params_sh, state_sh, *knobs_sh),
+                             out_shardings=state_sh, donate_argnums=(1,))
+        start = time.perf_counter()
+        compiled = jitted.lower(*args).compile()
+        self._compiled[(name, key)] = compiled
+        return compiled, time.perf_counter() - start
+
+    def __call__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 eos_ids: Sequence[int] | None = None):
+        """Generate for ``prompts``; returns ``(list[GenerationResult], metrics dict)``."""
+        cfg = self.cfg
+        prompts = check_prompts(prompts, cfg)
+        sampling.check(temperature, top_k, top_p)
+        if max_new_tokens < 1:
+            raise Step3Error(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        longest = max(len(p) for p in prompts)
+        need = longest + max_new_tokens - 1  # the last sampled token is never fed back
+        capacity = min(bucket(need, MIN_CAPACITY), cfg.max_position_embedding)
+        if need > capacity:
+            log.warning("prompt + %d new tokens exceeds the context (%d): sequences stop at the "
+                        "context's end", max_new_tokens, cfg.max_position_embedding)
+        chunk = min(bucket(longest, MIN_PREFILL_BUCKET), capacity)
+        batch = len(prompts)
+        tokens = np.zeros((batch, chunk), np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = p
+        eos = list(cfg.eos_token_ids if eos_ids is None else eos_ids) or [-1]
+        base = jax.random.PRNGKey(seed)
+        keys = jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
+        knobs = (keys, jnp.int32(max_new_tokens), jnp.asarray(eos, jnp.int32),
+                 jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+
+        prefill_args = (self.params, jnp.asarray(tokens), lengths, *knobs)
+        prefill, compile_prefill = self._executable(
+            "prefill", (batch, chunk, capacity, len(eos)), _prefill, prefill_args, cfg=cfg,
+            capacity=capacity)
+        start = time.perf_counter()
+        state = jax.block_until_ready(prefill(*prefill_args))
+        prefill_s = time.perf_counter() - start
+
+        decode, compile_decode = self._executable(
+            "decode", (batch, capacity, len(eos)), _decode, (self.params, state, *knobs), cfg=cfg)
+        start = time.perf_counter()
+        state = jax.block_until_ready(decode(self.params, state, *knobs))
+        decode_s = time.perf_counter() - start
+
+        out, n_gen, reason = (np.asarray(a) for a in (state.out, state.n_gen, state.reason))
+        results = [GenerationResult(prompt_ids=p, generated_ids=out[b, : n_gen[b]].tolist(),
+                                    finish_reason=FINISH_REASONS[reason[b]])
+                   for b, p in enumerate(prompts)]
+        steps = int(state.step)
+        metrics = {
+            "batch": batch, "prefill_bucket": chunk, "cache_capacity": capacity,
+            "generated_tokens": int(n_gen.sum()), "decode_steps": steps,
+            "compile_s": round(compile_prefill + compile_decode, 3),
+            "prefill_ms": round(prefill_s * 1e3, 3), "decode_ms": round(decode_s * 1e3, 3),
+            "decode_step_ms": round(decode_s * 1e3 / steps, 3) if steps else None,
+            "decode_tokens_per_s": round(batch * steps / decode_s, 2) if steps else None,
+            "backend": jax.default_backend(), "dtype": cfg.dtype,
+        }
+        return results, metrics
+
+
+def _devices_of(params: Params):
+    return jax.tree.leaves(params)[0].devices()
+
+
+def generate(params: Params, cfg: Step3Config, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int = 0, eos_ids: Sequence[int] | None = None, mesh: Mesh | None = None):
+    """Generate for a ragged batch of token-id prompts; returns ``(results, metrics)``.
+
+    One-shot convenience over :class:`Generator` (which keeps its compiled executables across
+    calls). ``results[i]`` belongs to ``prompts[i]``; ``eos_ids`` defaults to the config's.
+    """
+    return Generator(params, cfg, mesh)(prompts, max_new_tokens=max_new_tokens,
+                                        temperature=temperature, top_k=top_k, top_p=top_p,
+                                        seed=seed, eos_ids=eos_ids)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _token_logprobs(params, ids, cfg):
+    logits, _ = model.forward(params, ids, None, cfg)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+
+
+def score(params: Params, cfg: Step3Config, ids: Sequence[int]) -> list[float]:
+    """``[log p(ids[i] | ids[:i]) for i in 1..n-1]`` from one full causal forward."""
+    (ids,) = check_prompts([ids], cfg)
+    if len(ids) < 2:
+        raise Step3Error("scoring needs at least 2 token ids")
+    padded = np.zeros((1, bucket(len(ids), MIN_PREFILL_BUCKET)), np.int32)
+    padded[0, : len(ids)] = ids  # causal: the padding after the text cannot change its scores
+    logp = _token_logprobs(params, jnp.asarray(padded), cfg)
+    return np.asarray(logp[0, : len(ids) - 1], np.float64).tolist()

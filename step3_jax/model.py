@@ -1,0 +1,139 @@
+"""The Step-3 decoder as pure functions: ``forward(params, tokens, cache, cfg) -> (logits, cache)``.
+
+Decoder layer ``i`` (pre-norm): ``h = x + MFA(norm_in(x))``, then ``x' = h + FFN(norm_post(h))``
+with FFN the routed MoE plus shared expert in ``cfg.moe_layers`` and a dense SwiGLU elsewhere.
+Runs of same-kind layers execute as one ``lax.scan`` each; the KV cache rides in the scan carry
+and is updated in place at the layer's index.
+
+Three ways to run the stack, one code path:
+
+* no cache — a full causal forward over ``tokens`` (scoring, teacher forcing);
+* :func:`prefill` — the same attention over the prompt chunk, writing K/V into a fresh cache and
+  computing logits only at each sequence's last prompt token;
+* with a cache — ``tokens`` are appended after each sequence's ``cache.lengths`` and attend over
+  the whole cache (decode steps, chunked continuation).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from step3_jax import attention
+from step3_jax.cache import KVCache, init_cache, update_layer, write_positions
+from step3_jax.config import Step3Config
+from step3_jax.layers import linear, rms_norm, swiglu
+from step3_jax.moe import moe
+from step3_jax.weights import Block, Moe, Params
+
+
+def _layer(p: Block, x, positions, layer, kv, cfg: Step3Config):
+    """One decoder layer.
+
+    ``kv`` is ``None`` (no cache) or ``(k_cache, v_cache, slots, key_len)``: this chunk's K/V are
+    written at ``slots``; with ``key_len [B]`` the queries attend over the cache's first
+    ``key_len[b]`` slots, with ``key_len=None`` over the chunk itself (prefill into an empty cache).
+    """
+    with jax.named_scope("mfa"):
+        q, k, v = attention.project_qkv(p.attn, rms_norm(x, p.input_norm, cfg.rms_norm_eps),
+                                        positions, cfg)
+        new_kv = None
+        if kv is not None:
+            k_cache, v_cache, slots, key_len = kv
+            k_cache = update_layer(k_cache, layer, slots, k)
+            v_cache = update_layer(v_cache, layer, slots, v)
+            new_kv = (k_cache, v_cache)
+        if kv is not None and key_len is not None:
+            keys, values = k_cache[layer], v_cache[layer]
+            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
+            valid = key_pos < key_len[:, None]
+        else:  # attention within the chunk itself
+            keys, values, key_pos = k, v, positions
+            valid = jnp.ones(key_pos.shape, bool)
+        mask = attention.causal_mask(positions, key_pos, valid)
+        h = x + attention.output(p.attn, attention.attend(q, keys, values, mask))
+    y = rms_norm(h, p.post_norm, cfg.rms_norm_eps)
+    if isinstance(p.ffn, Moe):
+        out = moe(p.ffn, y, cfg)
+    else:
+        with jax.named_scope("dense_ffn"):
+            out = swiglu(y, p.ffn.gate, p.ffn.up, p.ffn.down)
+    return h + out, new_kv
+
+
+def _stack(params: Params, x, positions, kv, cfg: Step3Config):
+    """All decoder layers; returns the final hidden states and the updated ``(k, v)`` caches."""
+    for block, (_, first, count) in zip(params.blocks, cfg.segments):
+        def body(carry, xs):
+            x, caches = carry
+            p, layer = xs
+            layer_kv = None if caches is None else (*caches, *kv[2:])
+            x, caches = _layer(p, x, positions, layer, layer_kv, cfg)
+            return (x, caches), None
+
+        caches = None if kv is None else kv[:2]
+        layers = jnp.arange(first, first + count, dtype=jnp.int32)
+        (x, caches), _ = jax.lax.scan(body, (x, caches), (block, layers))
+        if kv is not None:
+            kv = (*caches, *kv[2:])
+    return x, (None if kv is None else kv[:2])
+
+
+def embed(params: Params, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params.embed, tokens, axis=0)
+
+
+def logits_from_hidden(params: Params, x: jax.Array, cfg: Step3Config) -> jax.Array:
+    """Final RMSNorm and the untied LM head; the vocabulary padding is masked to ``-inf``."""
+    with jax.named_scope("lm_head"):
+        x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+        head = params.embed.T if params.lm_head is None else params.lm_head
+        logits = linear(x, head).astype(jnp.float32)
+        pad = jnp.arange(cfg.padded_vocab) >= cfg.vocab_size
+        return jnp.where(pad, -jnp.inf, logits)
+
+
+def forward(params: Params, tokens: jax.Array, cache: KVCache | None, cfg: Step3Config,
+            num_new: jax.Array | None = None):
+    """Logits ``[B, T, padded_vocab]`` (float32, padding = ``-inf``) and the updated cache.
+
+    Without a cache: a full causal forward over ``tokens [B, T]`` from position 0; returns
+    ``(logits, None)``. With a cache: token ``t`` of sequence ``b`` is placed at position
+    ``cache.lengths[b] + t`` for ``t < num_new[b]`` (default: all ``T``) and attends over everything
+    cached before it; ``lengths`` grows by ``num_new``. Slots past the capacity are never written
+    (see ``cache.write_positions``): callers check capacity before calling (``generate`` does).
+    """
+    batch, chunk = tokens.shape
+    x = embed(params, tokens)
+    steps = jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    if cache is None:
+        positions = jnp.broadcast_to(steps, tokens.shape)
+        x, _ = _stack(params, x, positions, None, cfg)
+        return logits_from_hidden(params, x, cfg), None
+    if num_new is None:
+        num_new = jnp.full((batch,), chunk, jnp.int32)
+    positions = cache.lengths[:, None] + steps
+    slots = write_positions(cache.lengths, num_new, chunk, cache.capacity)
+    key_len = jnp.minimum(cache.lengths + num_new, cache.capacity)
+    x, (k, v) = _stack(params, x, positions, (cache.k, cache.v, slots, key_len), cfg)
+    cache = KVCache(k=k, v=v, lengths=key_len)
+    return logits_from_hidden(params, x, cfg), cache
+
+
+def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, capacity: int,
+            cfg: Step3Config):
+    """Run right-padded prompts ``tokens [B, T]`` (``lengths[b]`` real tokens each) into a new cache.
+
+    Attention runs within the prompt chunk (the cache is empty), K/V are written to slots
+    ``0 .. lengths[b]-1``, and logits are computed only at each prompt's last token: returns
+    ``(logits [B, padded_vocab], cache)``.
+    """
+    batch, chunk = tokens.shape
+    cache = init_cache(cfg, batch, capacity, dtype=params.embed.dtype)
+    positions = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32)[None, :], tokens.shape)
+    slots = write_positions(cache.lengths, lengths, chunk, capacity)
+    x, (k, v) = _stack(params, embed(params, tokens), positions,
+                       (cache.k, cache.v, slots, None), cfg)
+    last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
+    cache = KVCache(k=k, v=v, lengths=jnp.minimum(lengths, capacity).astype(jnp.int32))
+    return logits_from_hidden(params, last, cfg), cache

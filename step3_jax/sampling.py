@@ -1,0 +1,55 @@
+"""Token sampling: greedy, temperature, top-k and top-p (nucleus), seeded per sequence.
+
+All knobs are runtime arrays, so changing them never recompiles the decode loop. A temperature of
+0 means greedy. ``top_k = 0`` and ``top_p = 1`` disable those filters; the vocabulary sort they
+need runs only when one of them is active.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from step3_jax.errors import Step3Error
+
+
+def check(temperature: float, top_k: int, top_p: float) -> None:
+    """Raise a one-line :class:`Step3Error` for an out-of-range sampling setting."""
+    if not temperature >= 0:
+        raise Step3Error(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise Step3Error(f"--top-k must be an integer >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise Step3Error(f"--top-p must be in (0, 1], got {top_p}")
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Mask to ``-inf`` every token outside the top-k, then outside the top-p nucleus.
+
+    ``logits [B, V]`` float32; ``top_k``, ``top_p`` scalars. The nucleus is the smallest set of
+    most-likely tokens whose probability reaches ``top_p`` (the most likely token is always kept).
+    Tokens tied with the last one kept are kept too.
+    """
+    vocab = logits.shape[-1]
+    ordered = -jnp.sort(-logits, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    ordered = jnp.where(jnp.arange(vocab) < k, ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each token
+    keep = (before < top_p) & (jnp.arange(vocab) < k)
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+    threshold = jnp.take_along_axis(ordered, (n_keep - 1)[:, None], axis=-1)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax.Array,
+           top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Next tokens ``[B]`` from ``logits [B, V]``; sequence ``b`` draws from ``fold_in(keys[b], step)``."""
+    logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    scaled = jax.lax.cond((top_k > 0) | (top_p < 1), filter_logits, lambda x, *_: x,
+                          scaled, top_k, top_p)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    drawn = jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)

@@ -1,0 +1,85 @@
+"""Meshes and the one rules table from logical axes to mesh axes.
+
+Layer code never names a mesh axis: weights carry logical axes (``weights.declare``), the KV cache
+and activations too (:data:`CACHE_AXES`), and :data:`DEFAULT_RULES` says which mesh axis each
+logical axis is split over. Mesh axes are named after the paper's device groups: ``dp`` (data-
+parallel attention instances), ``tp`` (tensor parallel), ``ep`` (expert parallel). A rule whose
+mesh axis is absent from the mesh, or of size 1, simply replicates.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from step3_jax.errors import Step3Error
+from step3_jax.weights import declare, is_spec
+
+MESH_AXES = ("dp", "tp", "ep")
+
+# Logical axis -> mesh axis (or None: replicated). Edited for a new parallelism, never layer code.
+DEFAULT_RULES: Mapping[str, str | None] = {
+    "batch": "dp",
+    "vocab": "tp",
+    "embed": None,
+    "q_lora": None,      # inter_norm's RMS spans the whole low-rank query: keep it whole
+    "heads": "tp",
+    "head_dim": None,
+    "mlp": "tp",
+    "shared_mlp": "tp",
+    "experts": "ep",
+    "expert_mlp": "tp",
+    "layers": None,
+    "cache_len": None,
+    "seq": None,
+}
+
+# The KV cache [layers, batch, cache_len, head_dim]: MFA's single K/V head cannot be split by
+# heads, so the cache is split by batch (data-parallel attention).
+CACHE_AXES = ("layers", "batch", "cache_len", "head_dim")
+
+
+def make_mesh(dp: int = 1, tp: int = 1, ep: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A ``(dp, tp, ep)`` mesh over the first ``dp*tp*ep`` devices, with Auto (pjit-style) axes."""
+    devices = list(jax.devices() if devices is None else devices)
+    need = dp * tp * ep
+    if need > len(devices):
+        raise Step3Error(f"mesh dp={dp},tp={tp},ep={ep} needs {need} devices, "
+                         f"only {len(devices)} available")
+    grid = np.array(devices[:need], dtype=object).reshape(dp, tp, ep)
+    return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: Sequence[str], mesh: Mesh,
+                    rules: Mapping[str, str | None] = DEFAULT_RULES) -> P:
+    """PartitionSpec for logical ``axes``; a mesh axis used twice in one spec is an error."""
+    out, used = [], set()
+    for axis in axes:
+        if axis not in rules:
+            raise Step3Error(f"no sharding rule for logical axis {axis!r}")
+        mesh_axis = rules[axis]
+        if mesh_axis is None or mesh_axis not in mesh.shape or mesh.shape[mesh_axis] == 1:
+            out.append(None)
+            continue
+        if mesh_axis in used:
+            raise Step3Error(f"sharding rules map two axes of {tuple(axes)} onto mesh axis "
+                             f"{mesh_axis!r}")
+        used.add(mesh_axis)
+        out.append(mesh_axis)
+    return P(*out)
+
+
+def named(mesh: Mesh, axes: Sequence[str], rules=DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, mesh, rules))
+
+
+def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
+    """A NamedSharding for every weight, derived from the declaration's logical axes."""
+    return jax.tree.map(lambda s: named(mesh, s.axes, rules), declare(cfg), is_leaf=is_spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

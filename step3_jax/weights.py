@@ -1,0 +1,242 @@
+"""Every weight declared once: shape, logical axes, initializer and its Hub tensor name.
+
+:func:`declare` returns the parameter pytree with a :class:`WeightSpec` at each leaf. Everything
+else is derived from it: seeded random init (:func:`init_params`), abstract shapes for restore
+targets (:func:`abstract_params`), shardings (``sharding.param_shardings``), parameter counts
+(:func:`count_params`) and the Hub checkpoint mapping (``checkpoint.py``).
+
+Layout. Torch stores Linear weights ``[out, in]``; here every matmul weight is ``[in, out]`` so a
+layer is ``x @ w``, and head-structured weights keep their head axis (``wq: [Q, heads, d]``,
+``o_proj: [heads, d, H]``) so tensor parallelism splits heads by name. Layers of the same kind that
+follow each other are stacked along a leading ``layers`` axis (one ``lax.scan`` per run), so a
+:class:`Params` holds one :class:`Block` per run in ``cfg.segments``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from step3_jax.config import Step3Config
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSpec:
+    """One weight: its (padded) shape, logical axes, initializer and where it lives on the Hub.
+
+    ``hub`` is the Hub tensor name, with ``{i}`` for the layer index of a stacked weight, and
+    ``hub_shape`` its shape there. The Hub tensor becomes this weight by swapping its last two axes
+    when ``transpose`` (torch ``[out, in]`` to ``[in, out]``), reshaping to the per-layer shape,
+    and zero-padding the ``vocab`` axis (``checkpoint.from_hub`` / ``checkpoint.to_hub``).
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    init: str  # "normal" (std = scale / sqrt(fan_in)) or "ones"
+    hub: str
+    hub_shape: tuple[int, ...]  # one layer's tensor as stored on the Hub (torch layout)
+    transpose: bool = False
+    fan_in: int = 1
+    scale: float = 1.0
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """Shape of one layer's slice (the shape without a leading ``layers`` axis)."""
+        return self.shape[1:] if self.axes[:1] == ("layers",) else self.shape
+
+
+# ----- the parameter pytree -----------------------------------------------------------------------
+
+@struct.dataclass
+class Attention:
+    q_proj: jax.Array      # [H, Q]         low-rank query
+    k_proj: jax.Array      # [H, d]         the one shared K head
+    v_proj: jax.Array      # [H, d]         the one shared V head
+    inter_norm: jax.Array  # [Q]            RMSNorm over the whole low-rank query
+    wq: jax.Array          # [Q, n, d]      expansion to n heads
+    o_proj: jax.Array      # [n, d, H]
+
+
+@struct.dataclass
+class Mlp:
+    gate: jax.Array  # [H, F]
+    up: jax.Array    # [H, F]
+    down: jax.Array  # [F, H]
+
+
+@struct.dataclass
+class Moe:
+    router: jax.Array  # [H, E]
+    gate: jax.Array    # [E, H, Fe]
+    up: jax.Array      # [E, H, Fe]
+    down: jax.Array    # [E, Fe, H]
+    shared: Mlp        # the always-on shared expert, width share_expert_dim
+
+
+@struct.dataclass
+class Block:
+    """A run of same-kind decoder layers; every leaf has a leading ``layers`` axis."""
+
+    input_norm: jax.Array  # [L, H]
+    post_norm: jax.Array   # [L, H]
+    attn: Attention
+    ffn: Mlp | Moe
+
+
+@struct.dataclass
+class Params:
+    embed: jax.Array           # [V_pad, H]
+    blocks: tuple[Block, ...]  # one per entry of cfg.segments
+    final_norm: jax.Array      # [H]
+    lm_head: jax.Array | None  # [H, V_pad]; None when tie_word_embeddings
+
+
+# ----- the declaration ------------------------------------------------------------------------------
+
+def _mlp(n: int, hidden: int, width: int, axis: str, prefix: str) -> Mlp:
+    return Mlp(
+        gate=WeightSpec((n, hidden, width), ("layers", "embed", axis), "normal",
+                        f"{prefix}.gate_proj.weight", (width, hidden), transpose=True,
+                        fan_in=hidden),
+        up=WeightSpec((n, hidden, width), ("layers", "embed", axis), "normal",
+                      f"{prefix}.up_proj.weight", (width, hidden), transpose=True,
+                      fan_in=hidden),
+        down=WeightSpec((n, width, hidden), ("layers", axis, "embed"), "normal",
+                        f"{prefix}.down_proj.weight", (hidden, width), transpose=True,
+                        fan_in=width),
+    )
+
+
+def _block(cfg: Step3Config, kind: str, n: int) -> Block:
+    H, Q, nh, d = cfg.hidden_size, cfg.share_q_dim, cfg.num_attention_heads, cfg.head_dim
+    lay = "model.layers.{i}"
+    attn = Attention(
+        q_proj=WeightSpec((n, H, Q), ("layers", "embed", "q_lora"), "normal",
+                          f"{lay}.self_attn.q_proj.weight", (Q, H), transpose=True, fan_in=H),
+        k_proj=WeightSpec((n, H, d), ("layers", "embed", "head_dim"), "normal",
+                          f"{lay}.self_attn.k_proj.weight", (d, H), transpose=True, fan_in=H),
+        v_proj=WeightSpec((n, H, d), ("layers", "embed", "head_dim"), "normal",
+                          f"{lay}.self_attn.v_proj.weight", (d, H), transpose=True, fan_in=H),
+        inter_norm=WeightSpec((n, Q), ("layers", "q_lora"), "ones",
+                              f"{lay}.self_attn.inter_norm.weight", (Q,)),
+        wq=WeightSpec((n, Q, nh, d), ("layers", "q_lora", "heads", "head_dim"), "normal",
+                      f"{lay}.self_attn.wq.weight", (nh * d, Q), transpose=True, fan_in=Q),
+        o_proj=WeightSpec((n, nh, d, H), ("layers", "heads", "head_dim", "embed"), "normal",
+                          f"{lay}.self_attn.o_proj.weight", (H, nh * d), transpose=True,
+                          fan_in=nh * d),
+    )
+    if kind == "moe":
+        E, Fe = cfg.moe_num_experts, cfg.moe_intermediate_size
+        ffn = Moe(
+            router=WeightSpec((n, H, E), ("layers", "embed", "experts"), "normal",
+                              f"{lay}.moe.gate.weight", (E, H), transpose=True, fan_in=H,
+                              scale=2.0),
+            gate=WeightSpec((n, E, H, Fe), ("layers", "experts", "embed", "expert_mlp"),
+                            "normal", f"{lay}.moe.gate_proj.weight", (E, Fe, H), transpose=True,
+                            fan_in=H),
+            up=WeightSpec((n, E, H, Fe), ("layers", "experts", "embed", "expert_mlp"),
+                          "normal", f"{lay}.moe.up_proj.weight", (E, Fe, H), transpose=True,
+                          fan_in=H),
+            down=WeightSpec((n, E, Fe, H), ("layers", "experts", "expert_mlp", "embed"),
+                            "normal", f"{lay}.moe.down_proj.weight", (E, H, Fe), transpose=True,
+                            fan_in=Fe),
+            shared=_mlp(n, H, cfg.share_expert_dim, "shared_mlp", f"{lay}.share_expert"),
+        )
+    else:
+        ffn = _mlp(n, H, cfg.intermediate_size, "mlp", f"{lay}.mlp")
+    return Block(
+        input_norm=WeightSpec((n, H), ("layers", "embed"), "ones",
+                              f"{lay}.input_layernorm.weight", (H,)),
+        post_norm=WeightSpec((n, H), ("layers", "embed"), "ones",
+                             f"{lay}.post_attention_layernorm.weight", (H,)),
+        attn=attn,
+        ffn=ffn,
+    )
+
+
+def declare(cfg: Step3Config) -> Params:
+    """The parameter pytree of ``cfg`` with a :class:`WeightSpec` at every leaf."""
+    H, V = cfg.hidden_size, cfg.padded_vocab
+    return Params(
+        embed=WeightSpec((V, H), ("vocab", "embed"), "normal", "model.embed_tokens.weight",
+                         (cfg.vocab_size, H)),
+        blocks=tuple(_block(cfg, kind, n) for kind, _, n in cfg.segments),
+        final_norm=WeightSpec((H,), ("embed",), "ones", "model.norm.weight", (H,)),
+        lm_head=None if cfg.tie_word_embeddings else WeightSpec(
+            (H, V), ("embed", "vocab"), "normal", "lm_head.weight", (cfg.vocab_size, H),
+            transpose=True, fan_in=H),
+    )
+
+
+def is_spec(x) -> bool:
+    return isinstance(x, WeightSpec)
+
+
+def map_specs(fn: Callable[[WeightSpec], object], tree) -> Params:
+    return jax.tree.map(fn, tree, is_leaf=is_spec)
+
+
+# ----- everything derived from it -----------------------------------------------------------------
+
+def abstract_params(cfg: Step3Config, shardings=None) -> Params:
+    """``jax.ShapeDtypeStruct`` leaves: restore targets and inputs to ``jit(...).lower``."""
+    dtype = jnp.dtype(cfg.dtype)
+    decl = declare(cfg)
+    if shardings is None:
+        return map_specs(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), decl)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sh),
+                        decl, shardings, is_leaf=is_spec)
+
+
+def _init_leaf(spec: WeightSpec, key: jax.Array, cfg: Step3Config) -> jax.Array:
+    dtype = jnp.dtype(cfg.dtype)
+    if spec.init == "ones":
+        return jnp.ones(spec.shape, dtype)
+    std = spec.scale / math.sqrt(spec.fan_in)
+    w = std * jax.random.normal(key, spec.shape, jnp.float32)
+    if "vocab" in spec.axes:  # the padding rows/columns of the vocabulary stay zero
+        axis = spec.axes.index("vocab")
+        keep = jnp.arange(spec.shape[axis]) < cfg.vocab_size
+        w = jnp.where(keep.reshape([-1 if a == axis else 1 for a in range(w.ndim)]), w, 0.0)
+    return w.astype(dtype)
+
+
+def init_params(cfg: Step3Config, seed: int = 0, shardings=None) -> Params:
+    """Seeded random weights, created directly with their shardings (never whole on one device).
+
+    Leaf ``j`` (in pytree order) draws from ``fold_in(PRNGKey(seed), j)``, so a weight's values
+    do not depend on how the model is sharded.
+    """
+    decl = declare(cfg)
+    leaves, treedef = jax.tree.flatten(decl, is_leaf=is_spec)
+
+    def make(key):
+        keys = [jax.random.fold_in(key, j) for j in range(len(leaves))]
+        return treedef.unflatten([_init_leaf(s, k, cfg) for s, k in zip(leaves, keys)])
+
+    return jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+
+def count_params(cfg: Step3Config) -> dict[str, int]:
+    """Total and per-token-activated parameter counts, from the declaration.
+
+    The vocabulary counts at its real size (padding excluded). Activated follows the paper's
+    convention: the input embedding is left out, and routed experts count ``top_k / experts``.
+    """
+    total = activated = 0
+    for spec in jax.tree.leaves(declare(cfg), is_leaf=is_spec):
+        size = math.prod(cfg.vocab_size if a == "vocab" else n
+                         for a, n in zip(spec.axes, spec.shape))
+        total += size
+        if spec.hub == "model.embed_tokens.weight":
+            continue
+        if "experts" in spec.axes and spec.axes[-1] != "experts":  # expert FFNs, not the router
+            activated += size * cfg.moe_top_k // cfg.moe_num_experts
+        else:
+            activated += size
+    return {"total": total, "activated": activated}
