@@ -10,8 +10,8 @@ The public API:
 from step3_jax.config import Step3Config, load_config
 from step3_jax.errors import CheckpointError, ConfigError, Step3Error
 from step3_jax.model import forward
-from step3_jax.cache import KVCache
-from step3_jax.generate import GenerationResult, generate, score
+from step3_jax.cache import KVCache, init_cache
+from step3_jax.generate import GenerationResult, Generator, generate, score
 from step3_jax.checkpoint import load
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
     "generate",
     "score",
     "GenerationResult",
+    "Generator",
+    "init_cache",
     "KVCache",
     "Step3Error",
     "ConfigError",

@@ -1,0 +1,133 @@
+"""Hub checkpoint loading: layouts, dtypes, and every malformed input named in one line."""
+
+import json
+import logging
+
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import write_hub_checkpoint
+
+from step3_jax.checkpoint import load, load_hub, to_hub
+from step3_jax.errors import CheckpointError
+
+
+def _leaves_equal(a, b):
+    import jax
+
+    return all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_single_file_sharded_and_wrapper_layouts_agree(tmp_path, tiny_raw, hub_state, tiny_params,
+                                                       tiny_cfg):
+    single = write_hub_checkpoint(tmp_path / "single", tiny_raw, hub_state)
+    wrapped = write_hub_checkpoint(tmp_path / "wrapped", tiny_raw, hub_state, shards=2,
+                                   wrapper=True)
+    p1, cfg1 = load(single, progress=False)
+    p2, cfg2 = load(wrapped, progress=False)
+    assert cfg1.moe_layers == cfg2.moe_layers == tiny_cfg.moe_layers
+    assert _leaves_equal(p1, tiny_params) and _leaves_equal(p2, tiny_params)
+
+
+def test_to_hub_inverts_loading_bit_exactly(tiny_params, tiny_cfg, hub_state):
+    back = to_hub(tiny_params, tiny_cfg)
+    assert set(back) == set(hub_state)
+    for name, value in hub_state.items():
+        assert back[name].shape == value.shape and np.array_equal(back[name], value), name
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16, np.float32])
+def test_half_precision_checkpoints_load_exactly(tmp_path, tiny_raw, hub_state, tiny_cfg, dtype):
+    state = {k: v.astype(dtype) for k, v in hub_state.items()}
+    params = load_hub(write_hub_checkpoint(tmp_path, tiny_raw, state), tiny_cfg, progress=False)
+    back = to_hub(params, tiny_cfg)
+    for name, value in state.items():  # widening to float32 is exact
+        assert np.array_equal(back[name], value.astype(np.float32)), name
+
+
+def test_loading_into_bfloat16(hub_dir):
+    params, cfg = load(hub_dir, dtype="bfloat16", progress=False)
+    assert cfg.dtype == "bfloat16" and params.embed.dtype == ml_dtypes.bfloat16
+
+
+def test_vision_tensors_are_skipped_with_a_notice(tmp_path, tiny_raw, hub_state, tiny_params,
+                                                  tiny_cfg, caplog):
+    state = dict(hub_state)
+    state["vision_model.embeddings.patch_embedding.weight"] = np.zeros((4, 3), np.float32)
+    state["vit_large_projector.weight"] = np.zeros((2, 2), np.float32)
+    directory = write_hub_checkpoint(tmp_path, tiny_raw, state, wrapper=True)
+    with caplog.at_level(logging.INFO, logger="step3_jax"):
+        params = load_hub(directory, tiny_cfg, progress=False)
+    assert "skipping 2 vision-encoder tensors" in caplog.text
+    assert _leaves_equal(params, tiny_params)
+
+
+def _expect(directory, cfg, *fragments):
+    with pytest.raises(CheckpointError) as e:
+        load_hub(directory, cfg, progress=False)
+    message = str(e.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_missing_unknown_and_misshapen_tensors_are_named(tmp_path, tiny_raw, hub_state, tiny_cfg):
+    missing = dict(hub_state)
+    del missing["model.layers.2.moe.up_proj.weight"]
+    _expect(write_hub_checkpoint(tmp_path / "a", tiny_raw, missing), tiny_cfg,
+            "missing tensor model.layers.2.moe.up_proj.weight")
+
+    unknown = dict(hub_state, **{"model.layers.1.self_attn.q_norm.weight": np.ones(4, np.float32)})
+    _expect(write_hub_checkpoint(tmp_path / "b", tiny_raw, unknown), tiny_cfg,
+            "unknown tensor model.layers.1.self_attn.q_norm.weight")
+
+    shaped = dict(hub_state)
+    shaped["model.layers.3.mlp.down_proj.weight"] = np.zeros((96, 64), np.float32)  # transposed
+    _expect(write_hub_checkpoint(tmp_path / "c", tiny_raw, shaped), tiny_cfg,
+            "model.layers.3.mlp.down_proj.weight", "expected shape [64, 96]", "got [96, 64]")
+
+    ints = dict(hub_state, **{"model.norm.weight": np.ones(64, np.int32)})
+    _expect(write_hub_checkpoint(tmp_path / "d", tiny_raw, ints), tiny_cfg,
+            "model.norm.weight", "unsupported dtype I32")
+
+
+def test_fp8_checkpoints_are_refused_until_supported(tmp_path, tiny_raw, hub_state, tiny_cfg):
+    state = dict(hub_state)
+    state["model.layers.0.self_attn.q_proj.weight_scale_inv"] = np.ones((1, 1), np.float32)
+    _expect(write_hub_checkpoint(tmp_path / "a", tiny_raw, state), tiny_cfg,
+            "block-FP8", "not supported yet")
+    quant = dict(tiny_raw, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
+    directory = write_hub_checkpoint(tmp_path / "b", quant, hub_state)
+    with pytest.raises(CheckpointError, match="not supported yet"):
+        load(directory, progress=False)
+
+
+def test_broken_index_and_corrupt_shards_are_named(tmp_path, tiny_raw, hub_state, tiny_cfg):
+    directory = write_hub_checkpoint(tmp_path / "a", tiny_raw, hub_state, shards=2)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "model-00009-of-00009.safetensors"
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    _expect(directory, tiny_cfg, "model-00009-of-00009.safetensors", "listed in", "missing")
+
+    directory = write_hub_checkpoint(tmp_path / "b", tiny_raw, hub_state, shards=2)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.extra.weight"] = "model-00001-of-00002.safetensors"
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    _expect(directory, tiny_cfg, "model.extra.weight", "absent from that file")
+
+    directory = write_hub_checkpoint(tmp_path / "c", tiny_raw, hub_state, shards=2)
+    shard = directory / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    _expect(directory, tiny_cfg, "model-00002-of-00002.safetensors")
+
+    empty = tmp_path / "d"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps(tiny_raw))
+    _expect(empty, tiny_cfg, "no model.safetensors or model.safetensors.index.json")
+
+
+def test_missing_checkpoint_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(tmp_path / "nowhere")
+

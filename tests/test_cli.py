@@ -1,0 +1,147 @@
+"""The ``step3-jax`` CLI: JSON contracts, text prompts through a tokenizer, and bad input.
+
+Most cases call ``cli.main`` in-process (fast); two run the installed console script in a
+subprocess to check the real exit code, the stdout/stderr split and the absence of tracebacks.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from step3_jax import cli
+from step3_jax.generate import generate, score
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory, hub_dir):
+    """The tiny Hub checkpoint plus a word-level tokenizer.json ("w0".."w249")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    directory = tmp_path_factory.mktemp("tok")
+    for f in hub_dir.iterdir():
+        shutil.copy(f, directory / f.name)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(250)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_json_is_one_document_matching_the_api(capsys, hub_dir, tiny_params, tiny_cfg):
+    code, out, err = run(capsys, "generate", "--checkpoint", str(hub_dir), "--prompt-ids", "3,17,42",
+                         "--prompt-ids", "5,6", "--max-new-tokens", "5", "--json", "--quiet")
+    assert code == 0
+    doc = json.loads(out)  # exactly one JSON document
+    assert [r["prompt_ids"] for r in doc["results"]] == [[3, 17, 42], [5, 6]]
+    want, _ = generate(tiny_params, tiny_cfg, [[3, 17, 42], [5, 6]], max_new_tokens=5)
+    assert [r["generated_ids"] for r in doc["results"]] == [w.generated_ids for w in want]
+    assert {"decode_step_ms", "compile_s", "prefill_ms"} <= set(doc["metrics"])
+
+
+def test_text_prompt_and_text_output_through_the_tokenizer(capsys, tok_dir):
+    code, out, _ = run(capsys, "generate", "--checkpoint", str(tok_dir), "--prompt", "w3 w17 w42",
+                       "--max-new-tokens", "4", "--json", "--quiet")
+    assert code == 0
+    (r,) = json.loads(out)["results"]
+    assert r["prompt_ids"] == [3, 17, 42]
+    assert r["text"] == " ".join(f"w{i}" for i in r["generated_ids"])
+
+
+def test_score_json_matches_the_api(capsys, hub_dir, tiny_params, tiny_cfg):
+    code, out, _ = run(capsys, "score", "--checkpoint", str(hub_dir), "--ids", "3,17,42,99",
+                       "--json", "--quiet")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["ids"] == [3, 17, 42, 99] and len(doc["logprobs"]) == 3
+    assert doc["logprobs"] == pytest.approx(score(tiny_params, tiny_cfg, [3, 17, 42, 99]),
+                                            abs=1e-6)
+    assert all(lp < 0 for lp in doc["logprobs"])
+
+
+def test_score_text(capsys, tok_dir):
+    code, out, _ = run(capsys, "score", "--checkpoint", str(tok_dir), "--text", "w1 w2 w3",
+                       "--json", "--quiet")
+    assert code == 0 and json.loads(out)["ids"] == [1, 2, 3]
+
+
+def test_info_reports_step3_numbers(capsys):
+    code, out, _ = run(capsys, "info", "--config", "step3", "--json")
+    doc = json.loads(out)
+    assert code == 0
+    assert round(doc["parameters"] / 1e9, 1) == 316.3
+    assert round(doc["activated_parameters"] / 1e9, 1) == 37.9
+    assert doc["kv_bytes_per_token"]["fp8"] == 31232  # spec §2: 61 x 512 B
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["generate", "--checkpoint", "/nonexistent/ckpt", "--prompt-ids", "1"],
+     "checkpoint directory /nonexistent/ckpt does not exist"),
+    (["generate", "--prompt-ids", "1,2,250"], "token id 250 in prompt 0 is outside the vocabulary"),
+    (["generate", "--prompt-ids", ",".join(["1"] * 513)], "longer than the context"),
+    (["generate", "--prompt-ids", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["generate", "--prompt-ids", "1", "--top-p", "1.01"], "--top-p must be in (0, 1]"),
+    (["generate", "--prompt", "hello"], "needs a tokenizer.json"),
+    (["generate"], "no prompt"),
+    (["generate", "--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["score", "--ids", "1"], "at least 2 tokens"),
+    (["info", "--config", "nope"], "unknown config 'nope'"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("step3-jax: error:")]
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (lambda d: (d / "config.json").write_text("{broken"), "invalid JSON"),
+    (lambda d: (d / "config.json").write_text(json.dumps({"hidden_size": 64})),
+     "missing required key(s)"),
+    (lambda d: (d / "config.json").write_text(json.dumps(
+        dict(json.loads((d / "config.json").read_text()),
+             quantization_config={"quant_method": "fp8"}))), "not supported yet"),
+])
+def test_bad_checkpoint_config_is_one_line(capsys, tmp_path, hub_dir, mutate, fragment):
+    directory = tmp_path / "ckpt"
+    shutil.copytree(hub_dir, directory)
+    mutate(directory)
+    code, out, err = run(capsys, "generate", "--checkpoint", str(directory), "--prompt-ids", "1")
+    assert code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_help_on_every_subcommand(capsys):
+    for sub in ([], ["generate"], ["score"], ["info"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*sub, "--help"])
+        assert e.value.code == 0
+        assert "usage: step3-jax" in capsys.readouterr().out
+
+
+def test_console_script_end_to_end():
+    """The README's main job: the installed script, default embedded model, JSON on stdout."""
+    exe = shutil.which("step3-jax") or pytest.fail("step3-jax console script not installed")
+    proc = subprocess.run([exe, "generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
+                           "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert len(doc["results"][0]["generated_ids"]) == 4 and doc["metrics"]["config"] == "tiny"
+    bad = subprocess.run([exe, "generate", "--prompt-ids", "1,2,999"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
+    assert "token id 999" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "step3_jax.cli", "info", "--config", "tiny"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "parameters" in proc.stdout

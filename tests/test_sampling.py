@@ -1,0 +1,97 @@
+"""Sampling properties: filters never leave their set, seeds reproduce, greedy is argmax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from step3_jax import sampling
+from step3_jax.errors import Step3Error
+from step3_jax.generate import generate
+
+V = 100
+_sample = jax.jit(sampling.sample)
+
+
+def _draw(logits, seed, n, temperature=1.0, top_k=0, top_p=1.0):
+    keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.PRNGKey(seed), b))(
+        jnp.arange(logits.shape[0]))
+    return np.stack([np.asarray(_sample(logits, keys, jnp.int32(i), jnp.float32(temperature),
+                                        jnp.int32(top_k), jnp.float32(top_p)))
+                     for i in range(n)])
+
+
+@pytest.fixture(scope="module")
+def logits():
+    return jnp.asarray(np.random.default_rng(0).normal(size=(4, V)).astype(np.float32) * 2.0)
+
+
+def test_top_k_never_leaves_the_k_most_likely(logits):
+    draws = _draw(logits, seed=1, n=200, top_k=5)
+    top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
+    for b in range(4):
+        assert set(draws[:, b]) <= set(top5[b])
+        assert len(set(draws[:, b])) > 1  # it does sample, not collapse to argmax
+
+
+def test_top_p_never_leaves_the_nucleus(logits):
+    p = 0.6
+    draws = _draw(logits, seed=2, n=200, top_p=p)
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    for b in range(4):
+        order = np.argsort(-probs[b])
+        before = np.cumsum(probs[b][order]) - probs[b][order]
+        nucleus = set(order[before < p])
+        assert set(draws[:, b]) <= nucleus
+        assert len(nucleus) > 1
+
+
+def test_top_k_and_top_p_compose(logits):
+    draws = _draw(logits, seed=3, n=200, top_k=3, top_p=0.999)
+    top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
+    for b in range(4):
+        assert set(draws[:, b]) <= set(top3[b])
+
+
+def test_greedy_is_argmax_and_temperature_zero_ignores_filters(logits):
+    draws = _draw(logits, seed=4, n=3, temperature=0.0, top_k=7, top_p=0.5)
+    assert (draws == np.asarray(logits).argmax(-1)).all()
+
+
+def test_seeds_reproduce_and_differ(logits):
+    a, b = _draw(logits, seed=5, n=50), _draw(logits, seed=5, n=50)
+    c = _draw(logits, seed=6, n=50)
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    """Temperature 1, no filter: empirical frequencies within 4 standard errors of softmax."""
+    logits = jnp.asarray([[0.0, 1.0, 2.0, -jnp.inf]])
+    keys = jax.random.PRNGKey(0)[None]
+    draws = np.asarray(jax.vmap(lambda i: _sample(logits, keys, i, jnp.float32(1.0), jnp.int32(0),
+                                                  jnp.float32(1.0)))(jnp.arange(4000)))[:, 0]
+    probs = np.asarray(jax.nn.softmax(logits[0]))
+    freq = np.bincount(draws, minlength=4) / len(draws)
+    se = np.sqrt(probs * (1 - probs) / len(draws))
+    assert np.all(np.abs(freq - probs) <= 4 * se + 1e-12)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_p=0.0), "--top-p must be in (0, 1]"),
+    (dict(top_p=1.5), "--top-p must be in (0, 1]"),
+    (dict(temperature=-1.0), "--temperature must be >= 0"),
+    (dict(top_k=-2), "--top-k must be an integer >= 0"),
+])
+def test_bad_sampling_settings_are_named(kwargs, message):
+    settings = dict(temperature=1.0, top_k=0, top_p=1.0) | kwargs
+    with pytest.raises(Step3Error) as e:
+        sampling.check(**settings)
+    assert message in str(e.value)
+
+
+def test_generate_sampling_is_seeded(tiny_params, tiny_cfg):
+    kwargs = dict(max_new_tokens=6, temperature=1.0, top_k=20, top_p=0.9, eos_ids=[])
+    a, _ = generate(tiny_params, tiny_cfg, [[1, 2, 3]], seed=7, **kwargs)
+    b, _ = generate(tiny_params, tiny_cfg, [[1, 2, 3]], seed=7, **kwargs)
+    c, _ = generate(tiny_params, tiny_cfg, [[1, 2, 3]], seed=8, **kwargs)
+    assert a[0].generated_ids == b[0].generated_ids != c[0].generated_ids
