@@ -1,7 +1,8 @@
 """The functional KV cache: a pytree in, a pytree out.
 
-MFA keeps one K head and one V head per layer, so the cache is two ``[layers, batch, capacity,
-head_dim]`` arrays plus each sequence's filled length. Sequences of different lengths share one
+MFA keeps one K head and one V head per layer, so the cache is, per layer, a K and a V array of
+``[batch, capacity, head_dim]`` (separate arrays, so a layer reads its own without a slicing copy)
+plus each sequence's filled length. Sequences of different lengths share one
 cache: sequence ``b`` occupies positions ``0 .. lengths[b]-1``. Writes go through
 :func:`write_positions`, which routes any position at or past the capacity to an out-of-bounds
 index dropped by the scatter — never the silent clamp of ``dynamic_update_slice``.
@@ -18,24 +19,26 @@ from step3_jax.config import Step3Config
 
 @struct.dataclass
 class KVCache:
-    k: jax.Array        # [layers, batch, capacity, head_dim]
-    v: jax.Array        # [layers, batch, capacity, head_dim]
-    lengths: jax.Array  # [batch] int32: positions filled so far
+    k: tuple[jax.Array, ...]  # per layer [batch, capacity, head_dim]
+    v: tuple[jax.Array, ...]  # per layer [batch, capacity, head_dim]
+    lengths: jax.Array        # [batch] int32: positions filled so far
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1]
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
 
 def init_cache(cfg: Step3Config, batch: int, capacity: int, dtype=None) -> KVCache:
     """An empty cache for ``batch`` sequences of up to ``capacity`` positions."""
-    shape = (cfg.num_hidden_layers, batch, capacity, cfg.head_dim)
+    shape = (batch, capacity, cfg.head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    layers = range(cfg.num_hidden_layers)
+    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in layers),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
 
@@ -51,8 +54,7 @@ def write_positions(lengths: jax.Array, num_new: jax.Array, chunk: int,
     return jnp.where(ok, pos, capacity)
 
 
-def update_layer(cache_arr: jax.Array, layer: jax.Array, slots: jax.Array,
-                 new: jax.Array) -> jax.Array:
-    """Scatter ``new [batch, chunk, d]`` into ``cache_arr[layer]`` at ``slots``; drops OOB slots."""
+def update(cache_arr: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    """Scatter ``new [batch, chunk, d]`` into one layer's ``cache_arr`` at ``slots``; drops OOB."""
     b = jnp.arange(slots.shape[0])[:, None]
-    return cache_arr.at[layer, b, slots].set(new.astype(cache_arr.dtype), mode="drop")
+    return cache_arr.at[b, slots].set(new.astype(cache_arr.dtype), mode="drop")

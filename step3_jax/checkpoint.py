@@ -18,7 +18,6 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -92,43 +91,28 @@ class HubReader:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({e})") from None
 
 
-def _hub_names(spec: WeightSpec, cfg: Step3Config, first_layer: int | None) -> list[str]:
-    if first_layer is None:
-        return [spec.hub]
-    return [spec.hub.format(i=first_layer + j) for j in range(spec.shape[0])]
-
-
-def _leaves_with_layers(cfg: Step3Config) -> Iterator[tuple[WeightSpec, int | None]]:
-    """Each declared weight with the first layer of its run (None for non-layer weights)."""
-    for path, spec in jax.tree_util.tree_flatten_with_path(declare(cfg), is_leaf=is_spec)[0]:
-        yield spec, (cfg.segments[path[1].idx][1] if path[0].name == "blocks" else None)
-
-
-def hub_to_layer(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:
-    """One Hub tensor -> one layer's slice of ``spec`` (transpose, reshape, pad the vocab)."""
+def hub_to_leaf(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:
+    """A Hub tensor -> the weight ``spec`` declares (transpose, reshape, pad the vocabulary)."""
     if spec.transpose:
         arr = np.swapaxes(arr, -1, -2)
-    unpadded = tuple(cfg.vocab_size if a == "vocab" else n
-                     for a, n in zip(spec.axes[-len(spec.layer_shape):], spec.layer_shape))
+    unpadded = tuple(cfg.vocab_size if a == "vocab" else n for a, n in zip(spec.axes, spec.shape))
     arr = arr.reshape(unpadded)
-    if unpadded != spec.layer_shape:
-        arr = np.pad(arr, [(0, full - have) for full, have in zip(spec.layer_shape, unpadded)])
+    if unpadded != spec.shape:
+        arr = np.pad(arr, [(0, full - have) for full, have in zip(spec.shape, unpadded)])
     return arr
 
 
-def layer_to_hub(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:
-    """Inverse of :func:`hub_to_layer`."""
-    axes = spec.axes[-len(spec.layer_shape):]
-    arr = arr[tuple(slice(0, cfg.vocab_size) if a == "vocab" else slice(None) for a in axes)]
+def leaf_to_hub(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:
+    """Inverse of :func:`hub_to_leaf`."""
+    arr = arr[tuple(slice(0, cfg.vocab_size) if a == "vocab" else slice(None) for a in spec.axes)]
     if spec.transpose:
         swapped = spec.hub_shape[:-2] + (spec.hub_shape[-1], spec.hub_shape[-2])
         return np.ascontiguousarray(np.swapaxes(arr.reshape(swapped), -1, -2))
     return np.ascontiguousarray(arr.reshape(spec.hub_shape))
 
 
-def _check_names(reader: HubReader, cfg: Step3Config) -> list[tuple[WeightSpec, int | None]]:
-    leaves = list(_leaves_with_layers(cfg))
-    expected = {n for spec, first in leaves for n in _hub_names(spec, cfg, first)}
+def _check_names(reader: HubReader, specs: list[WeightSpec]) -> None:
+    expected = {spec.hub for spec in specs}
     present = set(reader.files)
     quantized = sorted(n for n in present if n.endswith("weight_scale_inv"))
     fp8 = quantized or [n for n in sorted(present & expected) if reader.dtype(n).startswith("F8")]
@@ -146,43 +130,35 @@ def _check_names(reader: HubReader, cfg: Step3Config) -> list[tuple[WeightSpec, 
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{reader.directory}: missing tensor {missing[0]}{more}")
-    for spec, first in leaves:
-        for name in _hub_names(spec, cfg, first):
-            dtype = reader.dtype(name)
-            if dtype not in _SUPPORTED_DTYPES:
-                raise CheckpointError(f"{name}: unsupported dtype {dtype} "
-                                      f"(expected one of {', '.join(sorted(_SUPPORTED_DTYPES))})")
-            if reader.shape(name) != spec.hub_shape:
-                raise CheckpointError(f"{name}: expected shape {list(spec.hub_shape)}, "
-                                      f"got {list(reader.shape(name))}")
-    return leaves
+    for spec in specs:
+        dtype = reader.dtype(spec.hub)
+        if dtype not in _SUPPORTED_DTYPES:
+            raise CheckpointError(f"{spec.hub}: unsupported dtype {dtype} "
+                                  f"(expected one of {', '.join(sorted(_SUPPORTED_DTYPES))})")
+        if reader.shape(spec.hub) != spec.hub_shape:
+            raise CheckpointError(f"{spec.hub}: expected shape {list(spec.hub_shape)}, "
+                                  f"got {list(reader.shape(spec.hub))}")
 
 
 def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
              progress: bool = True) -> Params:
     """Read a Hub checkpoint into ``cfg``'s parameter pytree, in ``cfg.dtype``.
 
-    One stacked weight at a time is assembled on the host and placed with its sharding (or on
-    the default device), so host memory peaks at about one stacked weight.
+    One tensor at a time is read, converted on the host and placed with its sharding (or on the
+    default device), so host memory peaks at about one tensor.
     """
     reader = HubReader(directory)
-    leaves = _check_names(reader, cfg)
-    treedef = jax.tree.structure(declare(cfg), is_leaf=is_spec)
+    specs, treedef = jax.tree.flatten(declare(cfg), is_leaf=is_spec)
+    _check_names(reader, specs)
     flat_shardings = (treedef.flatten_up_to(shardings) if shardings is not None
-                      else [None] * len(leaves))
+                      else [None] * len(specs))
     dtype = jnp.dtype(cfg.dtype)
-    total = sum(math.prod(s.shape) * dtype.itemsize for s, _ in leaves)
+    total = sum(math.prod(s.shape) * dtype.itemsize for s in specs)
     out = []
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress,
               leave=False) as bar:
-        for (spec, first), sharding in zip(leaves, flat_shardings):
-            names = _hub_names(spec, cfg, first)
-            if first is None:
-                host = hub_to_layer(reader.read(names[0]), spec, cfg).astype(dtype)
-            else:
-                host = np.empty(spec.shape, dtype)
-                for j, name in enumerate(names):
-                    host[j] = hub_to_layer(reader.read(name), spec, cfg)
+        for spec, sharding in zip(specs, flat_shardings):
+            host = hub_to_leaf(reader.read(spec.hub), spec, cfg).astype(dtype)
             out.append(jax.device_put(host, sharding) if sharding is not None
                        else jnp.asarray(host))
             bar.update(host.nbytes)
@@ -191,13 +167,9 @@ def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
 
 def to_hub(params: Params, cfg: Step3Config) -> dict[str, np.ndarray]:
     """The Hub-named, torch-layout tensors of ``params`` (host NumPy arrays, params' dtype)."""
-    state = {}
-    leaves = list(_leaves_with_layers(cfg))
-    for (spec, first), value in zip(leaves, jax.tree.leaves(params)):
-        value = np.asarray(value)
-        for j, name in enumerate(_hub_names(spec, cfg, first)):
-            state[name] = layer_to_hub(value if first is None else value[j], spec, cfg)
-    return state
+    specs = jax.tree.leaves(declare(cfg), is_leaf=is_spec)
+    return {spec.hub: leaf_to_hub(np.asarray(value), spec, cfg)
+            for spec, value in zip(specs, jax.tree.leaves(params))}
 
 
 def load_tokenizer(directory: str | Path | None):

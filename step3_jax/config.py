@@ -90,22 +90,6 @@ class Step3Config:
         return layer in self.moe_layers
 
     @property
-    def segments(self) -> tuple[tuple[str, int, int], ...]:
-        """Maximal runs of same-kind layers as ``(kind, first_layer, count)``, kind "dense"/"moe".
-
-        Each run is stacked along a leading ``layers`` axis and executed with one ``lax.scan``, so
-        compile time does not grow with depth. Step-3: dense 0-3, MoE 4-59, dense 60.
-        """
-        runs: list[list] = []
-        for i in range(self.num_hidden_layers):
-            kind = "moe" if self.is_moe(i) else "dense"
-            if runs and runs[-1][0] == kind:
-                runs[-1][2] += 1
-            else:
-                runs.append([kind, i, 1])
-        return tuple(tuple(r) for r in runs)
-
-    @property
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes per token over all layers at the compute dtype (one K + one V head)."""
         itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]

@@ -137,10 +137,10 @@ class Generator:
     def _shardings(self):
         mesh = self.mesh
         per_seq, rep = named(mesh, ("batch",)), replicated(mesh)
-        cache = named(mesh, CACHE_AXES)
+        layers = (named(mesh, CACHE_AXES),) * self.cfg.num_hidden_layers
         state = _LoopState(step=rep, token=per_seq, done=per_seq, reason=per_seq, n_gen=per_seq,
                            out=named(mesh, ("batch", "seq")),
-                           cache=KVCache(k=cache, v=cache, lengths=per_seq))
+                           cache=KVCache(k=layers, v=layers, lengths=per_seq))
         knobs = (per_seq, rep, rep, rep, rep, rep)  # keys, budget, eos, temperature, top-k, top-p
         return param_shardings(self.cfg, mesh), state, knobs
 

@@ -2,8 +2,8 @@
 
 Decoder layer ``i`` (pre-norm): ``h = x + MFA(norm_in(x))``, then ``x' = h + FFN(norm_post(h))``
 with FFN the routed MoE plus shared expert in ``cfg.moe_layers`` and a dense SwiGLU elsewhere.
-Runs of same-kind layers execute as one ``lax.scan`` each; the KV cache rides in the scan carry
-and is updated in place at the layer's index.
+Layers run in a Python loop over per-layer weights (see ``weights.py`` for why not a scan over
+stacked layers on XLA:CPU); each layer reads and updates its own K/V cache arrays in place.
 
 Three ways to run the stack, one code path:
 
@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 
 from step3_jax import attention
-from step3_jax.cache import KVCache, init_cache, update_layer, write_positions
+from step3_jax.cache import KVCache, init_cache, update, write_positions
 from step3_jax.config import Step3Config
 from step3_jax.layers import linear, rms_norm, swiglu
 from step3_jax.moe import moe
-from step3_jax.weights import Block, Moe, Params
+from step3_jax.weights import Layer, Moe, Params
 
 
-def _layer(p: Block, x, positions, layer, kv, cfg: Step3Config):
+def _layer(p: Layer, x, positions, kv, cfg: Step3Config):
     """One decoder layer.
 
     ``kv`` is ``None`` (no cache) or ``(k_cache, v_cache, slots, key_len)``: this chunk's K/V are
@@ -40,11 +40,10 @@ def _layer(p: Block, x, positions, layer, kv, cfg: Step3Config):
         new_kv = None
         if kv is not None:
             k_cache, v_cache, slots, key_len = kv
-            k_cache = update_layer(k_cache, layer, slots, k)
-            v_cache = update_layer(v_cache, layer, slots, v)
+            k_cache, v_cache = update(k_cache, slots, k), update(v_cache, slots, v)
             new_kv = (k_cache, v_cache)
         if kv is not None and key_len is not None:
-            keys, values = k_cache[layer], v_cache[layer]
+            keys, values = k_cache, v_cache
             key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
             valid = key_pos < key_len[:, None]
         else:  # attention within the chunk itself
@@ -62,21 +61,18 @@ def _layer(p: Block, x, positions, layer, kv, cfg: Step3Config):
 
 
 def _stack(params: Params, x, positions, kv, cfg: Step3Config):
-    """All decoder layers; returns the final hidden states and the updated ``(k, v)`` caches."""
-    for block, (_, first, count) in zip(params.blocks, cfg.segments):
-        def body(carry, xs):
-            x, caches = carry
-            p, layer = xs
-            layer_kv = None if caches is None else (*caches, *kv[2:])
-            x, caches = _layer(p, x, positions, layer, layer_kv, cfg)
-            return (x, caches), None
+    """All decoder layers. ``kv``: None or ``(k_caches, v_caches, slots, key_len)``.
 
-        caches = None if kv is None else kv[:2]
-        layers = jnp.arange(first, first + count, dtype=jnp.int32)
-        (x, caches), _ = jax.lax.scan(body, (x, caches), (block, layers))
-        if kv is not None:
-            kv = (*caches, *kv[2:])
-    return x, (None if kv is None else kv[:2])
+    Returns the final hidden states and the updated per-layer ``(k_caches, v_caches)`` (or None).
+    """
+    new_k, new_v = [], []
+    for i, p in enumerate(params.layers):
+        layer_kv = None if kv is None else (kv[0][i], kv[1][i], kv[2], kv[3])
+        x, updated = _layer(p, x, positions, layer_kv, cfg)
+        if updated is not None:
+            new_k.append(updated[0])
+            new_v.append(updated[1])
+    return x, (None if kv is None else (tuple(new_k), tuple(new_v)))
 
 
 def embed(params: Params, tokens: jax.Array) -> jax.Array:

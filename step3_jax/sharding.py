@@ -32,14 +32,13 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "shared_mlp": "tp",
     "experts": "ep",
     "expert_mlp": "tp",
-    "layers": None,
     "cache_len": None,
     "seq": None,
 }
 
-# The KV cache [layers, batch, cache_len, head_dim]: MFA's single K/V head cannot be split by
-# heads, so the cache is split by batch (data-parallel attention).
-CACHE_AXES = ("layers", "batch", "cache_len", "head_dim")
+# One layer's K (or V) cache [batch, cache_len, head_dim]: MFA's single K/V head cannot be split
+# by heads, so the cache is split by batch (data-parallel attention).
+CACHE_AXES = ("batch", "cache_len", "head_dim")
 
 
 def make_mesh(dp: int = 1, tp: int = 1, ep: int = 1, devices: Sequence | None = None) -> Mesh:

@@ -7,9 +7,10 @@ targets (:func:`abstract_params`), shardings (``sharding.param_shardings``), par
 
 Layout. Torch stores Linear weights ``[out, in]``; here every matmul weight is ``[in, out]`` so a
 layer is ``x @ w``, and head-structured weights keep their head axis (``wq: [Q, heads, d]``,
-``o_proj: [heads, d, H]``) so tensor parallelism splits heads by name. Layers of the same kind that
-follow each other are stacked along a leading ``layers`` axis (one ``lax.scan`` per run), so a
-:class:`Params` holds one :class:`Block` per run in ``cfg.segments``.
+``o_proj: [heads, d, H]``) so tensor parallelism splits heads by name. Each decoder layer owns its
+arrays (``Params.layers`` is a tuple of :class:`Layer`): stacking layers along a leading axis and
+scanning would make XLA:CPU copy every layer's slice — all 48 experts of an MoE layer — before
+each matmul (measured 3x slower on dense matvecs, far worse on the MoE; see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ from step3_jax.config import Step3Config
 class WeightSpec:
     """One weight: its (padded) shape, logical axes, initializer and where it lives on the Hub.
 
-    ``hub`` is the Hub tensor name, with ``{i}`` for the layer index of a stacked weight, and
-    ``hub_shape`` its shape there. The Hub tensor becomes this weight by swapping its last two axes
+    ``hub`` is the Hub tensor name and ``hub_shape`` its shape there. The Hub tensor becomes this weight by swapping its last two axes
     when ``transpose`` (torch ``[out, in]`` to ``[in, out]``), reshaping to the per-layer shape,
     and zero-padding the ``vocab`` axis (``checkpoint.from_hub`` / ``checkpoint.to_hub``).
     """
@@ -43,11 +43,6 @@ class WeightSpec:
     transpose: bool = False
     fan_in: int = 1
     scale: float = 1.0
-
-    @property
-    def layer_shape(self) -> tuple[int, ...]:
-        """Shape of one layer's slice (the shape without a leading ``layers`` axis)."""
-        return self.shape[1:] if self.axes[:1] == ("layers",) else self.shape
 
 
 # ----- the parameter pytree -----------------------------------------------------------------------
@@ -79,11 +74,11 @@ class Moe:
 
 
 @struct.dataclass
-class Block:
-    """A run of same-kind decoder layers; every leaf has a leading ``layers`` axis."""
+class Layer:
+    """One decoder layer: MFA, then the MoE (``moe_layers``) or the dense SwiGLU."""
 
-    input_norm: jax.Array  # [L, H]
-    post_norm: jax.Array   # [L, H]
+    input_norm: jax.Array  # [H]
+    post_norm: jax.Array   # [H]
     attn: Attention
     ffn: Mlp | Moe
 
@@ -91,68 +86,68 @@ class Block:
 @struct.dataclass
 class Params:
     embed: jax.Array           # [V_pad, H]
-    blocks: tuple[Block, ...]  # one per entry of cfg.segments
+    layers: tuple[Layer, ...]  # num_hidden_layers of them
     final_norm: jax.Array      # [H]
     lm_head: jax.Array | None  # [H, V_pad]; None when tie_word_embeddings
 
 
 # ----- the declaration ------------------------------------------------------------------------------
 
-def _mlp(n: int, hidden: int, width: int, axis: str, prefix: str) -> Mlp:
+def _mlp(hidden: int, width: int, axis: str, prefix: str) -> Mlp:
     return Mlp(
-        gate=WeightSpec((n, hidden, width), ("layers", "embed", axis), "normal",
+        gate=WeightSpec((hidden, width), ("embed", axis), "normal",
                         f"{prefix}.gate_proj.weight", (width, hidden), transpose=True,
                         fan_in=hidden),
-        up=WeightSpec((n, hidden, width), ("layers", "embed", axis), "normal",
+        up=WeightSpec((hidden, width), ("embed", axis), "normal",
                       f"{prefix}.up_proj.weight", (width, hidden), transpose=True,
                       fan_in=hidden),
-        down=WeightSpec((n, width, hidden), ("layers", axis, "embed"), "normal",
+        down=WeightSpec((width, hidden), (axis, "embed"), "normal",
                         f"{prefix}.down_proj.weight", (hidden, width), transpose=True,
                         fan_in=width),
     )
 
 
-def _block(cfg: Step3Config, kind: str, n: int) -> Block:
+def _layer(cfg: Step3Config, i: int) -> Layer:
     H, Q, nh, d = cfg.hidden_size, cfg.share_q_dim, cfg.num_attention_heads, cfg.head_dim
-    lay = "model.layers.{i}"
+    lay = f"model.layers.{i}"
     attn = Attention(
-        q_proj=WeightSpec((n, H, Q), ("layers", "embed", "q_lora"), "normal",
+        q_proj=WeightSpec((H, Q), ("embed", "q_lora"), "normal",
                           f"{lay}.self_attn.q_proj.weight", (Q, H), transpose=True, fan_in=H),
-        k_proj=WeightSpec((n, H, d), ("layers", "embed", "head_dim"), "normal",
+        k_proj=WeightSpec((H, d), ("embed", "head_dim"), "normal",
                           f"{lay}.self_attn.k_proj.weight", (d, H), transpose=True, fan_in=H),
-        v_proj=WeightSpec((n, H, d), ("layers", "embed", "head_dim"), "normal",
+        v_proj=WeightSpec((H, d), ("embed", "head_dim"), "normal",
                           f"{lay}.self_attn.v_proj.weight", (d, H), transpose=True, fan_in=H),
-        inter_norm=WeightSpec((n, Q), ("layers", "q_lora"), "ones",
+        inter_norm=WeightSpec((Q,), ("q_lora",), "ones",
                               f"{lay}.self_attn.inter_norm.weight", (Q,)),
-        wq=WeightSpec((n, Q, nh, d), ("layers", "q_lora", "heads", "head_dim"), "normal",
+        wq=WeightSpec((Q, nh, d), ("q_lora", "heads", "head_dim"), "normal",
                       f"{lay}.self_attn.wq.weight", (nh * d, Q), transpose=True, fan_in=Q),
-        o_proj=WeightSpec((n, nh, d, H), ("layers", "heads", "head_dim", "embed"), "normal",
+        o_proj=WeightSpec((nh, d, H), ("heads", "head_dim", "embed"), "normal",
                           f"{lay}.self_attn.o_proj.weight", (H, nh * d), transpose=True,
                           fan_in=nh * d),
     )
-    if kind == "moe":
+    if cfg.is_moe(i):
         E, Fe = cfg.moe_num_experts, cfg.moe_intermediate_size
         ffn = Moe(
-            router=WeightSpec((n, H, E), ("layers", "embed", "experts"), "normal",
+            router=WeightSpec((H, E), ("embed", "experts"), "normal",
                               f"{lay}.moe.gate.weight", (E, H), transpose=True, fan_in=H,
                               scale=2.0),
-            gate=WeightSpec((n, E, H, Fe), ("layers", "experts", "embed", "expert_mlp"),
+            gate=WeightSpec((E, H, Fe), ("experts", "embed", "expert_mlp"),
                             "normal", f"{lay}.moe.gate_proj.weight", (E, Fe, H), transpose=True,
                             fan_in=H),
-            up=WeightSpec((n, E, H, Fe), ("layers", "experts", "embed", "expert_mlp"),
+            up=WeightSpec((E, H, Fe), ("experts", "embed", "expert_mlp"),
                           "normal", f"{lay}.moe.up_proj.weight", (E, Fe, H), transpose=True,
                           fan_in=H),
-            down=WeightSpec((n, E, Fe, H), ("layers", "experts", "expert_mlp", "embed"),
+            down=WeightSpec((E, Fe, H), ("experts", "expert_mlp", "embed"),
                             "normal", f"{lay}.moe.down_proj.weight", (E, H, Fe), transpose=True,
                             fan_in=Fe),
-            shared=_mlp(n, H, cfg.share_expert_dim, "shared_mlp", f"{lay}.share_expert"),
+            shared=_mlp(H, cfg.share_expert_dim, "shared_mlp", f"{lay}.share_expert"),
         )
     else:
-        ffn = _mlp(n, H, cfg.intermediate_size, "mlp", f"{lay}.mlp")
-    return Block(
-        input_norm=WeightSpec((n, H), ("layers", "embed"), "ones",
+        ffn = _mlp(H, cfg.intermediate_size, "mlp", f"{lay}.mlp")
+    return Layer(
+        input_norm=WeightSpec((H,), ("embed",), "ones",
                               f"{lay}.input_layernorm.weight", (H,)),
-        post_norm=WeightSpec((n, H), ("layers", "embed"), "ones",
+        post_norm=WeightSpec((H,), ("embed",), "ones",
                              f"{lay}.post_attention_layernorm.weight", (H,)),
         attn=attn,
         ffn=ffn,
@@ -165,7 +160,7 @@ def declare(cfg: Step3Config) -> Params:
     return Params(
         embed=WeightSpec((V, H), ("vocab", "embed"), "normal", "model.embed_tokens.weight",
                          (cfg.vocab_size, H)),
-        blocks=tuple(_block(cfg, kind, n) for kind, _, n in cfg.segments),
+        layers=tuple(_layer(cfg, i) for i in range(cfg.num_hidden_layers)),
         final_norm=WeightSpec((H,), ("embed",), "ones", "model.norm.weight", (H,)),
         lm_head=None if cfg.tie_word_embeddings else WeightSpec(
             (H, V), ("embed", "vocab"), "normal", "lm_head.weight", (cfg.vocab_size, H),

@@ -30,9 +30,8 @@ def test_step3_dense_layers_are_0_to_3_and_the_last():
     cfg = load_config("step3")
     dense = [i for i in range(cfg.num_hidden_layers) if not cfg.is_moe(i)]
     assert dense == [0, 1, 2, 3, 60]
-    assert cfg.segments == (("dense", 0, 4), ("moe", 4, 56), ("dense", 60, 1))
-    decl = declare(cfg)
-    assert [type(b.ffn) for b in decl.blocks] == [Mlp, Moe, Mlp]
+    kinds = [type(layer.ffn) for layer in declare(cfg).layers]
+    assert kinds == [Mlp] * 4 + [Moe] * 56 + [Mlp]
 
 
 def test_hub_quirks_string_enum_singular_max_position_and_wrapper(tiny_raw):

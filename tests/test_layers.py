@@ -19,11 +19,7 @@ ATOL = 1e-4
 
 
 def _layer(params, layer, cfg):
-    """Layer ``layer``'s weights (unstacked) from the params pytree."""
-    for block, (_, first, count) in zip(params.blocks, cfg.segments):
-        if first <= layer < first + count:
-            return jax.tree.map(lambda w: w[layer - first], block)
-    raise IndexError(layer)
+    return params.layers[layer]
 
 
 def _short(state, layer, part):

@@ -14,6 +14,9 @@ Everything is measured in one run, so the figures share one machine state:
    step-time ratio should stay within 15%: the cost must follow the activated experts, not the
    total.
 
+The roofline is measured again at the end of the run and its drift reported: this is a small
+shared machine, and a change of bandwidth during the run (other load) makes the fractions suspect.
+
 Between timed runs a buffer larger than the last-level cache is rewritten (``--flush-mb``), so
 every run reads its weights from DRAM as a real decode step does (a model's experts do not stay
 cached from one token to the next); ``--flush-mb 0`` disables it.
@@ -59,6 +62,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _loadavg():
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except (OSError, ValueError):
+        return None
 
 
 def csv_ints(text: str) -> list[int]:
@@ -183,9 +193,9 @@ def main(argv=None) -> int:
         ap.error("--repeats and --experts must be positive")
 
     base = load_config(args.config)
+    if args.experts < base.moe_top_k:
+        ap.error(f"--experts must be at least top_k={base.moe_top_k}")
     cfg = base.replace(moe_num_experts=args.experts, dtype="float32")
-    if not 0 < cfg.moe_top_k <= args.experts:
-        ap.error(f"--experts must be at least top_k={cfg.moe_top_k}")
     H, Fe, k = cfg.hidden_size, cfg.moe_intermediate_size, cfg.moe_top_k
     expert_bytes = 3 * H * Fe * 4
 
@@ -195,7 +205,7 @@ def main(argv=None) -> int:
             timespec="seconds"),
         "config": args.config, "dtype": "float32", "hidden": H, "experts": args.experts,
         "expert_width": Fe, "top_k": k, "expert_bytes": expert_bytes, "repeats": args.repeats,
-        "flush_mb": args.flush_mb,
+        "flush_mb": args.flush_mb, "loadavg_at_start": _loadavg(),
     }
     log(f"# MoE expert kernel bench: {setting['cpu']}, {setting['cores']} cores, "
         f"jax {setting['jax']} ({setting['backend']})")
@@ -275,6 +285,17 @@ def main(argv=None) -> int:
                     "meets_target": abs(ratio - 1.0) < DOUBLING_TARGET}
         log(f"doubling ratio {2 * args.experts}/{args.experts} experts: {ratio:.3f} "
             f"({'meets' if doubling['meets_target'] else 'misses'} the <15% target)")
+
+    # The roofline again at the end: if the machine's bandwidth moved during the run (other load),
+    # the two disagree and the fractions above are suspect.
+    roof_end = roofline(args.repeats, flush, args.seed)
+    roof["end_median_ms"], roof["end_gb_per_s"] = roof_end["median_ms"], roof_end["gb_per_s"]
+    drift = roof_end["gb_per_s"] / roof["gb_per_s"] - 1.0
+    roof["drift"] = drift
+    log(f"roofline at the end: {roof_end['gb_per_s']:.1f} GB/s ({100 * drift:+.0f}% vs start)"
+        + ("  WARNING: bandwidth moved during the run; rerun on a quiet machine"
+           if abs(drift) > 0.15 else ""))
+    setting["loadavg_at_end"] = _loadavg()
 
     report = {"setting": setting, "roofline": roof, "results": results, "doubling": doubling}
     if args.json:
