@@ -27,7 +27,9 @@ from tqdm.auto import tqdm
 
 from step3_jax.config import Step3Config, load_config
 from step3_jax.errors import CheckpointError
-from step3_jax.weights import Params, WeightSpec, declare, init_params, is_spec
+from step3_jax.moe import resolve_impl
+from step3_jax.weights import (Params, WeightSpec, declare, init_params, is_spec, stack_experts,
+                               unstack_experts)
 
 log = logging.getLogger("step3_jax")
 
@@ -169,7 +171,13 @@ def to_hub(params: Params, cfg: Step3Config) -> dict[str, np.ndarray]:
     """The Hub-named, torch-layout tensors of ``params`` (host NumPy arrays, params' dtype)."""
     specs = jax.tree.leaves(declare(cfg), is_leaf=is_spec)
     return {spec.hub: leaf_to_hub(np.asarray(value), spec, cfg)
-            for spec, value in zip(specs, jax.tree.leaves(params))}
+            for spec, value in zip(specs, jax.tree.leaves(stack_experts(params)))}
+
+
+def runtime_layout(params: Params, cfg: Step3Config) -> Params:
+    """The layout ``cfg``'s MoE kernel runs fastest on: per-expert arrays for the XLA:CPU loop
+    kernel (``weights.unstack_experts``), the canonical stacked layout for ``ragged_dot``."""
+    return unstack_experts(params) if resolve_impl(cfg) == "loop" else params
 
 
 def load_tokenizer(directory: str | Path | None):
@@ -204,7 +212,8 @@ def load(checkpoint: str | Path | None = None, config: str | Path | None = None,
     ``checkpoint``: a Hub directory (``config.json`` + safetensors). Without it, ``config`` (a
     preset name like ``"tiny"`` or a ``config.json`` path; default ``"tiny"``) with random
     weights drawn from ``seed``. ``shardings_for(cfg)`` may return the parameter shardings
-    (e.g. ``lambda cfg: sharding.param_shardings(cfg, mesh)``); default: one device.
+    (e.g. ``lambda cfg: sharding.param_shardings(cfg, mesh)``); default: one device. The
+    weights come back in the MoE kernel's layout (:func:`runtime_layout`), fully materialized.
     """
     overrides = {"dtype": dtype, **config_overrides}
     if checkpoint is not None:
@@ -218,7 +227,9 @@ def load(checkpoint: str | Path | None = None, config: str | Path | None = None,
                                   f"(quant_method={quant.get('quant_method')!r}): FP8 loading is "
                                   "not supported yet; use the BF16 checkpoint")
         shardings = shardings_for(cfg) if shardings_for else None
-        return load_hub(directory, cfg, shardings, progress=progress), cfg
-    cfg = load_config(config if config is not None else "tiny", **overrides)
-    shardings = shardings_for(cfg) if shardings_for else None
-    return init_params(cfg, seed, shardings), cfg
+        params = load_hub(directory, cfg, shardings, progress=progress)
+    else:
+        cfg = load_config(config if config is not None else "tiny", **overrides)
+        shardings = shardings_for(cfg) if shardings_for else None
+        params = init_params(cfg, seed, shardings)
+    return jax.block_until_ready(runtime_layout(params, cfg)), cfg

@@ -27,7 +27,7 @@ from step3_jax import model, sampling
 from step3_jax.cache import KVCache
 from step3_jax.config import Step3Config
 from step3_jax.errors import Step3Error
-from step3_jax.sharding import CACHE_AXES, make_mesh, named, param_shardings, replicated
+from step3_jax.sharding import CACHE_AXES, make_mesh, named, replicated
 from step3_jax.weights import Params
 
 log = logging.getLogger("step3_jax")
@@ -142,7 +142,8 @@ class Generator:
                            out=named(mesh, ("batch", "seq")),
                            cache=KVCache(k=layers, v=layers, lengths=per_seq))
         knobs = (per_seq, rep, rep, rep, rep, rep)  # keys, budget, eos, temperature, top-k, top-p
-        return param_shardings(self.cfg, mesh), state, knobs
+        # The weights stay where they are (placed by ``load`` from the rules table).
+        return jax.tree.map(lambda a: a.sharding, self.params), state, knobs
 
     def _executable(self, name: str, key: tuple, fn, args, **static):
         """The compiled ``fn`` for this shape bucket, and the seconds spent compiling it now."""

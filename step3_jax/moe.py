@@ -6,10 +6,10 @@ bias. The shared expert is always added with weight 1 on the same input.
 
 Expert compute — same result, different cost model (``shared/spec/cpu-performance.md``):
 
-* ``"loop"`` (XLA:CPU): a loop over the experts that reads each *used* expert's weights once, in
-  place, skips unused ones with ``lax.cond``, and gathers only that expert's tokens in fixed-size
-  slots of ``C`` rows, looping over as many slots as its load needs — dropless without
-  recompiling. Cost follows the activated experts, within ~1.5x of the memory roofline.
+* ``"loop"`` (XLA:CPU): a loop over the experts some token chose (unused ones cost nothing), reads
+  each used expert's weights in place (on the per-expert layout, ``weights.unstack_experts``),
+  and gathers only that expert's tokens in fixed-size slots, looping over as many slots as its
+  load needs — dropless without recompiling. Cost follows the activated experts.
 * ``"ragged"`` (GPU/TPU): sort token-expert pairs by expert and run grouped ``lax.ragged_dot``
   kernels. On XLA:CPU ``ragged_dot`` is ~200x off the roofline, hence the split.
 
@@ -18,6 +18,8 @@ against the NumPy reference.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,22 +50,19 @@ def _sort_by_expert(weights: jax.Array, idx: jax.Array, num_experts: int):
 
 
 def slot_rows(num_tokens: int, cfg: Step3Config) -> int:
-    """Rows per expert slot for the loop kernel (static).
-
-    Up to 64 tokens, one slot holds every token an expert can receive (an expert appears at most
-    once per token), so each used expert's weights are read exactly once — the decode regime.
-    Beyond that, twice the mean load rounded up to a power of two: larger batches loop over a few
-    slots instead of padding every expert to the batch.
+    """Rows per expert slot for the loop kernel (static): the mean expert load, rounded up to a
+    power of two. An expert with more tokens loops over more slots (its weights stay in cache);
+    one with fewer pads its slot. Sizing slots to the whole batch instead made every used expert
+    multiply ``num_tokens`` rows for ~1 real token at decode batch 16 (BENCHMARKS.md).
     """
-    if num_tokens <= 64:
-        return num_tokens
     mean_load = -(-num_tokens * cfg.moe_top_k // cfg.moe_num_experts)
-    return min(num_tokens, max(64, 1 << (2 * mean_load - 1).bit_length()))
+    return min(num_tokens, 1 << (mean_load - 1).bit_length())
 
 
 def _experts_loop(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
     n = y.shape[0]
-    num_experts = p.gate.shape[0]
+    per_expert = isinstance(p.gate, (tuple, list))
+    num_experts = len(p.gate) if per_expert else p.gate.shape[0]
     rows = slot_rows(n, cfg)
     tokens, comb, counts = _sort_by_expert(weights, idx, num_experts)
     starts = jnp.cumsum(counts) - counts
@@ -71,33 +70,43 @@ def _experts_loop(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
     tokens = jnp.concatenate([tokens, jnp.zeros((rows,), tokens.dtype)])
     comb = jnp.concatenate([comb, jnp.zeros((rows,), comb.dtype)])
 
-    def expert(e, out):
-        def run(out):
-            gate = jax.lax.dynamic_index_in_dim(p.gate, e, keepdims=False)
-            up = jax.lax.dynamic_index_in_dim(p.up, e, keepdims=False)
-            down = jax.lax.dynamic_index_in_dim(p.down, e, keepdims=False)
+    def run(e, gate, up, down, out):
+        """Expert ``e`` on its own tokens, ``rows`` at a time, as many slots as its load needs."""
+        def slot(s, out):
+            first = starts[e] + s * rows
+            tok = jax.lax.dynamic_slice_in_dim(tokens, first, rows)
+            w = jax.lax.dynamic_slice_in_dim(comb, first, rows)
+            w = jnp.where(s * rows + jnp.arange(rows) < counts[e], w, 0.0)
+            h = swiglu(y[tok], gate, up, down)
+            return out.at[tok].add(h.astype(jnp.float32) * w[:, None])
 
-            def slot(s, out):
-                first = starts[e] + s * rows
-                tok = jax.lax.dynamic_slice_in_dim(tokens, first, rows)
-                w = jax.lax.dynamic_slice_in_dim(comb, first, rows)
-                w = jnp.where(s * rows + jnp.arange(rows) < counts[e], w, 0.0)
-                h = swiglu(y[tok], gate, up, down)
-                return out.at[tok].add(h.astype(jnp.float32) * w[:, None])
+        return jax.lax.fori_loop(0, (counts[e] + rows - 1) // rows, slot, out)
 
-            return jax.lax.fori_loop(0, (counts[e] + rows - 1) // rows, slot, out)
+    # Visit only the experts some token chose: their ids first (stable), then a loop whose trip
+    # count is how many there are. Unused experts cost nothing — not even a skipped branch.
+    used = counts > 0
+    order = jnp.argsort(~used, stable=True).astype(jnp.int32)
+    if per_expert:  # one switch branch per expert; its matmuls read that expert's own buffers
+        branches = [functools.partial(run, e, p.gate[e], p.up[e], p.down[e])
+                    for e in range(num_experts)]
+        visit = lambda e, out: jax.lax.switch(e, branches, out)  # noqa: E731
+    else:  # stacked: XLA:CPU copies the chosen expert's slice before the matmuls read it
+        def visit(e, out):
+            pick = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # noqa: E731
+            return run(e, pick(p.gate), pick(p.up), pick(p.down), out)
 
-        return jax.lax.cond(counts[e] > 0, run, lambda out: out, out)
-
-    out = jax.lax.fori_loop(0, num_experts, expert, jnp.zeros(y.shape, jnp.float32))
+    out = jax.lax.fori_loop(0, jnp.sum(used), lambda j, out: visit(order[j], out),
+                            jnp.zeros(y.shape, jnp.float32))
     return out.astype(y.dtype)
 
 
 def _experts_ragged(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
-    tokens, comb, counts = _sort_by_expert(weights, idx, p.gate.shape[0])
+    gate, up, down = (jnp.stack(w) if isinstance(w, (tuple, list)) else w
+                      for w in (p.gate, p.up, p.down))
+    tokens, comb, counts = _sort_by_expert(weights, idx, gate.shape[0])
     x = y[tokens]
-    h = jax.nn.silu(jax.lax.ragged_dot(x, p.gate, counts)) * jax.lax.ragged_dot(x, p.up, counts)
-    o = jax.lax.ragged_dot(h, p.down, counts)
+    h = jax.nn.silu(jax.lax.ragged_dot(x, gate, counts)) * jax.lax.ragged_dot(x, up, counts)
+    o = jax.lax.ragged_dot(h, down, counts)
     out = jnp.zeros(y.shape, jnp.float32).at[tokens].add(o.astype(jnp.float32) * comb[:, None])
     return out.astype(y.dtype)
 

@@ -66,10 +66,18 @@ class Mlp:
 
 @struct.dataclass
 class Moe:
+    """Routed experts plus the shared expert.
+
+    Expert weights are declared stacked (``[E, ...]``, the canonical layout: Hub mapping,
+    shardings, counts). The XLA:CPU loop kernel runs on the *per-expert* layout instead — a tuple
+    of ``E`` separate arrays (:func:`unstack_experts`) — because XLA:CPU copies any slice of a
+    stacked array before a matmul reads it.
+    """
+
     router: jax.Array  # [H, E]
-    gate: jax.Array    # [E, H, Fe]
-    up: jax.Array      # [E, H, Fe]
-    down: jax.Array    # [E, Fe, H]
+    gate: jax.Array    # [E, H, Fe]  (or a tuple of E [H, Fe] arrays)
+    up: jax.Array      # [E, H, Fe]  (or a tuple of E [H, Fe] arrays)
+    down: jax.Array    # [E, Fe, H]  (or a tuple of E [Fe, H] arrays)
     shared: Mlp        # the always-on shared expert, width share_expert_dim
 
 
@@ -235,3 +243,23 @@ def count_params(cfg: Step3Config) -> dict[str, int]:
         else:
             activated += size
     return {"total": total, "activated": activated}
+
+
+def _map_experts(params: Params, fn) -> Params:
+    layers = tuple(
+        layer.replace(ffn=layer.ffn.replace(gate=fn(layer.ffn.gate), up=fn(layer.ffn.up),
+                                            down=fn(layer.ffn.down)))
+        if isinstance(layer.ffn, Moe) else layer
+        for layer in params.layers)
+    return params.replace(layers=layers)
+
+
+def unstack_experts(params: Params) -> Params:
+    """The per-expert layout: every stacked ``[E, ...]`` expert weight becomes E arrays."""
+    return _map_experts(params, lambda w: w if isinstance(w, tuple)
+                        else tuple(w[e] for e in range(w.shape[0])))
+
+
+def stack_experts(params: Params) -> Params:
+    """The canonical layout (inverse of :func:`unstack_experts`; a no-op on stacked params)."""
+    return _map_experts(params, lambda w: jnp.stack(w) if isinstance(w, tuple) else w)

@@ -10,6 +10,7 @@ from conftest import write_hub_checkpoint
 
 from step3_jax.checkpoint import load, load_hub, to_hub
 from step3_jax.errors import CheckpointError
+from step3_jax.weights import stack_experts, unstack_experts
 
 
 def _leaves_equal(a, b):
@@ -27,11 +28,23 @@ def test_single_file_sharded_and_wrapper_layouts_agree(tmp_path, tiny_raw, hub_s
     p1, cfg1 = load(single, progress=False)
     p2, cfg2 = load(wrapped, progress=False)
     assert cfg1.moe_layers == cfg2.moe_layers == tiny_cfg.moe_layers
-    assert _leaves_equal(p1, tiny_params) and _leaves_equal(p2, tiny_params)
+    assert _leaves_equal(stack_experts(p1), tiny_params)
+    assert _leaves_equal(stack_experts(p2), tiny_params)
 
 
-def test_to_hub_inverts_loading_bit_exactly(tiny_params, tiny_cfg, hub_state):
-    back = to_hub(tiny_params, tiny_cfg)
+def test_load_returns_the_kernel_layout(hub_dir, tiny_params):
+    """XLA:CPU's loop kernel gets per-expert arrays; ragged_dot keeps the stacked experts."""
+    loop, _ = load(hub_dir, progress=False, moe_impl="loop")
+    ragged, _ = load(hub_dir, progress=False, moe_impl="ragged")
+    assert isinstance(loop.layers[1].ffn.gate, tuple) and len(loop.layers[1].ffn.gate) == 8
+    assert loop.layers[1].ffn.gate[3].shape == (64, 32)
+    assert ragged.layers[1].ffn.gate.shape == (8, 64, 32)
+    assert _leaves_equal(unstack_experts(tiny_params), loop)
+
+
+@pytest.mark.parametrize("layout", [lambda p: p, unstack_experts])
+def test_to_hub_inverts_loading_bit_exactly(tiny_params, tiny_cfg, hub_state, layout):
+    back = to_hub(layout(tiny_params), tiny_cfg)
     assert set(back) == set(hub_state)
     for name, value in hub_state.items():
         assert back[name].shape == value.shape and np.array_equal(back[name], value), name

@@ -111,9 +111,12 @@ def test_loop_and_ragged_kernels_agree_under_skewed_load(tiny_params, tiny_cfg, 
                     for _ in range(n)]).astype(np.int32)
     w = jnp.asarray(rng.uniform(0.1, 0.5, size=(n, 3)).astype(np.float32))
     idx = jnp.asarray(idx)
-    if n > 64:
-        assert slot_rows(n, tiny_cfg) < n  # really exercises the multi-slot path
-    loop = routed_experts(x, w, idx, p, tiny_cfg.replace(moe_impl="loop"))
+    assert slot_rows(n, tiny_cfg) < n or n == 1  # expert 0 really needs several slots
+    loop_cfg = tiny_cfg.replace(moe_impl="loop")
+    loop = routed_experts(x, w, idx, p, loop_cfg)
+    per_expert = p.replace(gate=tuple(p.gate), up=tuple(p.up), down=tuple(p.down))
+    loop_unstacked = routed_experts(x, w, idx, per_expert, loop_cfg)
     ragged = routed_experts(x, w, idx, p, tiny_cfg.replace(moe_impl="ragged"))
     np.testing.assert_allclose(loop, ragged, atol=1e-5)
+    np.testing.assert_allclose(loop_unstacked, ragged, atol=1e-5)
     assert float(jnp.min(jnp.abs(loop).sum(-1))) > 0  # no token dropped
