@@ -142,12 +142,18 @@ def _check_names(reader: HubReader, specs: list[WeightSpec]) -> None:
                                   f"got {list(reader.shape(spec.hub))}")
 
 
+def _is_expert_stack(spec: WeightSpec) -> bool:
+    return spec.axes[0] == "experts" and len(spec.shape) == 3
+
+
 def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
-             progress: bool = True) -> Params:
+             progress: bool = True, per_expert: bool = False) -> Params:
     """Read a Hub checkpoint into ``cfg``'s parameter pytree, in ``cfg.dtype``.
 
     One tensor at a time is read, converted on the host and placed with its sharding (or on the
-    default device), so host memory peaks at about one tensor.
+    default device), so host memory peaks at about one tensor. ``per_expert`` splits stacked
+    expert weights into per-expert arrays as they load (``weights.unstack_experts``' layout)
+    instead of splitting them afterwards, which would briefly hold every expert twice.
     """
     reader = HubReader(directory)
     specs, treedef = jax.tree.flatten(declare(cfg), is_leaf=is_spec)
@@ -161,10 +167,24 @@ def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
               leave=False) as bar:
         for spec, sharding in zip(specs, flat_shardings):
             host = hub_to_leaf(reader.read(spec.hub), spec, cfg).astype(dtype)
-            out.append(jax.device_put(host, sharding) if sharding is not None
-                       else jnp.asarray(host))
+            if per_expert and _is_expert_stack(spec):
+                one = None if sharding is None else _drop_first_axis(sharding)
+                out.append(tuple(jax.device_put(w, one) if one is not None else jnp.asarray(w)
+                                 for w in host))
+            else:
+                out.append(jax.device_put(host, sharding) if sharding is not None
+                           else jnp.asarray(host))
             bar.update(host.nbytes)
     return treedef.unflatten(out)
+
+
+def _drop_first_axis(sharding):
+    """The sharding of one expert's slice of a stacked ``[E, ...]`` weight."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if not isinstance(sharding, NamedSharding):
+        return sharding  # a single-device or replicated placement fits any slice
+    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
 
 
 def to_hub(params: Params, cfg: Step3Config) -> dict[str, np.ndarray]:
@@ -227,7 +247,8 @@ def load(checkpoint: str | Path | None = None, config: str | Path | None = None,
                                   f"(quant_method={quant.get('quant_method')!r}): FP8 loading is "
                                   "not supported yet; use the BF16 checkpoint")
         shardings = shardings_for(cfg) if shardings_for else None
-        params = load_hub(directory, cfg, shardings, progress=progress)
+        params = load_hub(directory, cfg, shardings, progress=progress,
+                          per_expert=resolve_impl(cfg) == "loop")
     else:
         cfg = load_config(config if config is not None else "tiny", **overrides)
         shardings = shardings_for(cfg) if shardings_for else None

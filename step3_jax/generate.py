@@ -131,7 +131,7 @@ class Generator:
 
     def __init__(self, params: Params, cfg: Step3Config, mesh: Mesh | None = None):
         self.params, self.cfg = params, cfg
-        self.mesh = mesh or make_mesh(devices=[next(iter(_devices_of(params)))])
+        self.mesh = mesh or _mesh_of(params)
         self._compiled: dict[tuple, object] = {}
 
     def _shardings(self):
@@ -221,8 +221,12 @@ class Generator:
         return results, metrics
 
 
-def _devices_of(params: Params):
-    return jax.tree.leaves(params)[0].devices()
+def _mesh_of(params: Params) -> Mesh:
+    """The mesh the weights were placed on (``load`` with shardings), else their one device."""
+    sharding = jax.tree.leaves(params)[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return sharding.mesh
+    return make_mesh(devices=[next(iter(sharding.device_set))])
 
 
 def generate(params: Params, cfg: Step3Config, prompts: Sequence[Sequence[int]], *,
