@@ -201,7 +201,7 @@ def cmd_info(args) -> dict:
 
     cfg = load_config(args.checkpoint or args.config)
     counts = count_params(cfg)
-    kv_elems = cfg.num_hidden_layers * 2 * cfg.num_attention_groups * cfg.head_dim
+    kv_elems = cfg.kv_elements_per_token
     out = {
         "config": cfg.name,
         "parameters": counts["total"],

@@ -90,10 +90,9 @@ class Step3Config:
         return layer in self.moe_layers
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        """KV-cache bytes per token over all layers at the compute dtype (one K + one V head)."""
-        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[self.dtype]
-        return self.num_hidden_layers * 2 * self.num_attention_groups * self.head_dim * itemsize
+    def kv_elements_per_token(self) -> int:
+        """KV-cache values per token over all layers: one K and one V head of ``head_dim`` each."""
+        return self.num_hidden_layers * 2 * self.num_attention_groups * self.head_dim
 
     def replace(self, **changes) -> "Step3Config":
         return dataclasses.replace(self, **changes)

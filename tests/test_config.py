@@ -4,6 +4,7 @@ import json
 import re
 
 import jax
+import numpy as np
 import pytest
 
 from step3_jax.config import from_hub_dict, load_config
@@ -84,3 +85,19 @@ def test_unsupported_or_inconsistent_values_are_named(tiny_raw):
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError, match="bench, step3, tiny"):
         load_config("nope")
+
+
+def test_abstract_params_match_initialized_params(tiny_cfg):
+    from step3_jax.weights import abstract_params, init_params
+
+    real = init_params(tiny_cfg, seed=3)
+    abstract = abstract_params(tiny_cfg)
+    assert jax.tree.structure(real) == jax.tree.structure(abstract)
+    for r, a in zip(jax.tree.leaves(real), jax.tree.leaves(abstract)):
+        assert r.shape == a.shape and r.dtype == a.dtype
+    # Seeded: the same seed gives the same weights, another seed others.
+    again, other = init_params(tiny_cfg, seed=3), init_params(tiny_cfg, seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(real), jax.tree.leaves(again)))
+    assert not np.array_equal(real.embed, other.embed)
+    # The vocabulary padding rows are zero.
+    assert not np.any(np.asarray(real.embed)[tiny_cfg.vocab_size:])
