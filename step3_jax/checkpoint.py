@@ -194,10 +194,16 @@ def to_hub(params: Params, cfg: Step3Config) -> dict[str, np.ndarray]:
             for spec, value in zip(specs, jax.tree.leaves(stack_experts(params)))}
 
 
-def runtime_layout(params: Params, cfg: Step3Config) -> Params:
-    """The layout ``cfg``'s MoE kernel runs fastest on: per-expert arrays for the XLA:CPU loop
-    kernel (``weights.unstack_experts``), the canonical stacked layout for ``ragged_dot``."""
-    return unstack_experts(params) if resolve_impl(cfg) == "loop" else params
+def per_expert_layout(cfg: Step3Config, expert_parallel: int = 1) -> bool:
+    """Whether ``cfg``'s MoE kernel wants per-expert arrays: the XLA:CPU loop kernel does (it
+    reads them in place), ``ragged_dot`` wants the stacked experts, and so does expert
+    parallelism (``ep > 1``), which splits the stacked expert axis over devices."""
+    return resolve_impl(cfg) == "loop" and expert_parallel == 1
+
+
+def runtime_layout(params: Params, cfg: Step3Config, expert_parallel: int = 1) -> Params:
+    """``params`` in the layout :func:`per_expert_layout` picks (``weights.unstack_experts``)."""
+    return unstack_experts(params) if per_expert_layout(cfg, expert_parallel) else params
 
 
 def load_tokenizer(directory: str | Path | None):
@@ -225,16 +231,19 @@ def checkpoint_dir(checkpoint: str | Path) -> Path:
 
 
 def load(checkpoint: str | Path | None = None, config: str | Path | None = None, *,
-         dtype: str = "float32", seed: int = 0, shardings_for=None, progress: bool = True,
+         dtype: str = "float32", seed: int = 0, mesh=None, progress: bool = True,
          **config_overrides) -> tuple[Params, Step3Config]:
     """A config and its weights: from a Hub checkpoint directory, or seeded random weights.
 
     ``checkpoint``: a Hub directory (``config.json`` + safetensors). Without it, ``config`` (a
     preset name like ``"tiny"`` or a ``config.json`` path; default ``"tiny"``) with random
-    weights drawn from ``seed``. ``shardings_for(cfg)`` may return the parameter shardings
-    (e.g. ``lambda cfg: sharding.param_shardings(cfg, mesh)``); default: one device. The
-    weights come back in the MoE kernel's layout (:func:`runtime_layout`), fully materialized.
+    weights drawn from ``seed``. ``mesh`` (``sharding.make_mesh`` / ``parse_mesh``): each weight
+    is placed by the rules table (``sharding.param_shardings``); default: one device. The weights
+    come back in the MoE kernel's layout (:func:`runtime_layout`), fully materialized.
     """
+    from step3_jax.sharding import param_shardings
+
+    ep = 1 if mesh is None else mesh.shape.get("ep", 1)
     overrides = {"dtype": dtype, **config_overrides}
     if checkpoint is not None:
         directory = checkpoint_dir(checkpoint)
@@ -246,11 +255,11 @@ def load(checkpoint: str | Path | None = None, config: str | Path | None = None,
             raise CheckpointError(f"{directory / 'config.json'}: quantized checkpoint "
                                   f"(quant_method={quant.get('quant_method')!r}): FP8 loading is "
                                   "not supported yet; use the BF16 checkpoint")
-        shardings = shardings_for(cfg) if shardings_for else None
+        shardings = None if mesh is None else param_shardings(cfg, mesh)
         params = load_hub(directory, cfg, shardings, progress=progress,
-                          per_expert=resolve_impl(cfg) == "loop")
+                          per_expert=per_expert_layout(cfg, ep))
     else:
         cfg = load_config(config if config is not None else "tiny", **overrides)
-        shardings = shardings_for(cfg) if shardings_for else None
+        shardings = None if mesh is None else param_shardings(cfg, mesh)
         params = init_params(cfg, seed, shardings)
-    return jax.block_until_ready(runtime_layout(params, cfg)), cfg
+    return jax.block_until_ready(runtime_layout(params, cfg, ep)), cfg

@@ -141,7 +141,7 @@ class Generator:
         state = _LoopState(step=rep, token=per_seq, done=per_seq, reason=per_seq, n_gen=per_seq,
                            out=named(mesh, ("batch", "seq")),
                            cache=KVCache(k=layers, v=layers, lengths=per_seq))
-        knobs = (per_seq, rep, rep, rep, rep, rep)  # keys, budget, eos, temperature, top-k, top-p
+        knobs = (per_seq, per_seq, rep, rep, rep, rep)  # keys, budget, eos, temp., top-k, top-p
         # The weights stay where they are (placed by ``load`` from the rules table).
         return jax.tree.map(lambda a: a.sharding, self.params), state, knobs
 
@@ -159,7 +159,8 @@ class Generator:
             jitted = jax.jit(fn, in_shardings=(params_sh, state_sh, *knobs_sh),
                              out_shardings=state_sh, donate_argnums=(1,))
         start = time.perf_counter()
-        compiled = jitted.lower(*args).compile()
+        with jax.set_mesh(self.mesh):  # the MoE reads it to run expert-parallel (moe.py)
+            compiled = jitted.lower(*args).compile()
         self._compiled[(name, key)] = compiled
         return compiled, time.perf_counter() - start
 
@@ -179,16 +180,22 @@ class Generator:
             log.warning("prompt + %d new tokens exceeds the context (%d): sequences stop at the "
                         "context's end", max_new_tokens, cfg.max_position_embedding)
         chunk = min(bucket(longest, MIN_PREFILL_BUCKET), capacity)
-        batch = len(prompts)
+        # Data parallelism splits the batch: pad it to a multiple of dp with one-token rows whose
+        # budget of one token ends them at the prefill.
+        dp = self.mesh.shape.get("dp", 1)
+        batch = -(-len(prompts) // dp) * dp
+        rows = prompts + [[0]] * (batch - len(prompts))
         tokens = np.zeros((batch, chunk), np.int32)
-        for b, p in enumerate(prompts):
+        for b, p in enumerate(rows):
             tokens[b, : len(p)] = p
+        budget = np.full((batch,), max_new_tokens, np.int32)
+        budget[len(prompts):] = 1
         eos = list(cfg.eos_token_ids if eos_ids is None else eos_ids) or [-1]
         base = jax.random.PRNGKey(seed)
         keys = jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
-        knobs = (keys, jnp.int32(max_new_tokens), jnp.asarray(eos, jnp.int32),
+        knobs = (keys, jnp.asarray(budget), jnp.asarray(eos, jnp.int32),
                  jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
-        lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+        lengths = jnp.asarray([len(p) for p in rows], jnp.int32)
 
         prefill_args = (self.params, jnp.asarray(tokens), lengths, *knobs)
         prefill, compile_prefill = self._executable(
@@ -209,9 +216,10 @@ class Generator:
                                     finish_reason=FINISH_REASONS[reason[b]])
                    for b, p in enumerate(prompts)]
         steps = int(state.step)
+        batch = len(prompts)
         metrics = {
-            "batch": batch, "prefill_bucket": chunk, "cache_capacity": capacity,
-            "generated_tokens": int(n_gen.sum()), "decode_steps": steps,
+            "batch": batch, "mesh": dict(self.mesh.shape), "prefill_bucket": chunk, "cache_capacity": capacity,
+            "generated_tokens": int(n_gen[:batch].sum()), "decode_steps": steps,
             "compile_s": round(compile_prefill + compile_decode, 3),
             "prefill_ms": round(prefill_s * 1e3, 3), "decode_ms": round(decode_s * 1e3, 3),
             "decode_step_ms": round(decode_s * 1e3 / steps, 3) if steps else None,
@@ -256,5 +264,6 @@ def score(params: Params, cfg: Step3Config, ids: Sequence[int]) -> list[float]:
         raise Step3Error("scoring needs at least 2 token ids")
     padded = np.zeros((1, bucket(len(ids), MIN_PREFILL_BUCKET)), np.int32)
     padded[0, : len(ids)] = ids  # causal: the padding after the text cannot change its scores
-    logp = _token_logprobs(params, jnp.asarray(padded), cfg)
+    with jax.set_mesh(_mesh_of(params)):
+        logp = _token_logprobs(params, jnp.asarray(padded), cfg)
     return np.asarray(logp[0, : len(ids) - 1], np.float64).tolist()

@@ -124,14 +124,69 @@ def routed_experts(y: jax.Array, weights: jax.Array, idx: jax.Array, p: Moe,
     return impl(y, weights, idx, p, cfg)
 
 
+def _parallel_axes(mesh) -> tuple[str, ...]:
+    """The mesh axes the experts are split over (``ep`` by expert, ``tp`` within each)."""
+    if mesh is None or mesh.empty:
+        return ()
+    return tuple(a for a in ("ep", "tp") if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def expert_parallel(y, weights, idx, p: Moe, cfg: Step3Config, mesh) -> jax.Array:
+    """Routed experts under expert/tensor parallelism, inside ``jax.shard_map``.
+
+    ``y [B, T, H]`` and the routing ``[B, T, k]`` are split by batch over ``dp`` and replicated
+    over ``ep``/``tp``; each device holds ``E/ep`` experts, each split over ``tp`` along its
+    width. A device runs the backend's kernel on its local experts only — token-expert pairs
+    whose expert lives elsewhere go to a sink index the kernel never visits — and the partial
+    outputs are summed with one ``psum`` over ``ep`` and ``tp``. Only collectives XLA:CPU
+    implements are used (no ``ragged_all_to_all``).
+    """
+    from jax.sharding import PartitionSpec as P
+
+    axes = _parallel_axes(mesh)
+    ep = mesh.shape.get("ep", 1)
+    ndp = mesh.shape.get("dp", 1)
+    dp = "dp" if ndp > 1 and y.shape[0] % ndp == 0 else None  # else every dp group computes all
+    tp = "tp" if mesh.shape.get("tp", 1) > 1 else None
+    epa = "ep" if ep > 1 else None
+    if isinstance(p.gate, (tuple, list)):  # per-expert layout (ep == 1): each split over tp
+        w_specs = (tuple(P(None, tp) for _ in p.gate), tuple(P(None, tp) for _ in p.up),
+                   tuple(P(tp, None) for _ in p.down))
+    else:
+        w_specs = (P(epa, None, tp), P(epa, None, tp), P(epa, tp, None))
+    local_experts = cfg.moe_num_experts // ep
+
+    def body(y, weights, idx, gate, up, down):
+        first = jax.lax.axis_index("ep") * local_experts if ep > 1 else 0
+        local = idx - first
+        local = jnp.where((local >= 0) & (local < local_experts), local, local_experts)
+        shape = y.shape
+        local_p = Moe(router=None, gate=gate, up=up, down=down, shared=None)
+        out = routed_experts(y.reshape(-1, shape[-1]), weights.reshape(-1, idx.shape[-1]),
+                             local.reshape(-1, idx.shape[-1]), local_p, cfg)
+        return jax.lax.psum(out, axes).reshape(shape)
+
+    batch = P(dp)
+    return jax.shard_map(body, mesh=mesh, in_specs=(batch, batch, batch, *w_specs),
+                         out_specs=batch, check_vma=False)(y, weights, idx, p.gate, p.up, p.down)
+
+
 def moe(p: Moe, y: jax.Array, cfg: Step3Config) -> jax.Array:
-    """The MoE FFN of one layer on ``y [..., H]``: routed experts plus the shared expert."""
-    shape = y.shape
-    y = y.reshape(-1, shape[-1])
+    """The MoE FFN of one layer on ``y [B, T, H]``: routed experts plus the shared expert.
+
+    Under a mesh (``jax.set_mesh``) with ``ep`` or ``tp`` larger than 1 the routed experts run
+    through :func:`expert_parallel`; otherwise on one device's kernel directly.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
     with jax.named_scope("moe_router"):
         weights, idx = route(y, p.router, cfg)
     with jax.named_scope("moe_experts"):
-        out = routed_experts(y, weights, idx, p, cfg)
+        if _parallel_axes(mesh):
+            out = expert_parallel(y, weights, idx, p, cfg, mesh)
+        else:
+            flat = y.reshape(-1, y.shape[-1])
+            out = routed_experts(flat, weights.reshape(-1, idx.shape[-1]),
+                                 idx.reshape(-1, idx.shape[-1]), p, cfg).reshape(y.shape)
     with jax.named_scope("shared_expert"):
         out = out + swiglu(y, p.shared.gate, p.shared.up, p.shared.down)
-    return out.reshape(shape)
+    return out

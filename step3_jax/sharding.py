@@ -52,6 +52,21 @@ def make_mesh(dp: int = 1, tp: int = 1, ep: int = 1, devices: Sequence | None = 
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
+def parse_mesh(text: str | None, devices: Sequence | None = None) -> Mesh:
+    """A mesh from ``"dp=2,tp=2,ep=2"`` (axes omitted are 1; ``None`` or ``""``: one device)."""
+    sizes = {"dp": 1, "tp": 1, "ep": 1}
+    for item in (text or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        name, _, value = item.partition("=")
+        if name not in sizes:
+            raise Step3Error(f"--mesh: unknown axis {name!r} (axes: dp, tp, ep)")
+        if not value.isdigit() or int(value) < 1:
+            raise Step3Error(f"--mesh: {name} must be a positive integer, got {value!r}")
+        sizes[name] = int(value)
+    return make_mesh(**sizes, devices=devices)
+
+
 def logical_to_spec(axes: Sequence[str], mesh: Mesh,
                     rules: Mapping[str, str | None] = DEFAULT_RULES) -> P:
     """PartitionSpec for logical ``axes``; a mesh axis used twice in one spec is an error."""
@@ -76,8 +91,20 @@ def named(mesh: Mesh, axes: Sequence[str], rules=DEFAULT_RULES) -> NamedSharding
 
 
 def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
-    """A NamedSharding for every weight, derived from the declaration's logical axes."""
-    return jax.tree.map(lambda s: named(mesh, s.axes, rules), declare(cfg), is_leaf=is_spec)
+    """A NamedSharding for every weight, derived from the declaration's logical axes.
+
+    Every split dimension must divide evenly: otherwise a one-line error names the weight, the
+    axis and the mesh axis (e.g. 8 experts over ``ep=3``).
+    """
+    def one(spec):
+        sharding = named(mesh, spec.axes, rules)
+        for size, logical, mesh_axis in zip(spec.shape, spec.axes, sharding.spec):
+            if mesh_axis is not None and size % mesh.shape[mesh_axis]:
+                raise Step3Error(f"mesh {mesh_axis}={mesh.shape[mesh_axis]} does not divide the "
+                                 f"{logical} axis ({size}) of {spec.hub}")
+        return sharding
+
+    return jax.tree.map(one, declare(cfg), is_leaf=is_spec)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

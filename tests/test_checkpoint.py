@@ -150,11 +150,11 @@ def test_sharded_loading_into_the_per_expert_layout(hub_dir, tiny_params):
     """Placement comes from the rules table; expert slices keep the rest of their spec."""
     import jax
 
-    from step3_jax.sharding import make_mesh, param_shardings
+    from step3_jax.sharding import make_mesh
 
     mesh = make_mesh(tp=2)
     params, cfg = load(hub_dir, progress=False, moe_impl="loop",
-                       shardings_for=lambda c: param_shardings(c, mesh))
+                       mesh=mesh)
     assert _leaves_equal(stack_experts(params), tiny_params)
     gate = params.layers[1].ffn.gate[0]
     assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "tp")  # expert_mlp over tp

@@ -148,11 +148,11 @@ def test_no_recompile_inside_a_bucket(tiny_params, tiny_cfg):
 def test_tensor_parallel_weights_generate_the_same_tokens(hub_dir, tiny_params, tiny_cfg):
     """Weights placed by the rules table on a tp=2 mesh: the decode loop follows their mesh."""
     from step3_jax.checkpoint import load
-    from step3_jax.sharding import make_mesh, param_shardings
+    from step3_jax.sharding import make_mesh
 
     mesh = make_mesh(tp=2)
     params, cfg = load(hub_dir, progress=False,
-                       shardings_for=lambda c: param_shardings(c, mesh))
+                       mesh=mesh)
     sharded, _ = generate(params, cfg, PROMPTS, max_new_tokens=6, eos_ids=[])
     single, _ = generate(tiny_params, tiny_cfg, PROMPTS, max_new_tokens=6, eos_ids=[])
     assert [r.generated_ids for r in sharded] == [r.generated_ids for r in single]
