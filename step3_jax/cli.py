@@ -47,6 +47,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-impl", choices=("auto", "loop", "ragged"), default="auto",
                    help="MoE expert kernel: loop (XLA:CPU), ragged (ragged_dot, GPU/TPU); "
                         "default auto picks by backend")
+    g.add_argument("--mesh", metavar="dp=N,tp=N,ep=N",
+                   help="shard over a device mesh: dp splits the batch (and the KV cache), tp "
+                        "the heads and FFN widths, ep the experts; omitted axes are 1 "
+                        "(default: one device). Emulate devices on CPU with XLA_FLAGS="
+                        "--xla_force_host_platform_device_count=8")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -120,7 +125,10 @@ def _load(args):
     if args.checkpoint is None:
         log.info("no --checkpoint: config %r with seeded random weights (seed %d)", args.config,
                  args.seed)
-    return load(args.checkpoint, args.config, dtype=args.dtype, seed=args.seed,
+    from step3_jax.sharding import parse_mesh
+
+    mesh = parse_mesh(args.mesh) if args.mesh else None
+    return load(args.checkpoint, args.config, dtype=args.dtype, seed=args.seed, mesh=mesh,
                 moe_impl=args.moe_impl, progress=not args.quiet)
 
 
@@ -148,6 +156,10 @@ def cmd_generate(args) -> dict:
     if args.max_new_tokens < 1:
         raise Step3Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling.check(args.temperature, args.top_k, args.top_p)
+    if args.mesh:
+        from step3_jax.sharding import parse_mesh
+
+        parse_mesh(args.mesh)  # a bad mesh fails before any weight loads
     cfg = _config(args)
     tok = _tokenizer(args, "--prompt") if args.prompt else load_tokenizer(args.checkpoint)
     prompts += [tok.encode(text).ids for text in args.prompt]
@@ -235,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("step3-jax: %(message)s"))
-    log.addHandler(handler)
+    log.handlers[:] = [handler]  # one handler on the current stderr, however often main runs
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     log.propagate = False
     try:

@@ -94,6 +94,8 @@ def test_info_reports_step3_numbers(capsys):
     (["generate", "--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["score", "--ids", "1"], "at least 2 tokens"),
     (["info", "--config", "nope"], "unknown config 'nope'"),
+    (["generate", "--prompt-ids", "1", "--mesh", "dp=64"], "needs 64 devices, only 8 available"),
+    (["generate", "--prompt-ids", "1", "--mesh", "ep=3"], "mesh ep=3 does not divide"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
     code, out, err = run(capsys, *argv)
@@ -145,3 +147,14 @@ def test_module_entry_point():
     proc = subprocess.run([sys.executable, "-m", "step3_jax.cli", "info", "--config", "tiny"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "parameters" in proc.stdout
+
+
+def test_generate_on_a_mesh_matches_one_device(capsys, hub_dir):
+    argv = ["generate", "--checkpoint", str(hub_dir), "--prompt-ids", "3,17,42", "--prompt-ids",
+            "5,6", "--prompt-ids", "9", "--max-new-tokens", "4", "--json", "--quiet"]
+    code, one, _ = run(capsys, *argv)
+    code2, sharded, _ = run(capsys, *argv, "--mesh", "dp=2,tp=2,ep=2")
+    assert code == code2 == 0
+    a, b = json.loads(one), json.loads(sharded)
+    assert a["results"] == b["results"]
+    assert b["metrics"]["mesh"] == {"dp": 2, "tp": 2, "ep": 2}
