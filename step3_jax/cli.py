@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="step3-jax",
         description="Step-3 (MFA attention + MoE) in pure-functional JAX: generate, score, "
-                    "inspect.")
+                    "benchmark, inspect.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser(
@@ -97,6 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--text", help="text to score (needs tokenizer.json beside the checkpoint)")
     _common(sc)
 
+    be = sub.add_parser(
+        "bench", help="decode throughput against the memory roofline measured in the same run",
+        description="Benchmark decoding: the median decode step over repeated runs, the bytes "
+                    "that step must read, the machine's memory bandwidth (a float32 "
+                    "[1,8192]x[8192,8192] matvec, same run) and the resulting MBU.")
+    _model_args(be)
+    be.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    be.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    be.add_argument("--new-tokens", type=int, default=32, help="tokens per sequence (default 32)")
+    be.add_argument("--repeats", type=int, default=3, help="timed runs after warm-up (default 3)")
+    be.add_argument("--flush-mb", type=int, default=1024,
+                    help="cache-flush buffer rewritten before each timed run (0 = off)")
+    _common(be)
+
     info = sub.add_parser(
         "info", help="parameter counts and KV-cache size of a config",
         description="Parameters (total and activated per token, from the weight declaration) "
@@ -105,6 +119,41 @@ def build_parser() -> argparse.ArgumentParser:
                       help="preset name or config.json path (default step3)")
     info.add_argument("--checkpoint", metavar="DIR", help="read config.json from this directory")
     _common(info)
+
+    cost = sub.add_parser(
+        "cost", help="the paper's decoding-cost model: Step-3 and eight other models",
+        description="Per decoded token at a context: KV bytes, attention-core, linear and FFN "
+                    "FLOPs, arithmetic intensity, and USD per 1M tokens on H800, H20, A800 and "
+                    "910B, with the AFD (cheapest attention + cheapest FFN) total and the "
+                    "minimum MoE sparsity per accelerator. Step-3 is read from "
+                    "configs/step3.json through the weight declaration.")
+    cost.add_argument("--context", type=int, default=8192, metavar="C",
+                      help="context length in tokens (default 8192)")
+    cost.add_argument("--plot", metavar="FILE.png",
+                      help="also draw cost against activated parameters (needs matplotlib)")
+    _common(cost)
+
+    est = sub.add_parser(
+        "estimate", help="roofline TPOT and tokens/GPU/s of Step-3 on an AFD deployment",
+        description="A roofline model of the AFD pipeline (attention, transfer, FFN stages) "
+                    "for Step-3, beside the paper's measured tokens/GPU/s. Defaults: the "
+                    "paper's 2A2F setting (H800, batch 6144, context 4096).")
+    est.add_argument("--hardware", default="H800", metavar="HW[:HW]",
+                     help="H800, H20, A800 or 910B; ATTENTION:FFN for a mix (default H800)")
+    est.add_argument("--afd", default="2:2", metavar="A:F",
+                     help="attention and FFN servers of 8 accelerators, e.g. 2:2 or 2A2F "
+                          "(default 2:2)")
+    est.add_argument("--batch", type=int, default=6144, metavar="B",
+                     help="concurrent sequences (default 6144)")
+    est.add_argument("--context", type=int, default=4096, metavar="C",
+                     help="context length of every sequence (default 4096)")
+    est.add_argument("--micro-batches", type=int, default=3, metavar="N",
+                     help="micro-batches in the A/transfer/F pipeline (default 3)")
+    est.add_argument("--attention-dtype", default="fp8", metavar="fp8|bf16",
+                     help="KV cache and attention GEMMs in FP8 (default) or BF16")
+    est.add_argument("--config", default="step3", metavar="PRESET|FILE",
+                     help="the Step-3 config to derive the model from (default step3)")
+    _common(est)
     return parser
 
 
@@ -240,7 +289,60 @@ def cmd_info(args) -> dict:
     return out
 
 
-COMMANDS = {"generate": cmd_generate, "score": cmd_score, "info": cmd_info}
+def cmd_bench(args) -> dict:
+    from step3_jax import bench
+
+    for flag in ("batch", "prompt_len", "new_tokens", "repeats"):
+        if getattr(args, flag) < 1:
+            raise Step3Error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.checkpoint is None and args.config is None:
+        args.config = "bench"
+    cfg = _config(args)
+    if args.prompt_len + args.new_tokens > cfg.max_position_embedding:
+        raise Step3Error(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} "
+                         f"exceeds the context ({cfg.max_position_embedding})")
+    params, cfg = _load(args)
+    out = bench.run(params, cfg, batch=args.batch, prompt_len=args.prompt_len,
+                    new_tokens=args.new_tokens, repeats=args.repeats, flush_mb=args.flush_mb,
+                    seed=args.seed, log=log.info)
+    if not args.json:
+        print(f"config {out['config']} ({out['dtype']}), batch {out['batch']}, prompt "
+              f"{out['prompt_len']}, {out['new_tokens']} new tokens, mesh {out['mesh']}")
+        print(f"decode step      {out['decode_step_ms']:.2f} ms  "
+              f"({out['decode_tokens_per_s']:.1f} tokens/s)")
+        print(f"bytes per step   {out['bytes_per_step'] / 1e9:.3f} GB")
+        print(f"peak bandwidth   {out['peak_bandwidth_gbs']:.1f} GB/s (same run)")
+        print(f"MBU              {100 * out['mbu']:.1f}%")
+        print(f"prefill          {out['prefill_ms']:.1f} ms;  compile {out['compile_s']:.1f} s")
+    return out
+
+
+def cmd_cost(args) -> dict:
+    from step3_jax import costmodel
+
+    out = costmodel.report(args.context)
+    if args.plot:
+        costmodel.plot_report(out, args.plot)
+        log.info("wrote %s", args.plot)
+    if not args.json:
+        print(costmodel.format_report(out))
+    return out
+
+
+def cmd_estimate(args) -> dict:
+    from step3_jax.config import load_config
+    from step3_jax.estimate import estimate, format_estimate
+
+    out = estimate(hardware=args.hardware, afd=args.afd, batch=args.batch, context=args.context,
+                   micro_batches=args.micro_batches, attention_dtype=args.attention_dtype,
+                   cfg=load_config(args.config))
+    if not args.json:
+        print(format_estimate(out))
+    return out
+
+
+COMMANDS = {"generate": cmd_generate, "score": cmd_score, "info": cmd_info, "bench": cmd_bench,
+            "cost": cmd_cost, "estimate": cmd_estimate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

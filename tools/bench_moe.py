@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -41,11 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from step3_jax.bench import Flusher, roofline, time_fn
 from step3_jax.config import load_config
 from step3_jax.moe import route, routed_experts
 from step3_jax.weights import Mlp, Moe
 
-ROOFLINE_N = 8192
 # "loop" runs on the per-expert layout the model loads on CPU (weights.unstack_experts);
 # "loop_stacked" is the same kernel on stacked [E, ...] experts, to show what the layout buys.
 IMPLS = ("loop", "loop_stacked", "ragged")
@@ -96,54 +95,6 @@ def csv_impls(text: str) -> list[str]:
     if not values or bad:
         raise argparse.ArgumentTypeError(f"impls must be among {','.join(IMPLS)}; got {text!r}")
     return values
-
-
-# ----- timing --------------------------------------------------------------------------------------
-
-class Flusher:
-    """Rewrites a buffer larger than the last-level cache so the next run starts from DRAM."""
-
-    def __init__(self, megabytes: int):
-        self.buf = None
-        if megabytes > 0:
-            self.buf = jnp.zeros((megabytes * (1 << 20) // 4,), jnp.float32)
-            self._step = jax.jit(lambda b: b + 1.0, donate_argnums=0)
-            self()
-
-    def __call__(self) -> None:
-        if self.buf is not None:
-            self.buf = jax.block_until_ready(self._step(self.buf))
-
-
-def time_fn(fn, args, repeats: int, flush: Flusher, warmup: int = 2) -> dict:
-    """Compile, warm up, then the wall time of ``repeats`` runs (each after a cache flush)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        flush()
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "compile_s": compile_s}
-
-
-# ----- the measured pieces -------------------------------------------------------------------------
-
-def roofline(repeats: int, flush: Flusher, seed: int) -> dict:
-    kx, kw = jax.random.split(jax.random.PRNGKey(seed))
-    x = jax.random.normal(kx, (1, ROOFLINE_N), jnp.float32)
-    w = jax.random.normal(kw, (ROOFLINE_N, ROOFLINE_N), jnp.float32)
-    t = time_fn(jax.jit(lambda x, w: x @ w), (x, w), repeats, flush)
-    nbytes = ROOFLINE_N * ROOFLINE_N * 4
-    del w
-    return {"shape": f"float32 [1, {ROOFLINE_N}] @ [{ROOFLINE_N}, {ROOFLINE_N}]",
-            "weight_bytes": nbytes, "median_ms": t["median_s"] * 1e3,
-            "gb_per_s": nbytes / t["median_s"] / 1e9}
 
 
 def make_moe(key, hidden: int, experts: int, width: int, shared_width: int) -> Moe:

@@ -1,0 +1,141 @@
+"""Decode benchmarking: the machine's memory roofline and the decode step measured against it.
+
+Everything a figure is compared with is measured in the same run (this is a shared machine whose
+bandwidth drifts): :func:`roofline` times a jitted float32 ``[1, 8192] @ [8192, 8192]`` matvec;
+:func:`run` generates on the given config and reports the decode step time with the bytes that
+step must read, so ``mbu = bytes_per_step / decode_step / peak_bandwidth``.
+
+Bytes per step (:func:`bytes_per_step`), from the weight declaration: every non-expert weight
+once (the embedding only for the ``batch`` rows it gathers), each MoE layer's routed experts for
+the *expected* number of distinct experts the batch touches under uniform routing,
+``E * (1 - (1 - k/E) ** batch)``, and the KV cache as the kernel reads it (the whole capacity,
+K and V, every layer).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from step3_jax.config import Step3Config
+from step3_jax.weights import declare, is_spec
+
+ROOFLINE_N = 8192
+
+
+class Flusher:
+    """Rewrites a buffer larger than the last-level cache so the next run starts from DRAM."""
+
+    def __init__(self, megabytes: int):
+        self.buf = None
+        if megabytes > 0:
+            self.buf = jnp.zeros((megabytes * (1 << 20) // 4,), jnp.float32)
+            self._step = jax.jit(lambda b: b + 1.0, donate_argnums=0)
+            self()
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf = jax.block_until_ready(self._step(self.buf))
+
+
+def time_fn(fn, args, repeats: int, flush: Flusher, warmup: int = 2) -> dict:
+    """Compile, warm up, then the wall time of ``repeats`` runs (each after a cache flush)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        flush()
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "compile_s": compile_s}
+
+
+def roofline(repeats: int, flush: Flusher, seed: int = 0) -> dict:
+    """Weight-read bandwidth of a jitted float32 ``[1, 8192] @ [8192, 8192]`` matvec."""
+    kx, kw = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, (1, ROOFLINE_N), jnp.float32)
+    w = jax.random.normal(kw, (ROOFLINE_N, ROOFLINE_N), jnp.float32)
+    t = time_fn(jax.jit(lambda x, w: x @ w), (x, w), repeats, flush)
+    nbytes = ROOFLINE_N * ROOFLINE_N * 4
+    del w
+    return {"shape": f"float32 [1, {ROOFLINE_N}] @ [{ROOFLINE_N}, {ROOFLINE_N}]",
+            "weight_bytes": nbytes, "median_ms": t["median_s"] * 1e3,
+            "gb_per_s": nbytes / t["median_s"] / 1e9}
+
+
+def expected_distinct_experts(experts: int, top_k: int, batch: int) -> float:
+    """Expected distinct experts ``batch`` tokens touch when each picks ``top_k`` uniformly."""
+    return experts * (1.0 - (1.0 - top_k / experts) ** batch)
+
+
+def bytes_per_step(cfg: Step3Config, batch: int, capacity: int) -> dict:
+    """Bytes one decode step of ``batch`` sequences must read (see the module docstring)."""
+    itemsize = jnp.dtype(cfg.dtype).itemsize
+    weights = experts = 0.0
+    distinct = (expected_distinct_experts(cfg.moe_num_experts, cfg.moe_top_k, batch)
+                if cfg.moe_layers else 0.0)
+    for spec in jax.tree.leaves(declare(cfg), is_leaf=is_spec):
+        size = math.prod(spec.shape) * itemsize
+        if spec.hub == "model.embed_tokens.weight":
+            weights += batch * cfg.hidden_size * itemsize
+        elif spec.axes[0] == "experts":
+            experts += size / spec.shape[0] * distinct
+        else:
+            weights += size
+    kv = cfg.num_hidden_layers * 2 * batch * capacity * cfg.head_dim * itemsize
+    return {"weights": weights, "experts": experts, "kv": kv, "total": weights + experts + kv,
+            "expected_distinct_experts_per_layer": distinct}
+
+
+def run(params, cfg: Step3Config, *, batch: int, prompt_len: int, new_tokens: int,
+        repeats: int = 3, flush_mb: int = 1024, seed: int = 0, log=None) -> dict:
+    """Benchmark decode on ``params``: the report ``step3-jax bench --json`` prints.
+
+    Prompts are random token ids (greedy decoding, no EOS, so every sequence decodes exactly
+    ``new_tokens``). The first call compiles; then ``repeats`` timed calls, each after a cache
+    flush, and the medians of their prefill time and per-step decode time.
+    """
+    from step3_jax.generate import Generator
+
+    log = log or (lambda *a: None)
+    flush = Flusher(flush_mb)
+    log("measuring the memory roofline")
+    roof = roofline(10, flush, seed)
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(2, cfg.vocab_size, size=(batch, prompt_len)).tolist()
+    gen = Generator(params, cfg)
+    log(f"compiling and warming up (batch {batch}, prompt {prompt_len}, {new_tokens} new tokens)")
+    _, first = gen(prompts, max_new_tokens=new_tokens, eos_ids=[])
+    runs = []
+    for i in range(repeats):
+        flush()
+        _, m = gen(prompts, max_new_tokens=new_tokens, eos_ids=[])
+        runs.append(m)
+        log(f"run {i + 1}/{repeats}: decode {m['decode_step_ms']:.2f} ms/step, "
+            f"prefill {m['prefill_ms']:.1f} ms")
+    step_ms = statistics.median(m["decode_step_ms"] for m in runs)
+    need = bytes_per_step(cfg, batch, first["cache_capacity"])
+    peak = roof["gb_per_s"] * 1e9
+    return {
+        "config": cfg.name, "dtype": cfg.dtype, "batch": batch, "prompt_len": prompt_len,
+        "new_tokens": new_tokens, "mesh": first["mesh"], "backend": jax.default_backend(),
+        "jax": jax.__version__, "cache_capacity": first["cache_capacity"],
+        "decode_step_ms": step_ms,
+        "decode_tokens_per_s": batch * 1e3 / step_ms,
+        "prefill_ms": statistics.median(m["prefill_ms"] for m in runs),
+        "compile_s": first["compile_s"],
+        "bytes_per_step": need["total"], "bytes_breakdown": need,
+        "peak_bandwidth_gbs": roof["gb_per_s"],
+        "mbu": need["total"] / (step_ms / 1e3) / peak,
+        "repeats": repeats, "runs_decode_step_ms": [m["decode_step_ms"] for m in runs],
+    }
