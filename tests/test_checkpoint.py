@@ -65,11 +65,12 @@ def test_loading_into_bfloat16(hub_dir):
 
 
 def test_vision_tensors_are_skipped_with_a_notice(tmp_path, tiny_raw, hub_state, tiny_params,
-                                                  tiny_cfg, caplog):
+                                                  tiny_cfg, caplog, monkeypatch):
     state = dict(hub_state)
     state["vision_model.embeddings.patch_embedding.weight"] = np.zeros((4, 3), np.float32)
     state["vit_large_projector.weight"] = np.zeros((2, 2), np.float32)
     directory = write_hub_checkpoint(tmp_path, tiny_raw, state, wrapper=True)
+    monkeypatch.setattr(logging.getLogger("step3_jax"), "propagate", True)  # cli.main unsets it
     with caplog.at_level(logging.INFO, logger="step3_jax"):
         params = load_hub(directory, tiny_cfg, progress=False)
     assert "skipping 2 vision-encoder tensors" in caplog.text
