@@ -21,6 +21,15 @@ from step3_jax.config import from_hub_dict, presets_dir  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_cli(capsys, *argv):
+    """``step3-jax ARGV`` in-process: ``(exit code, stdout, stderr)``."""
+    from step3_jax import cli
+
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def tiny_raw() -> dict:
     return json.loads((presets_dir() / "tiny.json").read_text())

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import run_cli
 
 from step3_jax import cli
 from step3_jax.generate import generate, score
@@ -30,14 +31,8 @@ def tok_dir(tmp_path_factory, hub_dir):
     return directory
 
 
-def run(capsys, *argv):
-    code = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_generate_json_is_one_document_matching_the_api(capsys, hub_dir, tiny_params, tiny_cfg):
-    code, out, err = run(capsys, "generate", "--checkpoint", str(hub_dir), "--prompt-ids", "3,17,42",
+    code, out, err = run_cli(capsys, "generate", "--checkpoint", str(hub_dir), "--prompt-ids", "3,17,42",
                          "--prompt-ids", "5,6", "--max-new-tokens", "5", "--json", "--quiet")
     assert code == 0
     doc = json.loads(out)  # exactly one JSON document
@@ -48,7 +43,7 @@ def test_generate_json_is_one_document_matching_the_api(capsys, hub_dir, tiny_pa
 
 
 def test_text_prompt_and_text_output_through_the_tokenizer(capsys, tok_dir):
-    code, out, _ = run(capsys, "generate", "--checkpoint", str(tok_dir), "--prompt", "w3 w17 w42",
+    code, out, _ = run_cli(capsys, "generate", "--checkpoint", str(tok_dir), "--prompt", "w3 w17 w42",
                        "--max-new-tokens", "4", "--json", "--quiet")
     assert code == 0
     (r,) = json.loads(out)["results"]
@@ -57,7 +52,7 @@ def test_text_prompt_and_text_output_through_the_tokenizer(capsys, tok_dir):
 
 
 def test_score_json_matches_the_api(capsys, hub_dir, tiny_params, tiny_cfg):
-    code, out, _ = run(capsys, "score", "--checkpoint", str(hub_dir), "--ids", "3,17,42,99",
+    code, out, _ = run_cli(capsys, "score", "--checkpoint", str(hub_dir), "--ids", "3,17,42,99",
                        "--json", "--quiet")
     assert code == 0
     doc = json.loads(out)
@@ -68,13 +63,13 @@ def test_score_json_matches_the_api(capsys, hub_dir, tiny_params, tiny_cfg):
 
 
 def test_score_text(capsys, tok_dir):
-    code, out, _ = run(capsys, "score", "--checkpoint", str(tok_dir), "--text", "w1 w2 w3",
+    code, out, _ = run_cli(capsys, "score", "--checkpoint", str(tok_dir), "--text", "w1 w2 w3",
                        "--json", "--quiet")
     assert code == 0 and json.loads(out)["ids"] == [1, 2, 3]
 
 
 def test_info_reports_step3_numbers(capsys):
-    code, out, _ = run(capsys, "info", "--config", "step3", "--json")
+    code, out, _ = run_cli(capsys, "info", "--config", "step3", "--json")
     doc = json.loads(out)
     assert code == 0
     assert round(doc["parameters"] / 1e9, 1) == 316.3
@@ -96,9 +91,19 @@ def test_info_reports_step3_numbers(capsys):
     (["info", "--config", "nope"], "unknown config 'nope'"),
     (["generate", "--prompt-ids", "1", "--mesh", "dp=64"], "needs 64 devices, only 8 available"),
     (["generate", "--prompt-ids", "1", "--mesh", "ep=3"], "mesh ep=3 does not divide"),
+    (["estimate", "--hardware", "B200"], "unknown hardware 'B200'"),
+    (["estimate", "--afd", "2x2"], "--afd must be A:F"),
+    (["estimate", "--afd", "0:2"], "at least one attention and one FFN server"),
+    (["estimate", "--context", "-4096"], "--context must be a positive"),
+    (["estimate", "--batch", "0"], "--batch must be >= 1"),
+    (["estimate", "--micro-batches", "0"], "--micro-batches must be >= 1"),
+    (["estimate", "--attention-dtype", "int4"], "--attention-dtype must be fp8 or bf16"),
+    (["estimate", "--config", "nope"], "unknown config 'nope'"),
+    (["cost", "--context", "-1"], "--context must be a positive"),
+    (["cost", "--context", "0", "--json"], "--context must be a positive"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
-    code, out, err = run(capsys, *argv)
+    code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     lines = [line for line in err.splitlines() if line.startswith("step3-jax: error:")]
     assert len(lines) == 1 and fragment in lines[0], err
@@ -117,7 +122,7 @@ def test_bad_checkpoint_config_is_one_line(capsys, tmp_path, hub_dir, mutate, fr
     directory = tmp_path / "ckpt"
     shutil.copytree(hub_dir, directory)
     mutate(directory)
-    code, out, err = run(capsys, "generate", "--checkpoint", str(directory), "--prompt-ids", "1")
+    code, out, err = run_cli(capsys, "generate", "--checkpoint", str(directory), "--prompt-ids", "1")
     assert code == 2 and fragment in err and "Traceback" not in err
 
 
@@ -152,8 +157,8 @@ def test_module_entry_point():
 def test_generate_on_a_mesh_matches_one_device(capsys, hub_dir):
     argv = ["generate", "--checkpoint", str(hub_dir), "--prompt-ids", "3,17,42", "--prompt-ids",
             "5,6", "--prompt-ids", "9", "--max-new-tokens", "4", "--json", "--quiet"]
-    code, one, _ = run(capsys, *argv)
-    code2, sharded, _ = run(capsys, *argv, "--mesh", "dp=2,tp=2,ep=2")
+    code, one, _ = run_cli(capsys, *argv)
+    code2, sharded, _ = run_cli(capsys, *argv, "--mesh", "dp=2,tp=2,ep=2")
     assert code == code2 == 0
     a, b = json.loads(one), json.loads(sharded)
     assert a["results"] == b["results"]
