@@ -247,7 +247,6 @@ def test_plot_without_matplotlib_is_a_one_line_error(capsys, monkeypatch, tmp_pa
 
 
 def test_plot_writes_a_png(capsys, tmp_path):
-    pytest.importorskip("matplotlib")
     path = tmp_path / "cost.png"
     code, out, _ = run_cli(capsys, "cost", "--plot", str(path), "--json")
     assert code == 0 and json.loads(out)["context"] == 8192
