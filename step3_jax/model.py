@@ -24,11 +24,11 @@ from step3_jax.cache import KVCache, init_cache, update, write_positions
 from step3_jax.config import Step3Config
 from step3_jax.layers import linear, rms_norm, swiglu
 from step3_jax.moe import moe
-from step3_jax.weights import Layer, Moe, Params
+from step3_jax.weights import Layer, Mlp, Moe, Params
 
 
-def _layer(p: Layer, x, positions, kv, cfg: Step3Config):
-    """One decoder layer.
+def attention_block(p: Layer, x, positions, kv, cfg: Step3Config):
+    """``x + MFA(norm_in(x))`` and the layer's updated ``(k_cache, v_cache)`` (or None).
 
     ``kv`` is ``None`` (no cache) or ``(k_cache, v_cache, slots, key_len)``: this chunk's K/V are
     written at ``slots``; with ``key_len [B]`` the queries attend over the cache's first
@@ -50,14 +50,24 @@ def _layer(p: Layer, x, positions, kv, cfg: Step3Config):
             keys, values, key_pos = k, v, positions
             valid = jnp.ones(key_pos.shape, bool)
         mask = attention.causal_mask(positions, key_pos, valid)
-        h = x + attention.output(p.attn, attention.attend(q, keys, values, mask))
-    y = rms_norm(h, p.post_norm, cfg.rms_norm_eps)
-    if isinstance(p.ffn, Moe):
-        out = moe(p.ffn, y, cfg)
-    else:
-        with jax.named_scope("dense_ffn"):
-            out = swiglu(y, p.ffn.gate, p.ffn.up, p.ffn.down)
-    return h + out, new_kv
+        return x + attention.output(p.attn, attention.attend(q, keys, values, mask)), new_kv
+
+
+def ffn_block(ffn: Mlp | Moe, y, cfg: Step3Config, routing=None):
+    """The layer's FFN on the post-attention-normed ``y``: routed MoE + shared expert, or dense.
+
+    ``routing``: precomputed ``(weights, idx)`` (AFD computes it on the attention side).
+    """
+    if isinstance(ffn, Moe):
+        return moe(ffn, y, cfg, routing)
+    with jax.named_scope("dense_ffn"):
+        return swiglu(y, ffn.gate, ffn.up, ffn.down)
+
+
+def _layer(p: Layer, x, positions, kv, cfg: Step3Config):
+    """One decoder layer (pre-norm): attention block, then the FFN on ``norm_post(h)``."""
+    h, new_kv = attention_block(p, x, positions, kv, cfg)
+    return h + ffn_block(p.ffn, rms_norm(h, p.post_norm, cfg.rms_norm_eps), cfg), new_kv
 
 
 def _stack(params: Params, x, positions, kv, cfg: Step3Config):

@@ -171,15 +171,19 @@ def expert_parallel(y, weights, idx, p: Moe, cfg: Step3Config, mesh) -> jax.Arra
                          out_specs=batch, check_vma=False)(y, weights, idx, p.gate, p.up, p.down)
 
 
-def moe(p: Moe, y: jax.Array, cfg: Step3Config) -> jax.Array:
+def moe(p: Moe, y: jax.Array, cfg: Step3Config, routing=None) -> jax.Array:
     """The MoE FFN of one layer on ``y [B, T, H]``: routed experts plus the shared expert.
 
-    Under a mesh (``jax.set_mesh``) with ``ep`` or ``tp`` larger than 1 the routed experts run
-    through :func:`expert_parallel`; otherwise on one device's kernel directly.
+    ``routing``: ``(weights, idx)`` computed elsewhere (AFD routes on the attention side);
+    default: route here with ``p.router``. Under a mesh (``jax.set_mesh``) with ``ep`` or ``tp``
+    larger than 1 the routed experts run through :func:`expert_parallel`; otherwise on one
+    device's kernel directly.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    with jax.named_scope("moe_router"):
-        weights, idx = route(y, p.router, cfg)
+    if routing is None:
+        with jax.named_scope("moe_router"):
+            routing = route(y, p.router, cfg)
+    weights, idx = routing
     with jax.named_scope("moe_experts"):
         if _parallel_axes(mesh):
             out = expert_parallel(y, weights, idx, p, cfg, mesh)
