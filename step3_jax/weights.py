@@ -254,10 +254,18 @@ def _map_experts(params: Params, fn) -> Params:
     return params.replace(layers=layers)
 
 
+def _unstack(w):
+    return w if isinstance(w, tuple) else tuple(w[e] for e in range(w.shape[0]))
+
+
+def unstack_moe(p: Moe) -> Moe:
+    """One MoE layer in the per-expert layout."""
+    return p.replace(gate=_unstack(p.gate), up=_unstack(p.up), down=_unstack(p.down))
+
+
 def unstack_experts(params: Params) -> Params:
     """The per-expert layout: every stacked ``[E, ...]`` expert weight becomes E arrays."""
-    return _map_experts(params, lambda w: w if isinstance(w, tuple)
-                        else tuple(w[e] for e in range(w.shape[0])))
+    return _map_experts(params, _unstack)
 
 
 def stack_experts(params: Params) -> Params:

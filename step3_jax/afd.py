@@ -1,0 +1,301 @@
+"""Attention-FFN Disaggregation (paper §2): attention and FFN on two disjoint device groups.
+
+The attention group holds the embedding, every layer's norms, MFA weights and **router**, the KV
+cache and the LM head; it runs data-parallel (each attention device its own sequences). The FFN
+group holds only the expert, shared-expert and dense-FFN weights, split by expert (``ep``) and
+width (``tp``). No device holds both. Per layer and micro-batch:
+
+1. attention group: ``h = x + MFA(norm_in(x))``, ``y = norm_post(h)``, the router's top-k;
+   ``y`` quantized to FP8 e4m3 with one scale per token (or sent as ``transfer_dtype``);
+2. A→F: ``y``, its scales and the routing go to the FFN group (``jax.device_put`` across meshes);
+3. FFN group: routed experts + shared expert (or the dense FFN) on the dequantized ``y``;
+4. F→A: the result, in the compute dtype, comes back and is added to ``h`` on the attention side.
+
+Micro-batches are dispatched layer by layer, micro-batch after micro-batch; JAX's asynchronous
+dispatch lets the FFN group work on micro-batch ``i`` while the attention group works on
+``i + 1``. The loop is driven from Python (two device groups, two programs), as real AFD
+deployments drive two sets of instances.
+
+What is here: placement, the data path with FP8 transfer, the micro-batch schedule, greedy and
+sampled generation and scoring, and the per-layer transfer bytes. Not yet: per-stage timing,
+bubble fraction and the timeline measurement (see the sharding/AFD issue).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from step3_jax import model, sampling
+from step3_jax.cache import init_cache, write_positions
+from step3_jax.config import Step3Config
+from step3_jax.errors import Step3Error
+from step3_jax.generate import FINISH_REASONS, GenerationResult, bucket, check_prompts
+from step3_jax.layers import rms_norm
+from step3_jax.moe import resolve_impl, route
+from step3_jax.sharding import make_mesh, param_shardings
+from step3_jax.weights import Moe, Params, stack_experts, unstack_moe
+
+TRANSFER_DTYPES = ("float8_e4m3fn", "bfloat16", "float32")
+_FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+
+
+@dataclasses.dataclass(frozen=True)
+class AfdPlan:
+    attention: int                 # attention devices (data-parallel)
+    ffn_ep: int = 1                # FFN devices = ffn_ep * ffn_tp
+    ffn_tp: int = 1
+    micro_batches: int = 3
+    transfer_dtype: str = "float8_e4m3fn"
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_ep * self.ffn_tp
+
+
+def parse_plan(afd: str, ffn_mesh: str | None = None, micro_batches: int = 3,
+               transfer_dtype: str = "float8_e4m3fn") -> AfdPlan:
+    """``--afd A:F`` (+ ``--ffn-mesh ep=E,tp=T`` with E*T = F; default ep=F)."""
+    a, sep, f = afd.partition(":")
+    if not sep or not a.isdigit() or not f.isdigit() or int(a) < 1 or int(f) < 1:
+        raise Step3Error(f"--afd must be A:F with positive integers, got {afd!r}")
+    sizes = {"ep": int(f), "tp": 1}
+    if ffn_mesh:
+        sizes = {"ep": 1, "tp": 1}
+        for item in ffn_mesh.replace(" ", "").split(","):
+            name, _, value = item.partition("=")
+            if name not in sizes or not value.isdigit() or int(value) < 1:
+                raise Step3Error(f"--ffn-mesh: expected ep=N,tp=N, got {ffn_mesh!r}")
+            sizes[name] = int(value)
+        if sizes["ep"] * sizes["tp"] != int(f):
+            raise Step3Error(f"--ffn-mesh ep={sizes['ep']},tp={sizes['tp']} uses "
+                             f"{sizes['ep'] * sizes['tp']} devices, --afd gives the FFN group {f}")
+    if micro_batches < 1:
+        raise Step3Error(f"--micro-batches must be >= 1, got {micro_batches}")
+    if transfer_dtype not in TRANSFER_DTYPES:
+        raise Step3Error(f"--afd-transfer-dtype must be one of {', '.join(TRANSFER_DTYPES)}")
+    return AfdPlan(int(a), sizes["ep"], sizes["tp"], micro_batches, transfer_dtype)
+
+
+@dataclasses.dataclass
+class AfdModel:
+    """Weights split and placed on the two groups, with the jitted per-group steps."""
+
+    cfg: Step3Config
+    plan: AfdPlan
+    attn_mesh: jax.sharding.Mesh
+    ffn_mesh: jax.sharding.Mesh
+    attn: Params   # embedding, norms, MFA, routers, LM head; every ``ffn`` field None
+    ffn: tuple     # per layer: Mlp, or Moe without its router
+
+    @property
+    def placement(self) -> dict:
+        ids = lambda mesh: sorted(d.id for d in mesh.devices.flat)  # noqa: E731
+        return {"attention_devices": ids(self.attn_mesh), "ffn_devices": ids(self.ffn_mesh)}
+
+    def transfer_bytes_per_layer(self, tokens: int) -> dict:
+        """Bytes each way per layer for ``tokens`` tokens: A→F activations (+ FP8 scales) and
+        routing (top-k float32 weights + int32 ids), F→A results in the compute dtype."""
+        H, k = self.cfg.hidden_size, self.cfg.moe_top_k
+        item = np.dtype(self.plan.transfer_dtype).itemsize
+        scales = 4 if self.plan.transfer_dtype == "float8_e4m3fn" else 0
+        routing = k * 8 if self.cfg.moe_layers else 0
+        return {"a2f": tokens * (H * item + scales + routing),
+                "f2a": tokens * H * np.dtype(self.cfg.dtype).itemsize}
+
+
+def place(params: Params, cfg: Step3Config, plan: AfdPlan,
+          devices: Sequence | None = None) -> AfdModel:
+    """Split ``params`` into the attention and FFN parts and place them on disjoint groups."""
+    devices = list(jax.devices() if devices is None else devices)
+    if plan.attention + plan.ffn > len(devices):
+        raise Step3Error(f"--afd {plan.attention}:{plan.ffn} needs {plan.attention + plan.ffn} "
+                         f"devices, only {len(devices)} available")
+    attn_mesh = make_mesh(dp=plan.attention, devices=devices[: plan.attention])
+    ffn_mesh = make_mesh(ep=plan.ffn_ep, tp=plan.ffn_tp,
+                         devices=devices[plan.attention: plan.attention + plan.ffn])
+    params = stack_experts(params)
+    ffn_sh = param_shardings(cfg, ffn_mesh)  # also checks ep/tp divide what they split
+    ffn = []
+    for layer, sh in zip(params.layers, ffn_sh.layers):
+        f, s = layer.ffn, sh.ffn
+        if isinstance(f, Moe):
+            f, s = f.replace(router=None), s.replace(router=None)
+        ffn.append(jax.device_put(f, s))
+    ffn = tuple(ffn)
+    if resolve_impl(cfg) == "loop" and plan.ffn_ep == 1:  # the CPU kernel's per-expert layout
+        ffn = tuple(unstack_moe(f) if isinstance(f, Moe) else f for f in ffn)
+    attn_layers = tuple(
+        layer.replace(ffn=_RouterOnly(layer.ffn.router) if isinstance(layer.ffn, Moe) else None)
+        for layer in params.layers)
+    attn = jax.device_put(params.replace(layers=attn_layers), NamedSharding(attn_mesh, P()))
+    return AfdModel(cfg, plan, attn_mesh, ffn_mesh, attn, ffn)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _RouterOnly:
+    router: jax.Array
+
+
+# ----- the two programs ------------------------------------------------------------------------
+
+def _quantize(y, dtype: str):
+    if dtype != "float8_e4m3fn":
+        return y.astype(dtype), None
+    amax = jnp.max(jnp.abs(y.astype(jnp.float32)), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / _FP8_MAX, 1.0)
+    return (y / scale).astype(jnp.float8_e4m3fn), scale
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "transfer"))
+def _attention_step(layer, h, f, positions, kv, *, cfg, transfer):
+    """Residual add of the previous layer's FFN output, MFA, post-norm, router, quantize."""
+    x = h + f.astype(h.dtype)
+    h, new_kv = model.attention_block(layer, x, positions, kv, cfg)
+    y = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
+    routing = route(y, layer.ffn.router, cfg) if layer.ffn is not None else None
+    return h, new_kv, (*_quantize(y, transfer), routing)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _ffn_step(ffn, q, scale, routing, *, cfg):
+    y = q.astype(cfg.dtype) if scale is None else (q.astype(jnp.float32) * scale).astype(cfg.dtype)
+    return model.ffn_block(ffn, y, cfg, routing)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _logits(attn: Params, h, f, *, cfg):
+    return model.logits_from_hidden(attn, h + f.astype(h.dtype), cfg)
+
+
+def _to(mesh, tree, batch_split: bool):
+    spec = P("dp") if batch_split else P()
+    return jax.device_put(tree, NamedSharding(mesh, spec))
+
+
+def _stack_pass(m: AfdModel, tokens_mb, positions_mb, kv_mb):
+    """All layers for every micro-batch; returns final (h, f) per micro-batch and new caches."""
+    cfg, plan = m.cfg, m.plan
+    split = [t.shape[0] % plan.attention == 0 for t in tokens_mb]
+    hs = [_to(m.attn_mesh, jnp.take(m.attn.embed, jnp.asarray(t), axis=0), s)
+          for t, s in zip(tokens_mb, split)]
+    fs = [jnp.zeros_like(h) for h in hs]
+    new_kv = [([], []) for _ in tokens_mb]
+    for i, layer in enumerate(m.attn.layers):
+        for j in range(len(tokens_mb)):  # micro-batch j's FFN overlaps micro-batch j+1's MFA
+            kv = None if kv_mb[j] is None else (kv_mb[j][0][i], kv_mb[j][1][i], *kv_mb[j][2:])
+            hs[j], updated, (q, scale, routing) = _attention_step(
+                layer, hs[j], fs[j], positions_mb[j], kv, cfg=cfg, transfer=plan.transfer_dtype)
+            if updated is not None:
+                new_kv[j][0].append(updated[0])
+                new_kv[j][1].append(updated[1])
+            with jax.set_mesh(m.ffn_mesh):  # the MoE runs expert-parallel on the FFN group
+                out = _ffn_step(m.ffn[i], *_to(m.ffn_mesh, (q, scale, routing), False), cfg=cfg)
+            fs[j] = _to(m.attn_mesh, out, split[j])
+    return hs, fs, new_kv
+
+
+def score(m: AfdModel, ids: Sequence[int]) -> list[float]:
+    """``log p(ids[i] | ids[:i])`` through the disaggregated data path (one micro-batch)."""
+    (ids,) = check_prompts([ids], m.cfg)
+    tokens = np.zeros((1, bucket(len(ids), 16)), np.int32)
+    tokens[0, : len(ids)] = ids
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    (h,), (f,), _ = _stack_pass(m, [tokens], [positions], [None])
+    logp = jax.nn.log_softmax(_logits(m.attn, h, f, cfg=m.cfg)[0], axis=-1)
+    return [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+
+def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eos_ids: Sequence[int] | None = None):
+    """Generate through AFD; same contract as ``generate.generate``: ``(results, metrics)``."""
+    cfg, plan = m.cfg, m.plan
+    prompts = check_prompts(prompts, cfg)
+    sampling.check(temperature, top_k, top_p)
+    n = len(prompts)
+    rows_per_mb = -(-n // plan.micro_batches)
+    rows_per_mb = -(-rows_per_mb // plan.attention) * plan.attention  # data-parallel attention
+    batch = rows_per_mb * plan.micro_batches
+    rows = prompts + [[0]] * (batch - n)
+    longest = max(len(p) for p in prompts)
+    capacity = min(bucket(longest + max_new_tokens - 1, 64), cfg.max_position_embedding)
+    chunk = min(bucket(longest, 16), capacity)
+    tokens = np.zeros((batch, chunk), np.int32)
+    for b, p in enumerate(rows):
+        tokens[b, : len(p)] = p
+    lengths = np.array([len(p) for p in rows], np.int32)
+    eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
+    mbs = [slice(j * rows_per_mb, (j + 1) * rows_per_mb) for j in range(plan.micro_batches)]
+    base = jax.random.PRNGKey(seed)
+    keys = jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
+    knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+
+    # Prefill: attention within each prompt chunk, K/V written into a fresh cache per micro-batch.
+    caches = []
+    for sl in mbs:
+        c = init_cache(cfg, rows_per_mb, capacity)
+        slots = write_positions(c.lengths, jnp.asarray(lengths[sl]), chunk, capacity)
+        caches.append((c.k, c.v, slots, None))
+    positions = [jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (rows_per_mb, chunk))] * \
+        len(mbs)
+    hs, fs, new_kv = _stack_pass(m, [tokens[sl] for sl in mbs], positions, caches)
+    cur = lengths.copy()
+    next_tok = np.zeros(batch, np.int32)
+    for j, sl in enumerate(mbs):
+        last = jnp.asarray(cur[sl] - 1)
+        logits = _logits(m.attn, hs[j], fs[j], cfg=cfg)
+        logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        next_tok[sl] = np.asarray(sampling.sample(logits, keys[sl], jnp.int32(0), *knobs))
+    caches = [(tuple(k), tuple(v)) for k, v in new_kv]
+
+    out = [[] for _ in range(batch)]
+    done = np.zeros(batch, bool)
+    reason = np.zeros(batch, np.int32)
+    budget = np.full(batch, max_new_tokens)
+    budget[n:] = 1
+    step = 0
+    while True:
+        for b in np.flatnonzero(~done):
+            out[b].append(int(next_tok[b]))
+            r = (1 if next_tok[b] in eos else 2 if len(out[b]) >= budget[b]
+                 else 3 if cur[b] >= capacity else 0)
+            if r:
+                done[b], reason[b] = True, r
+        if done.all():
+            break
+        step += 1
+        feed = (~done).astype(np.int32)
+        kv_mb, pos_mb = [], []
+        for j, sl in enumerate(mbs):
+            slots = write_positions(jnp.asarray(cur[sl]), jnp.asarray(feed[sl]), 1, capacity)
+            key_len = jnp.asarray(np.minimum(cur[sl] + feed[sl], capacity))
+            kv_mb.append((*caches[j], slots, key_len))
+            pos_mb.append(jnp.asarray(cur[sl])[:, None])
+        hs, fs, new_kv = _stack_pass(m, [next_tok[sl][:, None] for sl in mbs], pos_mb, kv_mb)
+        caches = [(tuple(k), tuple(v)) for k, v in new_kv]
+        cur = np.minimum(cur + feed, capacity)
+        for j, sl in enumerate(mbs):
+            logits = _logits(m.attn, hs[j], fs[j], cfg=cfg)[:, 0]
+            drawn = np.asarray(sampling.sample(logits, keys[sl], jnp.int32(step), *knobs))
+            next_tok[sl] = np.where(done[sl], next_tok[sl], drawn)
+    results = [GenerationResult(prompt_ids=p, generated_ids=out[b],
+                                finish_reason=FINISH_REASONS[reason[b]])
+               for b, p in enumerate(prompts)]
+    per_layer = m.transfer_bytes_per_layer(rows_per_mb)
+    metrics = {"batch": n, "decode_steps": step, "micro_batches": plan.micro_batches,
+               "placement": m.placement,
+               "afd": {"micro_batches": plan.micro_batches,
+                       "tokens_per_micro_batch": rows_per_mb,
+                       "a2f_bytes_per_layer": per_layer["a2f"] * plan.micro_batches,
+                       "f2a_bytes_per_layer": per_layer["f2a"] * plan.micro_batches,
+                       "transfer_dtype": plan.transfer_dtype}}
+    return results, metrics
