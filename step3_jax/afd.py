@@ -16,15 +16,16 @@ dispatch lets the FFN group work on micro-batch ``i`` while the attention group 
 ``i + 1``. The loop is driven from Python (two device groups, two programs), as real AFD
 deployments drive two sets of instances.
 
-What is here: placement, the data path with FP8 transfer, the micro-batch schedule, greedy and
-sampled generation and scoring, and the per-layer transfer bytes. Not yet: per-stage timing,
-bubble fraction and the timeline measurement (see the sharding/AFD issue).
+Measured, not assumed: :class:`Timeline` stamps when each op's output is ready (waiter
+threads, so nothing is serialized) and rebuilds each group's busy intervals, giving per-layer
+attention / FFN / transfer times, the bubble fraction and how long the two groups overlapped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Sequence
 
 import jax
@@ -181,25 +182,104 @@ def _to(mesh, tree, batch_split: bool):
     return jax.device_put(tree, NamedSharding(mesh, spec))
 
 
-def _stack_pass(m: AfdModel, tokens_mb, positions_mb, kv_mb):
+class Timeline:
+    """When each dispatched piece of work finishes, seen from the host, to rebuild busy intervals.
+
+    Every op's output gets a waiter thread (``block_until_ready`` releases the GIL) that stamps
+    the moment it is ready. An op starts when its inputs are ready and its device group has
+    finished the op before it; it ends when its output is ready. This measures what the devices
+    do without serializing them, so the overlap of the two groups is observed, not assumed.
+    """
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=8)
+        self.t0 = time.perf_counter()
+        self.ops: list[dict] = []
+
+    def record(self, group: str, kind: str, layer: int, mb: int, out, after: int | None,
+               dispatched: float):
+        """Register an op dispatched at ``dispatched`` (``perf_counter``); ``after`` is the index
+        of the op producing its input (or None)."""
+        ready = self._pool.submit(lambda: (jax.block_until_ready(out), time.perf_counter())[1])
+        self.ops.append({"group": group, "kind": kind, "layer": layer, "mb": mb,
+                         "ready": ready, "after": after, "dispatched": dispatched - self.t0})
+        return len(self.ops) - 1
+
+    def intervals(self) -> list[dict]:
+        last_end: dict[str, float] = {}
+        out = []
+        for op in self.ops:
+            end = op["ready"].result() - self.t0
+            start = max(op["dispatched"], last_end.get(op["group"], 0.0),
+                        out[op["after"]]["end"] if op["after"] is not None else 0.0)
+            start = min(start, end)
+            last_end[op["group"]] = end
+            out.append({k: op[k] for k in ("group", "kind", "layer", "mb")} |
+                       {"start": start, "end": end})
+        self._pool.shutdown()
+        return out
+
+
+def summarize(intervals: list[dict], layers: int) -> dict:
+    """Per-layer stage times (summed over micro-batches), the bubble fraction and the overlap."""
+    def busy(group):
+        return sum(i["end"] - i["start"] for i in intervals if i["group"] == group)
+
+    def merged(group):
+        spans = sorted((i["start"], i["end"]) for i in intervals if i["group"] == group)
+        out = []
+        for a, b in spans:
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        return out
+
+    wall = max(i["end"] for i in intervals) - min(i["start"] for i in intervals)
+    overlap = sum(max(0.0, min(b1, b2) - max(a1, a2))
+                  for a1, b1 in merged("attention") for a2, b2 in merged("ffn"))
+    attn, ffn = busy("attention"), busy("ffn")
+    return {"attention_ms_per_layer": 1e3 * attn / layers, "ffn_ms_per_layer": 1e3 * ffn / layers,
+            "transfer_ms_per_layer": 1e3 * busy("transfer") / layers,
+            "step_ms": 1e3 * wall,
+            "bubble_fraction": 1.0 - (attn + ffn) / (2 * wall) if wall > 0 else 0.0,
+            "overlap_ms": 1e3 * overlap}
+
+
+def _stack_pass(m: AfdModel, tokens_mb, positions_mb, kv_mb, timeline: Timeline | None = None):
     """All layers for every micro-batch; returns final (h, f) per micro-batch and new caches."""
     cfg, plan = m.cfg, m.plan
     split = [t.shape[0] % plan.attention == 0 for t in tokens_mb]
     hs = [_to(m.attn_mesh, jnp.take(m.attn.embed, jnp.asarray(t), axis=0), s)
           for t, s in zip(tokens_mb, split)]
     fs = [jnp.zeros_like(h) for h in hs]
+    back = [None] * len(tokens_mb)  # timeline index of micro-batch j's last F->A transfer
     new_kv = [([], []) for _ in tokens_mb]
     for i, layer in enumerate(m.attn.layers):
         for j in range(len(tokens_mb)):  # micro-batch j's FFN overlaps micro-batch j+1's MFA
             kv = None if kv_mb[j] is None else (kv_mb[j][0][i], kv_mb[j][1][i], *kv_mb[j][2:])
-            hs[j], updated, (q, scale, routing) = _attention_step(
-                layer, hs[j], fs[j], positions_mb[j], kv, cfg=cfg, transfer=plan.transfer_dtype)
+            t_attn = time.perf_counter()
+            with jax.named_scope("afd_attention"):
+                hs[j], updated, (q, scale, routing) = _attention_step(
+                    layer, hs[j], fs[j], positions_mb[j], kv, cfg=cfg,
+                    transfer=plan.transfer_dtype)
             if updated is not None:
                 new_kv[j][0].append(updated[0])
                 new_kv[j][1].append(updated[1])
+            t_send = time.perf_counter()
+            sent = _to(m.ffn_mesh, (q, scale, routing), False)
+            t_ffn = time.perf_counter()
             with jax.set_mesh(m.ffn_mesh):  # the MoE runs expert-parallel on the FFN group
-                out = _ffn_step(m.ffn[i], *_to(m.ffn_mesh, (q, scale, routing), False), cfg=cfg)
+                out = _ffn_step(m.ffn[i], *sent, cfg=cfg)
+            t_back = time.perf_counter()
             fs[j] = _to(m.attn_mesh, out, split[j])
+            if timeline is not None:
+                a = timeline.record("attention", "attention", i, j, hs[j], back[j], t_attn)
+                s = timeline.record("transfer", "a2f", i, j, sent, a, t_send)
+                f = timeline.record("ffn", "ffn", i, j, out, s, t_ffn)
+                back[j] = timeline.record("transfer", "f2a", i, j, fs[j], f, t_back)
     return hs, fs, new_kv
 
 
@@ -216,8 +296,12 @@ def score(m: AfdModel, ids: Sequence[int]) -> list[float]:
 
 def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_ids: Sequence[int] | None = None):
-    """Generate through AFD; same contract as ``generate.generate``: ``(results, metrics)``."""
+             eos_ids: Sequence[int] | None = None, keep_timeline: bool = False):
+    """Generate through AFD; same contract as ``generate.generate``: ``(results, metrics)``.
+
+    The stage times, bubble fraction and overlap in ``metrics["afd"]`` are measured on the last
+    decode step (a :class:`Timeline`; compiled by then); ``keep_timeline`` adds its intervals.
+    """
     cfg, plan = m.cfg, m.plan
     prompts = check_prompts(prompts, cfg)
     sampling.check(temperature, top_k, top_p)
@@ -263,6 +347,8 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     budget = np.full(batch, max_new_tokens)
     budget[n:] = 1
     step = 0
+    timeline = None
+    profiled = None
     while True:
         for b in np.flatnonzero(~done):
             out[b].append(int(next_tok[b]))
@@ -280,7 +366,11 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
             key_len = jnp.asarray(np.minimum(cur[sl] + feed[sl], capacity))
             kv_mb.append((*caches[j], slots, key_len))
             pos_mb.append(jnp.asarray(cur[sl])[:, None])
-        hs, fs, new_kv = _stack_pass(m, [next_tok[sl][:, None] for sl in mbs], pos_mb, kv_mb)
+        timeline = Timeline() if step > 1 or max_new_tokens == 2 else None  # step 1 compiles
+        hs, fs, new_kv = _stack_pass(m, [next_tok[sl][:, None] for sl in mbs], pos_mb, kv_mb,
+                                     timeline)
+        if timeline is not None:
+            profiled = timeline.intervals()
         caches = [(tuple(k), tuple(v)) for k, v in new_kv]
         cur = np.minimum(cur + feed, capacity)
         for j, sl in enumerate(mbs):
@@ -298,4 +388,8 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
                        "a2f_bytes_per_layer": per_layer["a2f"] * plan.micro_batches,
                        "f2a_bytes_per_layer": per_layer["f2a"] * plan.micro_batches,
                        "transfer_dtype": plan.transfer_dtype}}
+    if profiled:
+        metrics["afd"].update(summarize(profiled, cfg.num_hidden_layers))
+        if keep_timeline:
+            metrics["afd"]["timeline"] = profiled
     return results, metrics

@@ -77,3 +77,20 @@ def test_too_many_devices_and_indivisible_experts(tiny_params, tiny_cfg):
         afd.place(tiny_params, tiny_cfg, afd.parse_plan("5:4"))
     with pytest.raises(Step3Error, match="ep=3 does not divide the experts"):
         afd.place(tiny_params, tiny_cfg, afd.parse_plan("2:3"))
+
+
+def test_timeline_metrics_are_measured(tiny_params, tiny_cfg):
+    m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("2:2", micro_batches=2))
+    _, metrics = afd.generate(m, PROMPTS, max_new_tokens=4, eos_ids=[], keep_timeline=True)
+    a = metrics["afd"]
+    for key in ("attention_ms_per_layer", "ffn_ms_per_layer", "transfer_ms_per_layer",
+                "step_ms", "overlap_ms"):
+        assert a[key] >= 0, key
+    assert 0.0 <= a["bubble_fraction"] <= 1.0
+    ops = a["timeline"]
+    # Every layer of every micro-batch: attention, A->F, FFN, F->A; each interval well-formed and
+    # causally after its input.
+    assert len(ops) == 4 * tiny_cfg.num_hidden_layers * 2
+    assert all(0 <= op["start"] <= op["end"] for op in ops)
+    assert {op["group"] for op in ops} == {"attention", "ffn", "transfer"}
+    assert a["step_ms"] >= 1e3 * max(op["end"] - op["start"] for op in ops)
