@@ -381,7 +381,8 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
                                 finish_reason=FINISH_REASONS[reason[b]])
                for b, p in enumerate(prompts)]
     per_layer = m.transfer_bytes_per_layer(rows_per_mb)
-    metrics = {"batch": n, "decode_steps": step, "micro_batches": plan.micro_batches,
+    metrics = {"batch": n, "decode_steps": step,
+               "generated_tokens": sum(len(out[b]) for b in range(n)),
                "placement": m.placement,
                "afd": {"micro_batches": plan.micro_batches,
                        "tokens_per_micro_batch": rows_per_mb,

@@ -52,6 +52,19 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "the heads and FFN widths, ep the experts; omitted axes are 1 "
                         "(default: one device). Emulate devices on CPU with XLA_FLAGS="
                         "--xla_force_host_platform_device_count=8")
+def _afd_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument_group("attention-FFN disaggregation")
+    a.add_argument("--afd", metavar="A:F",
+                   help="attention (+KV cache, router, LM head) on A devices, FFN/experts on "
+                        "the next F devices; exclusive with --mesh")
+    a.add_argument("--ffn-mesh", metavar="ep=N,tp=N",
+                   help="how the FFN group splits the experts (default ep=F)")
+    a.add_argument("--micro-batches", type=int, default=3,
+                   help="micro-batches pipelined between the groups (default 3)")
+    a.add_argument("--afd-transfer-dtype", default="float8_e4m3fn",
+                   choices=("float8_e4m3fn", "bfloat16", "float32"),
+                   help="A->F activations: FP8 e4m3 with per-token scales (default, as in the "
+                        "paper) or a plain dtype; F->A results use the compute dtype")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -87,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nucleus: keep the most likely tokens up to this mass, in (0, 1]")
     s.add_argument("--eos-id", type=int, action="append", default=None, metavar="ID",
                    help="stop token id (repeatable); default: the config's eos_token_id")
+    _afd_args(gen)
     _common(gen)
 
     sc = sub.add_parser(
@@ -95,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(sc)
     sc.add_argument("--ids", type=_ids, metavar="1,2,3,...", help="token ids to score")
     sc.add_argument("--text", help="text to score (needs tokenizer.json beside the checkpoint)")
+    _afd_args(sc)
     _common(sc)
 
     be = sub.add_parser(
@@ -168,6 +183,17 @@ def _config(args):
     return load_config(source, dtype=args.dtype, moe_impl=args.moe_impl)
 
 
+def _afd_plan(args):
+    """The AFD plan of ``--afd`` (validated before any weight loads), or None."""
+    if not args.afd:
+        return None
+    if args.mesh:
+        raise Step3Error("--afd and --mesh are exclusive (use --ffn-mesh for the FFN group)")
+    from step3_jax import afd
+
+    return afd.parse_plan(args.afd, args.ffn_mesh, args.micro_batches, args.afd_transfer_dtype)
+
+
 def _load(args):
     from step3_jax.checkpoint import load
 
@@ -213,23 +239,38 @@ def cmd_generate(args) -> dict:
     tok = _tokenizer(args, "--prompt") if args.prompt else load_tokenizer(args.checkpoint)
     prompts += [tok.encode(text).ids for text in args.prompt]
     check_prompts(prompts, cfg)
+    plan = _afd_plan(args)
     params, cfg = _load(args)
-    results, metrics = generate(params, cfg, prompts, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                seed=args.seed, eos_ids=args.eos_id)
+    knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id)
+    if plan is not None:
+        from step3_jax import afd
+
+        results, metrics = afd.generate(afd.place(params, cfg, plan), prompts, **knobs)
+    else:
+        results, metrics = generate(params, cfg, prompts, **knobs)
     if tok is not None:
         for r in results:
             r.text = tok.decode(r.generated_ids)
     out = {"results": [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids,
                         "text": r.text, "finish_reason": r.finish_reason} for r in results],
            "metrics": {"config": cfg.name, **metrics}}
+    if plan is not None:
+        out["placement"] = metrics.pop("placement")
+        out["afd"] = metrics.pop("afd")
     if not args.json:
         for i, r in enumerate(results):
             shown = r.text if r.text is not None else ",".join(map(str, r.generated_ids))
             print(f"[{i}] {','.join(map(str, r.prompt_ids))} -> {shown}  ({r.finish_reason})")
-        log.info("%d tokens in %d decode steps, %.1f ms/step, compile %.1f s",
-                 metrics["generated_tokens"], metrics["decode_steps"],
-                 metrics["decode_step_ms"] or 0.0, metrics["compile_s"])
+        if plan is None:
+            log.info("%d tokens in %d decode steps, %.1f ms/step, compile %.1f s",
+                     metrics["generated_tokens"], metrics["decode_steps"],
+                     metrics["decode_step_ms"] or 0.0, metrics["compile_s"])
+        else:
+            log.info("AFD: attention on devices %s, FFN on %s; %d micro-batches, %d B A->F and "
+                     "%d B F->A per layer", out["placement"]["attention_devices"],
+                     out["placement"]["ffn_devices"], out["afd"]["micro_batches"],
+                     out["afd"]["a2f_bytes_per_layer"], out["afd"]["f2a_bytes_per_layer"])
     return out
 
 
@@ -245,8 +286,14 @@ def cmd_score(args) -> dict:
     if len(ids) < 2:
         raise Step3Error(f"scoring needs at least 2 tokens, got {len(ids)}")
     check_prompts([ids], cfg)
+    plan = _afd_plan(args)
     params, cfg = _load(args)
-    logprobs = score(params, cfg, ids)
+    if plan is not None:
+        from step3_jax import afd
+
+        logprobs = afd.score(afd.place(params, cfg, plan), ids)
+    else:
+        logprobs = score(params, cfg, ids)
     mean = sum(logprobs) / len(logprobs)
     out = {"ids": ids, "logprobs": logprobs, "mean_logprob": mean, "perplexity": math.exp(-mean)}
     if not args.json:

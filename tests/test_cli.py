@@ -91,6 +91,11 @@ def test_info_reports_step3_numbers(capsys):
     (["info", "--config", "nope"], "unknown config 'nope'"),
     (["generate", "--prompt-ids", "1", "--mesh", "dp=64"], "needs 64 devices, only 8 available"),
     (["generate", "--prompt-ids", "1", "--mesh", "ep=3"], "mesh ep=3 does not divide"),
+    (["generate", "--prompt-ids", "1", "--afd", "2:2", "--mesh", "dp=2"], "are exclusive"),
+    (["generate", "--prompt-ids", "1", "--afd", "two"], "--afd must be A:F"),
+    (["generate", "--prompt-ids", "1", "--afd", "6:4"], "needs 10 devices, only 8"),
+    (["score", "--ids", "1,2", "--afd", "2:2", "--micro-batches", "0"],
+     "--micro-batches must be >= 1"),
     (["estimate", "--hardware", "B200"], "unknown hardware 'B200'"),
     (["estimate", "--afd", "2x2"], "--afd must be A:F"),
     (["estimate", "--afd", "0:2"], "at least one attention and one FFN server"),
@@ -163,3 +168,21 @@ def test_generate_on_a_mesh_matches_one_device(capsys, hub_dir):
     a, b = json.loads(one), json.loads(sharded)
     assert a["results"] == b["results"]
     assert b["metrics"]["mesh"] == {"dp": 2, "tp": 2, "ep": 2}
+
+
+def test_generate_and_score_under_afd(capsys, hub_dir):
+    base = ["--checkpoint", str(hub_dir), "--json", "--quiet"]
+    gen = ["generate", "--prompt-ids", "3,17,42", "--prompt-ids", "5,6", "--prompt-ids", "9",
+           "--max-new-tokens", "4", *base]
+    _, one, _ = run_cli(capsys, *gen)
+    code, split, _ = run_cli(capsys, *gen, "--afd", "3:2", "--micro-batches", "2",
+                             "--afd-transfer-dtype", "float32")
+    a, b = json.loads(one), json.loads(split)
+    assert code == 0 and a["results"] == b["results"]
+    assert b["placement"] == {"attention_devices": [0, 1, 2], "ffn_devices": [3, 4]}
+    assert b["afd"]["micro_batches"] == 2 and "bubble_fraction" in b["afd"]
+    sc = ["score", "--ids", "3,17,42,99", *base]
+    _, plain, _ = run_cli(capsys, *sc)
+    code, fp8, _ = run_cli(capsys, *sc, "--afd", "2:2")
+    assert code == 0
+    assert json.loads(fp8)["logprobs"] == pytest.approx(json.loads(plain)["logprobs"], abs=0.2)
