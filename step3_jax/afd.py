@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 from typing import Sequence
 
@@ -172,6 +173,9 @@ def _ffn_step(ffn, q, scale, routing, *, cfg):
     return model.ffn_block(ffn, y, cfg, routing)
 
 
+_sample = jax.jit(sampling.sample)  # eager, its lax.cond would compile on every call
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _logits(attn: Params, h, f, *, cfg):
     return model.logits_from_hidden(attn, h + f.astype(h.dtype), cfg)
@@ -192,9 +196,6 @@ class Timeline:
     """
 
     def __init__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._pool = ThreadPoolExecutor(max_workers=8)
         self.t0 = time.perf_counter()
         self.ops: list[dict] = []
 
@@ -202,23 +203,30 @@ class Timeline:
                dispatched: float):
         """Register an op dispatched at ``dispatched`` (``perf_counter``); ``after`` is the index
         of the op producing its input (or None)."""
-        ready = self._pool.submit(lambda: (jax.block_until_ready(out), time.perf_counter())[1])
-        self.ops.append({"group": group, "kind": kind, "layer": layer, "mb": mb,
-                         "ready": ready, "after": after, "dispatched": dispatched - self.t0})
+        op = {"group": group, "kind": kind, "layer": layer, "mb": mb, "after": after,
+              "dispatched": dispatched - self.t0}
+
+        def wait():  # one thread per op: a shared pool would stamp queued ops late
+            jax.block_until_ready(out)
+            op["ready"] = time.perf_counter()
+
+        op["thread"] = threading.Thread(target=wait, daemon=True)
+        op["thread"].start()
+        self.ops.append(op)
         return len(self.ops) - 1
 
     def intervals(self) -> list[dict]:
         last_end: dict[str, float] = {}
         out = []
         for op in self.ops:
-            end = op["ready"].result() - self.t0
+            op["thread"].join()
+            end = op["ready"] - self.t0
             start = max(op["dispatched"], last_end.get(op["group"], 0.0),
                         out[op["after"]]["end"] if op["after"] is not None else 0.0)
             start = min(start, end)
             last_end[op["group"]] = end
             out.append({k: op[k] for k in ("group", "kind", "layer", "mb")} |
                        {"start": start, "end": end})
-        self._pool.shutdown()
         return out
 
 
@@ -299,8 +307,9 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
              eos_ids: Sequence[int] | None = None, keep_timeline: bool = False):
     """Generate through AFD; same contract as ``generate.generate``: ``(results, metrics)``.
 
-    The stage times, bubble fraction and overlap in ``metrics["afd"]`` are measured on the last
-    decode step (a :class:`Timeline`; compiled by then); ``keep_timeline`` adds its intervals.
+    The stage times, bubble fraction and overlap in ``metrics["afd"]`` are measured on the third
+    decode step (a :class:`Timeline`; the first two compile); ``keep_timeline`` adds its intervals.
+    ``decode_step_ms`` is the median wall time of the later, unprofiled steps.
     """
     cfg, plan = m.cfg, m.plan
     prompts = check_prompts(prompts, cfg)
@@ -338,7 +347,7 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
         last = jnp.asarray(cur[sl] - 1)
         logits = _logits(m.attn, hs[j], fs[j], cfg=cfg)
         logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-        next_tok[sl] = np.asarray(sampling.sample(logits, keys[sl], jnp.int32(0), *knobs))
+        next_tok[sl] = np.asarray(_sample(logits, keys[sl], jnp.int32(0), *knobs))
     caches = [(tuple(k), tuple(v)) for k, v in new_kv]
 
     out = [[] for _ in range(batch)]
@@ -347,8 +356,8 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     budget = np.full(batch, max_new_tokens)
     budget[n:] = 1
     step = 0
-    timeline = None
     profiled = None
+    step_times: list[float] = []
     while True:
         for b in np.flatnonzero(~done):
             out[b].append(int(next_tok[b]))
@@ -359,6 +368,7 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
         if done.all():
             break
         step += 1
+        started = time.perf_counter()
         feed = (~done).astype(np.int32)
         kv_mb, pos_mb = [], []
         for j, sl in enumerate(mbs):
@@ -366,7 +376,9 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
             key_len = jnp.asarray(np.minimum(cur[sl] + feed[sl], capacity))
             kv_mb.append((*caches[j], slots, key_len))
             pos_mb.append(jnp.asarray(cur[sl])[:, None])
-        timeline = Timeline() if step > 1 or max_new_tokens == 2 else None  # step 1 compiles
+        # Profile one step: the third (the first two compile: fresh-cache and decode-cache
+        # input shardings differ), or the last there is.
+        timeline = Timeline() if step == min(3, max_new_tokens - 1) else None
         hs, fs, new_kv = _stack_pass(m, [next_tok[sl][:, None] for sl in mbs], pos_mb, kv_mb,
                                      timeline)
         if timeline is not None:
@@ -375,14 +387,17 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
         cur = np.minimum(cur + feed, capacity)
         for j, sl in enumerate(mbs):
             logits = _logits(m.attn, hs[j], fs[j], cfg=cfg)[:, 0]
-            drawn = np.asarray(sampling.sample(logits, keys[sl], jnp.int32(step), *knobs))
+            drawn = np.asarray(_sample(logits, keys[sl], jnp.int32(step), *knobs))
             next_tok[sl] = np.where(done[sl], next_tok[sl], drawn)
+        if step > 2 and timeline is None:  # compiled, unprofiled steps
+            step_times.append(time.perf_counter() - started)
     results = [GenerationResult(prompt_ids=p, generated_ids=out[b],
                                 finish_reason=FINISH_REASONS[reason[b]])
                for b, p in enumerate(prompts)]
     per_layer = m.transfer_bytes_per_layer(rows_per_mb)
     metrics = {"batch": n, "decode_steps": step,
                "generated_tokens": sum(len(out[b]) for b in range(n)),
+               "decode_step_ms": 1e3 * float(np.median(step_times)) if step_times else None,
                "placement": m.placement,
                "afd": {"micro_batches": plan.micro_batches,
                        "tokens_per_micro_batch": rows_per_mb,
