@@ -16,9 +16,11 @@ dispatch lets the FFN group work on micro-batch ``i`` while the attention group 
 ``i + 1``. The loop is driven from Python (two device groups, two programs), as real AFD
 deployments drive two sets of instances.
 
-Measured, not assumed: :class:`Timeline` stamps when each op's output is ready (waiter
-threads, so nothing is serialized) and rebuilds each group's busy intervals, giving per-layer
-attention / FFN / transfer times, the bubble fraction and how long the two groups overlapped.
+:class:`Timeline` stamps when each op's output is ready (waiter threads, so nothing is
+serialized) and rebuilds each group's busy intervals, giving per-layer attention / FFN /
+transfer times, the bubble fraction and how long the two groups overlapped. These are host-side
+observations: on emulated CPU devices saturating the cores they misattribute time between the
+groups (BENCHMARKS.md); a per-device profiler trace is the reliable source.
 """
 
 from __future__ import annotations
