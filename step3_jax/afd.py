@@ -44,7 +44,7 @@ from step3_jax.errors import Step3Error
 from step3_jax.generate import FINISH_REASONS, GenerationResult, bucket, check_prompts
 from step3_jax.layers import rms_norm
 from step3_jax.moe import resolve_impl, route
-from step3_jax.sharding import make_mesh, param_shardings
+from step3_jax.sharding import axis_sizes, make_mesh, param_shardings
 from step3_jax.weights import Moe, Params, stack_experts, unstack_moe
 
 TRANSFER_DTYPES = ("float8_e4m3fn", "bfloat16", "float32")
@@ -72,12 +72,7 @@ def parse_plan(afd: str, ffn_mesh: str | None = None, micro_batches: int = 3,
         raise Step3Error(f"--afd must be A:F with positive integers, got {afd!r}")
     sizes = {"ep": int(f), "tp": 1}
     if ffn_mesh:
-        sizes = {"ep": 1, "tp": 1}
-        for item in ffn_mesh.replace(" ", "").split(","):
-            name, _, value = item.partition("=")
-            if name not in sizes or not value.isdigit() or int(value) < 1:
-                raise Step3Error(f"--ffn-mesh: expected ep=N,tp=N, got {ffn_mesh!r}")
-            sizes[name] = int(value)
+        sizes = axis_sizes(ffn_mesh, ("ep", "tp"), "--ffn-mesh")
         if sizes["ep"] * sizes["tp"] != int(f):
             raise Step3Error(f"--ffn-mesh ep={sizes['ep']},tp={sizes['tp']} uses "
                              f"{sizes['ep'] * sizes['tp']} devices, --afd gives the FFN group {f}")

@@ -52,6 +52,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "the heads and FFN widths, ep the experts; omitted axes are 1 "
                         "(default: one device). Emulate devices on CPU with XLA_FLAGS="
                         "--xla_force_host_platform_device_count=8")
+
+
 def _afd_args(p: argparse.ArgumentParser) -> None:
     a = p.add_argument_group("attention-FFN disaggregation")
     a.add_argument("--afd", metavar="A:F",

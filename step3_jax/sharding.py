@@ -52,19 +52,25 @@ def make_mesh(dp: int = 1, tp: int = 1, ep: int = 1, devices: Sequence | None = 
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def parse_mesh(text: str | None, devices: Sequence | None = None) -> Mesh:
-    """A mesh from ``"dp=2,tp=2,ep=2"`` (axes omitted are 1; ``None`` or ``""``: one device)."""
-    sizes = {"dp": 1, "tp": 1, "ep": 1}
+def axis_sizes(text: str | None, axes: Sequence[str] = MESH_AXES,
+               flag: str = "--mesh") -> dict[str, int]:
+    """``"dp=2,tp=2"`` -> ``{"dp": 2, "tp": 2, "ep": 1}`` over ``axes`` (omitted axes are 1)."""
+    sizes = dict.fromkeys(axes, 1)
     for item in (text or "").replace(" ", "").split(","):
         if not item:
             continue
         name, _, value = item.partition("=")
         if name not in sizes:
-            raise Step3Error(f"--mesh: unknown axis {name!r} (axes: dp, tp, ep)")
+            raise Step3Error(f"{flag}: unknown axis {name!r} (axes: {', '.join(axes)})")
         if not value.isdigit() or int(value) < 1:
-            raise Step3Error(f"--mesh: {name} must be a positive integer, got {value!r}")
+            raise Step3Error(f"{flag}: {name} must be a positive integer, got {value!r}")
         sizes[name] = int(value)
-    return make_mesh(**sizes, devices=devices)
+    return sizes
+
+
+def parse_mesh(text: str | None, devices: Sequence | None = None) -> Mesh:
+    """A mesh from ``"dp=2,tp=2,ep=2"`` (axes omitted are 1; ``None`` or ``""``: one device)."""
+    return make_mesh(**axis_sizes(text), devices=devices)
 
 
 def logical_to_spec(axes: Sequence[str], mesh: Mesh,

@@ -94,3 +94,8 @@ def test_timeline_metrics_are_measured(tiny_params, tiny_cfg):
     assert all(0 <= op["start"] <= op["end"] for op in ops)
     assert {op["group"] for op in ops} == {"attention", "ffn", "transfer"}
     assert a["step_ms"] >= 1e3 * max(op["end"] - op["start"] for op in ops)
+
+
+def test_ffn_mesh_axes_are_checked():
+    with pytest.raises(Step3Error, match="--ffn-mesh: unknown axis 'dp'"):
+        afd.parse_plan("2:2", "dp=2")
