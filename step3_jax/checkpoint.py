@@ -245,21 +245,21 @@ def load(checkpoint: str | Path | None = None, config: str | Path | None = None,
 
     ep = 1 if mesh is None else mesh.shape.get("ep", 1)
     overrides = {"dtype": dtype, **config_overrides}
-    if checkpoint is not None:
-        directory = checkpoint_dir(checkpoint)
-        cfg = load_config(config if config is not None else directory, **overrides)
-        raw = json.loads((directory / "config.json").read_text()) if config is None else {}
+    directory = None if checkpoint is None else checkpoint_dir(checkpoint)
+    source = config if config is not None else (directory or "tiny")
+    cfg = load_config(source, **overrides)
+    if directory is not None and config is None:
+        raw = json.loads((directory / "config.json").read_text())
         quant = raw.get("quantization_config") or raw.get("text_config", {}).get(
             "quantization_config")
         if quant:
             raise CheckpointError(f"{directory / 'config.json'}: quantized checkpoint "
                                   f"(quant_method={quant.get('quant_method')!r}): FP8 loading is "
                                   "not supported yet; use the BF16 checkpoint")
-        shardings = None if mesh is None else param_shardings(cfg, mesh)
+    shardings = None if mesh is None else param_shardings(cfg, mesh)
+    if directory is not None:
         params = load_hub(directory, cfg, shardings, progress=progress,
                           per_expert=per_expert_layout(cfg, ep))
     else:
-        cfg = load_config(config if config is not None else "tiny", **overrides)
-        shardings = None if mesh is None else param_shardings(cfg, mesh)
         params = init_params(cfg, seed, shardings)
     return jax.block_until_ready(runtime_layout(params, cfg, ep)), cfg

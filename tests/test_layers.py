@@ -5,7 +5,6 @@ Tolerances: our path runs in float32 (eps 1.2e-7) through a handful of contracti
 while still catching any formula error (those show up at 1e-2 or more).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -263,7 +263,7 @@ def main(argv=None) -> int:
         print(json.dumps(report, indent=2))
     else:
         log("")
-        log(f"| batch | impl | distinct experts | measured ms | ideal ms | fraction of roofline |")
+        log("| batch | impl | distinct experts | measured ms | ideal ms | fraction of roofline |")
         log("|---|---|---|---|---|---|")
         for r in results:
             measured = "skipped" if r["skipped"] else f"{r['median_ms']:.2f}"
