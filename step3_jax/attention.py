@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from step3_jax.config import Step3Config
 from step3_jax.layers import linear, rms_norm, rope
+from step3_jax.quant import materialize
 from step3_jax.weights import Attention
 
 # Masked scores: the most negative float32, not -inf, so a row with no visible key (a padding
@@ -22,7 +23,7 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 def project_qkv(p: Attention, x: jax.Array, positions: jax.Array, cfg: Step3Config):
     """``x [B, T, H]`` -> rotated ``q [B, T, n, d]``, rotated ``k [B, T, d]`` and ``v [B, T, d]``."""
     q_lr = rms_norm(linear(x, p.q_proj), p.inter_norm, cfg.rms_norm_eps)  # norm over all of Q
-    q = jnp.einsum("btq,qnd->btnd", q_lr, p.wq)
+    q = jnp.einsum("btq,qnd->btnd", q_lr, materialize(p.wq, q_lr.dtype))
     q = rope(q, positions, cfg.rope_theta)
     k = rope(linear(x, p.k_proj), positions, cfg.rope_theta)
     v = linear(x, p.v_proj)
@@ -43,7 +44,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 def output(p: Attention, o: jax.Array) -> jax.Array:
     """Heads ``[B, T, n, d]`` back to the model width through ``o_proj``."""
-    return jnp.einsum("btnd,ndh->bth", o, p.o_proj)
+    return jnp.einsum("btnd,ndh->bth", o, materialize(p.o_proj, o.dtype))
 
 
 def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array) -> jax.Array:

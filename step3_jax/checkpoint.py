@@ -8,8 +8,10 @@ transform come from its declaration (``weights.WeightSpec``).
 Checks, each a one-line :class:`CheckpointError` naming the culprit, made from the safetensors
 headers before any tensor data is read: a missing text tensor, an unknown tensor, a wrong shape,
 an unsupported dtype, an index naming a file or tensor that is not there, a corrupt file. Vision
-tensors of the ``step3_vl`` wrapper are skipped with a notice. Block-FP8 checkpoints are refused
-with a clear message until the conversion work lands.
+tensors of the ``step3_vl`` wrapper are skipped with a notice. Block-FP8 checkpoints (``F8_E4M3``
+values with ``weight_scale_inv`` siblings) are read from the raw bytes and dequantized per
+128x128 block (:mod:`step3_jax.quant`); an FP8 weight whose scale has the wrong block grid is an
+error naming the scale tensor.
 """
 
 from __future__ import annotations
@@ -21,15 +23,17 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from step3_jax import quant, store
 from step3_jax.config import Step3Config, load_config
 from step3_jax.errors import CheckpointError
 from step3_jax.moe import resolve_impl
-from step3_jax.weights import (Params, WeightSpec, declare, init_params, is_spec, stack_experts,
-                               unstack_experts)
+from step3_jax.weights import (Moe, Params, WeightSpec, declare, init_params, is_spec,
+                               stack_experts, unstack_experts)
 
 log = logging.getLogger("step3_jax")
 
@@ -87,10 +91,31 @@ class HubReader:
         return self._slice(name).get_dtype()
 
     def read(self, name: str) -> np.ndarray:
+        if self.dtype(name) == "F8_E4M3":
+            return self._read_fp8(name)
         try:
             return self._open(self.files[name]).get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({e})") from None
+
+    def _read_fp8(self, name: str) -> np.ndarray:
+        """An ``F8_E4M3`` tensor straight from the file's bytes (safetensors' NumPy reader has
+        no float8): the header gives its byte range after the 8-byte length and the header."""
+        path = self.files[name]
+        try:
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                entry = json.loads(f.read(header_len))[name]
+                begin, end = entry["data_offsets"]
+                f.seek(8 + header_len + begin)
+                raw = f.read(end - begin)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+        shape = tuple(entry["shape"])
+        if len(raw) != math.prod(shape):
+            raise CheckpointError(f"{path}: tensor {name} is truncated ({len(raw)} of "
+                                  f"{math.prod(shape)} bytes)")
+        return np.frombuffer(raw, dtype=ml_dtypes.float8_e4m3fn).reshape(shape)
 
 
 def hub_to_leaf(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:
@@ -113,18 +138,21 @@ def leaf_to_hub(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarr
     return np.ascontiguousarray(arr.reshape(spec.hub_shape))
 
 
-def _check_names(reader: HubReader, specs: list[WeightSpec]) -> None:
+SCALE_SUFFIX = "_scale_inv"
+
+
+def _check_names(reader: HubReader, specs: list[WeightSpec]) -> set[str]:
+    """Validate the names, dtypes and shapes of the checkpoint from its headers; returns the Hub
+    names stored as block FP8 (a ``<name>_scale_inv`` sibling exists, ``shared/spec/model.md``
+    §3)."""
     expected = {spec.hub for spec in specs}
     present = set(reader.files)
-    quantized = sorted(n for n in present if n.endswith("weight_scale_inv"))
-    fp8 = quantized or [n for n in sorted(present & expected) if reader.dtype(n).startswith("F8")]
-    if fp8:
-        raise CheckpointError(f"{reader.directory}: block-FP8 checkpoint (tensor {fp8[0]}): FP8 "
-                              "loading is not supported yet; use the BF16 checkpoint")
+    fp8 = {n[: -len(SCALE_SUFFIX)] for n in present if n.endswith(SCALE_SUFFIX)}
     vision = sorted(n for n in present if n.startswith(VISION_PREFIXES))
     if vision:
         log.info("skipping %d vision-encoder tensors (text decoder only)", len(vision))
-    unknown = sorted(present - expected - set(vision))
+    scales = {n + SCALE_SUFFIX for n in fp8 & expected}
+    unknown = sorted(present - expected - scales - set(vision))
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise CheckpointError(f"{reader.directory}: unknown tensor {unknown[0]}{more}")
@@ -134,30 +162,64 @@ def _check_names(reader: HubReader, specs: list[WeightSpec]) -> None:
         raise CheckpointError(f"{reader.directory}: missing tensor {missing[0]}{more}")
     for spec in specs:
         dtype = reader.dtype(spec.hub)
-        if dtype not in _SUPPORTED_DTYPES:
-            raise CheckpointError(f"{spec.hub}: unsupported dtype {dtype} "
+        if spec.hub in fp8:
+            if not quant.is_quantized(spec):
+                raise CheckpointError(f"{spec.hub}: has a {SCALE_SUFFIX} but this weight is "
+                                      "never block-FP8 (router, embedding, LM head, norms)")
+            if dtype != "F8_E4M3":
+                raise CheckpointError(f"{spec.hub}: has a {SCALE_SUFFIX} sibling, so expected "
+                                      f"dtype F8_E4M3, got {dtype}")
+            scale = spec.hub + SCALE_SUFFIX
+            grid = quant.scale_grid(spec.hub_shape)
+            if reader.shape(scale) != grid:
+                raise CheckpointError(f"{scale}: block grid {list(reader.shape(scale))} does not "
+                                      f"match {spec.hub} {list(spec.hub_shape)} in "
+                                      f"{quant.BLOCK}x{quant.BLOCK} blocks (expected {list(grid)})")
+            if reader.dtype(scale) not in _SUPPORTED_DTYPES:
+                raise CheckpointError(f"{scale}: unsupported scale dtype {reader.dtype(scale)}")
+        elif dtype not in _SUPPORTED_DTYPES:
+            what = (f" without a {SCALE_SUFFIX} sibling" if dtype.startswith("F8") else "")
+            raise CheckpointError(f"{spec.hub}: unsupported dtype {dtype}{what} "
                                   f"(expected one of {', '.join(sorted(_SUPPORTED_DTYPES))})")
         if reader.shape(spec.hub) != spec.hub_shape:
             raise CheckpointError(f"{spec.hub}: expected shape {list(spec.hub_shape)}, "
                                   f"got {list(reader.shape(spec.hub))}")
+    return fp8
 
 
 def _is_expert_stack(spec: WeightSpec) -> bool:
     return spec.axes[0] == "experts" and len(spec.shape) == 3
 
 
+def read_leaf(reader: HubReader, spec: WeightSpec, cfg: Step3Config, fp8: set[str],
+              keep_fp8: bool = False):
+    """One weight from the Hub as a host array in the declared layout (block-FP8 tensors
+    dequantized to float32), or, with ``keep_fp8``, as a host :class:`quant.Fp8Weight`."""
+    arr = reader.read(spec.hub)
+    if spec.hub in fp8:
+        scale = reader.read(spec.hub + SCALE_SUFFIX)
+        if keep_fp8:
+            return quant.from_hub(arr, scale, spec)
+        arr = quant.dequantize_np(arr, scale, spec.hub)
+    return hub_to_leaf(arr, spec, cfg)
+
+
 def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
              progress: bool = True, per_expert: bool = False) -> Params:
-    """Read a Hub checkpoint into ``cfg``'s parameter pytree, in ``cfg.dtype``.
+    """Read a Hub checkpoint (bf16/fp16/f32, or block FP8) into ``cfg``'s parameter pytree, in
+    ``cfg.dtype``.
 
-    One tensor at a time is read, converted on the host and placed with its sharding (or on the
-    default device), so host memory peaks at about one tensor. ``per_expert`` splits stacked
-    expert weights into per-expert arrays as they load (``weights.unstack_experts``' layout)
-    instead of splitting them afterwards, which would briefly hold every expert twice.
+    One tensor at a time is read, converted on the host (FP8 blocks dequantized) and placed with
+    its sharding (or on the default device), so host memory peaks at about one tensor.
+    ``per_expert`` splits stacked expert weights into per-expert arrays as they load
+    (``weights.unstack_experts``' layout) instead of splitting them afterwards, which would
+    briefly hold every expert twice.
     """
     reader = HubReader(directory)
     specs, treedef = jax.tree.flatten(declare(cfg), is_leaf=is_spec)
-    _check_names(reader, specs)
+    fp8 = _check_names(reader, specs)
+    if fp8:
+        log.info("%d block-FP8 weights: dequantizing to %s", len(fp8), cfg.dtype)
     flat_shardings = (treedef.flatten_up_to(shardings) if shardings is not None
                       else [None] * len(specs))
     dtype = jnp.dtype(cfg.dtype)
@@ -166,7 +228,7 @@ def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress,
               leave=False) as bar:
         for spec, sharding in zip(specs, flat_shardings):
-            host = hub_to_leaf(reader.read(spec.hub), spec, cfg).astype(dtype)
+            host = read_leaf(reader, spec, cfg, fp8).astype(dtype)
             if per_expert and _is_expert_stack(spec):
                 one = None if sharding is None else _drop_first_axis(sharding)
                 out.append(tuple(jax.device_put(w, one) if one is not None else jnp.asarray(w)
@@ -231,35 +293,41 @@ def checkpoint_dir(checkpoint: str | Path) -> Path:
 
 
 def load(checkpoint: str | Path | None = None, config: str | Path | None = None, *,
-         dtype: str = "float32", seed: int = 0, mesh=None, progress: bool = True,
+         dtype: str = "float32", seed: int = 0, mesh=None, shardings=None,
+         expert_parallel: int | None = None, progress: bool = True,
          **config_overrides) -> tuple[Params, Step3Config]:
-    """A config and its weights: from a Hub checkpoint directory, or seeded random weights.
+    """A config and its weights: from a checkpoint directory, or seeded random weights.
 
-    ``checkpoint``: a Hub directory (``config.json`` + safetensors). Without it, ``config`` (a
-    preset name like ``"tiny"`` or a ``config.json`` path; default ``"tiny"``) with random
-    weights drawn from ``seed``. ``mesh`` (``sharding.make_mesh`` / ``parse_mesh``): each weight
-    is placed by the rules table (``sharding.param_shardings``); default: one device. The weights
-    come back in the MoE kernel's layout (:func:`runtime_layout`), fully materialized.
+    ``checkpoint``: a Hub directory (``config.json`` + safetensors, bf16/fp16/f32 or block FP8,
+    dequantized) or an orbax directory written by ``step3-jax convert`` (:mod:`step3_jax.store`,
+    detected by its manifest; an FP8 store keeps its quantized weights). Without it, ``config``
+    (a preset name like ``"tiny"`` or a ``config.json`` path; default ``"tiny"``) with random
+    weights drawn from ``seed``. Placement: ``mesh`` (``sharding.parse_mesh``) places each weight
+    by the rules table (``sharding.param_shardings``); ``shardings`` gives a params-shaped tree
+    of shardings directly (AFD: ``afd.param_shardings``), with ``expert_parallel`` the number of
+    devices the experts are split over. Default: one device. Every weight is read straight onto
+    its target sharding, never whole on one device. The weights come back in the MoE kernel's
+    layout (:func:`runtime_layout`).
     """
     from step3_jax.sharding import param_shardings
+    from step3_jax.weights import unstack_moe
 
-    ep = 1 if mesh is None else mesh.shape.get("ep", 1)
+    if mesh is not None and shardings is not None:
+        raise ValueError("give mesh or shardings, not both")
+    ep = expert_parallel or (1 if mesh is None else mesh.shape.get("ep", 1))
     overrides = {"dtype": dtype, **config_overrides}
     directory = None if checkpoint is None else checkpoint_dir(checkpoint)
     source = config if config is not None else (directory or "tiny")
     cfg = load_config(source, **overrides)
-    if directory is not None and config is None:
-        raw = json.loads((directory / "config.json").read_text())
-        quant = raw.get("quantization_config") or raw.get("text_config", {}).get(
-            "quantization_config")
-        if quant:
-            raise CheckpointError(f"{directory / 'config.json'}: quantized checkpoint "
-                                  f"(quant_method={quant.get('quant_method')!r}): FP8 loading is "
-                                  "not supported yet; use the BF16 checkpoint")
-    shardings = None if mesh is None else param_shardings(cfg, mesh)
-    if directory is not None:
-        params = load_hub(directory, cfg, shardings, progress=progress,
-                          per_expert=per_expert_layout(cfg, ep))
+    if mesh is not None:
+        shardings = param_shardings(cfg, mesh)
+    per_expert = per_expert_layout(cfg, ep)
+    if directory is not None and store.is_store(directory):
+        layout = (lambda layer: layer.replace(ffn=unstack_moe(layer.ffn))
+                  if isinstance(layer.ffn, Moe) else layer) if per_expert else None
+        params = store.restore(directory, cfg, shardings, progress=progress, layout=layout)
+    elif directory is not None:
+        params = load_hub(directory, cfg, shardings, progress=progress, per_expert=per_expert)
     else:
         params = init_params(cfg, seed, shardings)
     return jax.block_until_ready(runtime_layout(params, cfg, ep)), cfg

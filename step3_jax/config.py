@@ -17,7 +17,7 @@ from typing import Any, Literal
 from step3_jax.errors import ConfigError
 
 VOCAB_PAD_MULTIPLE = 128
-MoEImpl = Literal["auto", "loop", "ragged"]
+MoEImpl = Literal["auto", "loop", "ragged", "blocks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,8 @@ class Step3Config:
     eos_token_ids: tuple[int, ...] = ()
     # Numerics, not architecture: the dtype weights and activations are held in (float32 by
     # default: XLA:CPU runs bfloat16 matmuls ~25x slower) and the MoE kernel choice
-    # ("auto": the expert loop on CPU, grouped ragged_dot on GPU/TPU).
+    # ("auto": the expert loop on CPU, grouped ragged_dot on GPU/TPU; "blocks": the
+    # differentiable kernel training uses on CPU, see moe.py).
     dtype: str = "float32"
     moe_impl: MoEImpl = "auto"
     name: str = "step3"
@@ -77,8 +78,8 @@ class Step3Config:
             bad("dense layers need intermediate_size > 0")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             bad(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.moe_impl not in ("auto", "loop", "ragged"):
-            bad(f"moe_impl must be auto, loop or ragged, got {self.moe_impl!r}")
+        if self.moe_impl not in ("auto", "loop", "ragged", "blocks"):
+            bad(f"moe_impl must be auto, loop, ragged or blocks, got {self.moe_impl!r}")
 
     # ----- derived quantities ---------------------------------------------------------------
     @property
@@ -96,6 +97,17 @@ class Step3Config:
 
     def replace(self, **changes) -> "Step3Config":
         return dataclasses.replace(self, **changes)
+
+    def to_hub_dict(self) -> dict:
+        """A bare Hub text config (``step3_text``) that :func:`from_hub_dict` reads back to
+        this config's architecture (numerics fields ``dtype``/``moe_impl`` are not stored)."""
+        raw = {"_name_or_path": self.name, "model_type": "step3_text",
+               **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("dtype", "moe_impl", "name", "moe_layers", "eos_token_ids")}}
+        raw["moe_layers_enum"] = ",".join(map(str, self.moe_layers))
+        eos = list(self.eos_token_ids)
+        raw["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
+        return raw
 
 
 # ----- building a config from a Hub dict ----------------------------------------------------------

@@ -5,10 +5,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from step3_jax.quant import materialize
 
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` contracting ``x``'s last axis with ``w``'s first; the one matmul entry point."""
-    return jnp.tensordot(x, w, axes=((x.ndim - 1,), (0,)))
+
+def linear(x: jax.Array, w) -> jax.Array:
+    """``x @ w`` contracting ``x``'s last axis with ``w``'s first; the one matmul entry point.
+    ``w`` is an array or a block-FP8 ``quant.Fp8Weight`` (dequantized to ``x``'s dtype)."""
+    return jnp.tensordot(x, materialize(w, x.dtype), axes=((x.ndim - 1,), (0,)))
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:

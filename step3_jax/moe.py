@@ -12,6 +12,11 @@ Expert compute — same result, different cost model (``shared/spec/cpu-performa
   load needs — dropless without recompiling. Cost follows the activated experts.
 * ``"ragged"`` (GPU/TPU): sort token-expert pairs by expert and run grouped ``lax.ragged_dot``
   kernels. On XLA:CPU ``ragged_dot`` is ~200x off the roofline, hence the split.
+* ``"blocks"`` (training on XLA:CPU): token-expert pairs sorted by expert, each expert's group
+  padded to whole blocks of rows, then a ``lax.scan`` over the blocks, each block one expert's
+  SwiGLU. Static shapes and dropless (the row count is bounded by ``N*k + E*block``), and
+  reverse-differentiable, unlike the loop kernel's data-dependent trip counts; with many tokens
+  per step it runs the expert FLOPs at matmul speed (``step3_jax/train.py`` picks it).
 
 ``"auto"`` picks ``loop`` on CPU and ``ragged`` elsewhere. Both are tested against each other and
 against the NumPy reference.
@@ -26,7 +31,9 @@ import jax.numpy as jnp
 
 from step3_jax.config import Step3Config
 from step3_jax.layers import linear, swiglu
-from step3_jax.weights import Moe
+from step3_jax.errors import ConfigError
+from step3_jax.quant import BLOCK, Fp8Weight, materialize
+from step3_jax.weights import Moe, stack_weight
 
 
 def route(y: jax.Array, router: jax.Array, cfg: Step3Config):
@@ -92,7 +99,12 @@ def _experts_loop(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
         visit = lambda e, out: jax.lax.switch(e, branches, out)  # noqa: E731
     else:  # stacked: XLA:CPU copies the chosen expert's slice before the matmuls read it
         def visit(e, out):
-            pick = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # noqa: E731
+            def pick(w):
+                one = lambda a: jax.lax.dynamic_index_in_dim(a, e, keepdims=False)  # noqa: E731
+                if isinstance(w, Fp8Weight):
+                    return Fp8Weight(one(w.values), one(w.scales), w.view[1:])
+                return one(w)
+
             return run(e, pick(p.gate), pick(p.up), pick(p.down), out)
 
     out = jax.lax.fori_loop(0, jnp.sum(used), lambda j, out: visit(order[j], out),
@@ -101,7 +113,7 @@ def _experts_loop(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
 
 
 def _experts_ragged(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
-    gate, up, down = (jnp.stack(w) if isinstance(w, (tuple, list)) else w
+    gate, up, down = (materialize(stack_weight(w) if isinstance(w, (tuple, list)) else w, y.dtype)
                       for w in (p.gate, p.up, p.down))
     tokens, comb, counts = _sort_by_expert(weights, idx, gate.shape[0])
     x = y[tokens]
@@ -109,6 +121,54 @@ def _experts_ragged(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
     o = jax.lax.ragged_dot(h, down, counts)
     out = jnp.zeros(y.shape, jnp.float32).at[tokens].add(o.astype(jnp.float32) * comb[:, None])
     return out.astype(y.dtype)
+
+
+def block_rows(num_pairs: int, num_experts: int) -> int:
+    """Rows per block of the blocks kernel (static): the mean expert load rounded up to a power
+    of two, between 8 and 256 (256 measured best for training batches on XLA:CPU)."""
+    mean_load = max(1, -(-num_pairs // num_experts))
+    return min(256, max(8, 1 << (mean_load - 1).bit_length()))
+
+
+def _experts_blocks(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
+    gate, up, down = (jnp.stack(w) if isinstance(w, (tuple, list)) else w
+                      for w in (p.gate, p.up, p.down))
+    num_experts = gate.shape[0]
+    n, k = idx.shape
+    rows = block_rows(n * k, num_experts)
+    num_blocks = -(-n * k // rows) + num_experts  # sum_e ceil(count_e / rows) never exceeds it
+    flat = idx.reshape(-1)
+    # Under expert parallelism, pairs of non-local experts carry the sink index ``num_experts``:
+    # they sort last, are counted nowhere and are written past the end (dropped).
+    order = jnp.argsort(flat, stable=True)
+    expert = flat[order]
+    local = expert < num_experts
+    tokens = (jnp.arange(n * k, dtype=jnp.int32) // k)[order]
+    counts = jnp.bincount(jnp.where(local, expert, num_experts),
+                          length=num_experts + 1)[:num_experts].astype(jnp.int32)
+    padded = -(-counts // rows) * rows
+    padded_end = jnp.cumsum(padded)
+    e = jnp.minimum(expert, num_experts - 1)
+    rank = jnp.arange(n * k, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[e]
+    dest = jnp.where(local, padded_end[e] - padded[e] + rank, num_blocks * rows)
+    block_tok = jnp.zeros((num_blocks * rows,), jnp.int32).at[dest].set(tokens, mode="drop")
+    block_w = jnp.zeros((num_blocks * rows,), jnp.float32).at[dest].set(
+        weights.reshape(-1)[order].astype(jnp.float32), mode="drop")
+    # Block b belongs to the expert whose padded range contains row b*rows; blocks past the
+    # last expert's range hold only zero-weight rows.
+    block_expert = jnp.minimum(
+        jnp.searchsorted(padded_end, jnp.arange(num_blocks) * rows, side="right"),
+        num_experts - 1)
+
+    def block(_, xs):
+        x, e = xs
+        pick = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # noqa: E731
+        return None, swiglu(x, pick(gate), pick(up), pick(down))
+
+    x = y[block_tok].reshape(num_blocks, rows, y.shape[-1])
+    _, o = jax.lax.scan(block, None, (x, block_expert))
+    o = o.reshape(num_blocks * rows, -1).astype(jnp.float32) * block_w[:, None]
+    return jnp.zeros(y.shape, jnp.float32).at[block_tok].add(o).astype(y.dtype)
 
 
 def resolve_impl(cfg: Step3Config) -> str:
@@ -120,7 +180,8 @@ def resolve_impl(cfg: Step3Config) -> str:
 def routed_experts(y: jax.Array, weights: jax.Array, idx: jax.Array, p: Moe,
                    cfg: Step3Config) -> jax.Array:
     """``sum_j weights[:, j] * Expert[idx[:, j]](y)`` for ``y [N, H]``, on the backend's kernel."""
-    impl = _experts_loop if resolve_impl(cfg) == "loop" else _experts_ragged
+    impl = {"loop": _experts_loop, "ragged": _experts_ragged,
+            "blocks": _experts_blocks}[resolve_impl(cfg)]
     return impl(y, weights, idx, p, cfg)
 
 
@@ -149,14 +210,37 @@ def expert_parallel(y, weights, idx, p: Moe, cfg: Step3Config, mesh) -> jax.Arra
     dp = "dp" if ndp > 1 and y.shape[0] % ndp == 0 else None  # else every dp group computes all
     tp = "tp" if mesh.shape.get("tp", 1) > 1 else None
     epa = "ep" if ep > 1 else None
+    def spec(w, *axes):
+        """The in_spec of one weight; an FP8 weight's scales split like its values (the block
+        grid must then divide evenly, which ``quant.scale_sharding`` guarantees at load)."""
+        if not isinstance(w, Fp8Weight):
+            return P(*axes)
+        sizes = [1 if a is None else mesh.shape[a] for a in axes]
+        for dim, (size, n) in enumerate(zip(w.values.shape, sizes)):
+            if n > 1 and (size % n or (size // n) % BLOCK) and dim >= len(sizes) - 2:
+                raise ConfigError(f"FP8 expert weights of shape {list(w.values.shape)}: axis "
+                                  f"{dim} does not split into whole {BLOCK}-blocks over {n} "
+                                  "devices; use a smaller tp or a dequantized checkpoint")
+        return Fp8Weight(P(*axes), P(*axes), w.view)
+
     if isinstance(p.gate, (tuple, list)):  # per-expert layout (ep == 1): each split over tp
-        w_specs = (tuple(P(None, tp) for _ in p.gate), tuple(P(None, tp) for _ in p.up),
-                   tuple(P(tp, None) for _ in p.down))
+        w_specs = (tuple(spec(w, None, tp) for w in p.gate),
+                   tuple(spec(w, None, tp) for w in p.up),
+                   tuple(spec(w, tp, None) for w in p.down))
     else:
-        w_specs = (P(epa, None, tp), P(epa, None, tp), P(epa, tp, None))
+        w_specs = (spec(p.gate, epa, None, tp), spec(p.up, epa, None, tp),
+                   spec(p.down, epa, tp, None))
     local_experts = cfg.moe_num_experts // ep
 
+    def local_view(w):
+        """Inside the shard_map an FP8 expert weight's matrix view is its local shape."""
+        if isinstance(w, (tuple, list)):
+            return tuple(local_view(x) for x in w)
+        return Fp8Weight(w.values, w.scales, tuple(w.values.shape)) if isinstance(
+            w, Fp8Weight) else w
+
     def body(y, weights, idx, gate, up, down):
+        gate, up, down = local_view(gate), local_view(up), local_view(down)
         first = jax.lax.axis_index("ep") * local_experts if ep > 1 else 0
         local = idx - first
         local = jnp.where((local >= 0) & (local < local_experts), local, local_experts)

@@ -268,6 +268,18 @@ def unstack_experts(params: Params) -> Params:
     return _map_experts(params, _unstack)
 
 
+def stack_weight(w):
+    """One expert weight's per-expert tuple as the stacked ``[E, ...]`` array (or FP8 node)."""
+    if not isinstance(w, tuple):
+        return w
+    from step3_jax.quant import Fp8Weight
+
+    if isinstance(w[0], Fp8Weight):
+        return Fp8Weight(jnp.stack([x.values for x in w]), jnp.stack([x.scales for x in w]),
+                         (len(w),) + w[0].view)
+    return jnp.stack(w)
+
+
 def stack_experts(params: Params) -> Params:
     """The canonical layout (inverse of :func:`unstack_experts`; a no-op on stacked params)."""
-    return _map_experts(params, lambda w: jnp.stack(w) if isinstance(w, tuple) else w)
+    return _map_experts(params, stack_weight)

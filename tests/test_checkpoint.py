@@ -106,17 +106,6 @@ def test_missing_unknown_and_misshapen_tensors_are_named(tmp_path, tiny_raw, hub
             "model.norm.weight", "unsupported dtype I32")
 
 
-def test_fp8_checkpoints_are_refused_until_supported(tmp_path, tiny_raw, hub_state, tiny_cfg):
-    state = dict(hub_state)
-    state["model.layers.0.self_attn.q_proj.weight_scale_inv"] = np.ones((1, 1), np.float32)
-    _expect(write_hub_checkpoint(tmp_path / "a", tiny_raw, state), tiny_cfg,
-            "block-FP8", "not supported yet")
-    quant = dict(tiny_raw, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
-    directory = write_hub_checkpoint(tmp_path / "b", quant, hub_state)
-    with pytest.raises(CheckpointError, match="not supported yet"):
-        load(directory, progress=False)
-
-
 def test_broken_index_and_corrupt_shards_are_named(tmp_path, tiny_raw, hub_state, tiny_cfg):
     directory = write_hub_checkpoint(tmp_path / "a", tiny_raw, hub_state, shards=2)
     index = json.loads((directory / "model.safetensors.index.json").read_text())

@@ -119,9 +119,6 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
     (lambda d: (d / "config.json").write_text("{broken"), "invalid JSON"),
     (lambda d: (d / "config.json").write_text(json.dumps({"hidden_size": 64})),
      "missing required key(s)"),
-    (lambda d: (d / "config.json").write_text(json.dumps(
-        dict(json.loads((d / "config.json").read_text()),
-             quantization_config={"quant_method": "fp8"}))), "not supported yet"),
 ])
 def test_bad_checkpoint_config_is_one_line(capsys, tmp_path, hub_dir, mutate, fragment):
     directory = tmp_path / "ckpt"

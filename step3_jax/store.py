@@ -1,0 +1,279 @@
+"""The orbax checkpoint directory: saved and restored one chunk (one layer) at a time.
+
+Layout of a directory written by :func:`save` (``step3-jax convert`` and ``tools/train_demo.py``)::
+
+    DIR/config.json          the Hub text config (read by config.load_config as for a Hub dir)
+    DIR/step3_jax.json       the manifest: format, version, stored weight dtype, chunk names
+    DIR/embed/               one orbax checkpoint per chunk: the embedding,
+    DIR/layer_000/ ...       each decoder layer (canonical stacked experts),
+    DIR/head/                the final norm and the LM head
+
+One orbax checkpoint per layer is what makes conversion streaming (a layer is read, written and
+freed before the next) and restore sharded: each chunk is restored straight onto its target
+shardings (``jax.ShapeDtypeStruct`` targets from the weight declaration), so no weight is ever
+whole on one device, and shapes are checked against the stored metadata first, because orbax
+would otherwise pad or crop a mismatched array silently.
+
+Stored dtypes: ``bfloat16`` or ``float32`` arrays (restored and cast to the compute dtype), or
+``fp8``: the matmul weights as :class:`step3_jax.quant.Fp8Weight` nodes (e4m3 values plus
+float32 block scales) that the model consumes as they are; norms, router, embedding and LM head
+stay bfloat16, as in the paper.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+from tqdm.auto import tqdm
+
+from step3_jax.config import Step3Config
+from step3_jax.errors import CheckpointError
+from step3_jax.weights import Params, declare, is_spec, stack_experts
+
+log = logging.getLogger("step3_jax")
+
+MANIFEST = "step3_jax.json"
+FORMAT = "step3-jax/orbax"
+VERSION = 1
+STORAGE_DTYPES = ("bfloat16", "float32", "fp8")
+
+
+# ----- chunks: the unit of streaming ------------------------------------------------------------
+
+def chunk_names(cfg: Step3Config) -> list[str]:
+    return ["embed"] + [f"layer_{i:03d}" for i in range(cfg.num_hidden_layers)] + ["head"]
+
+
+def chunk_of(tree: Params, name: str):
+    """The subtree of a params-shaped ``tree`` (values, specs or shardings) stored as ``name``."""
+    if name == "embed":
+        return {"embed": tree.embed}
+    if name == "head":
+        return {"final_norm": tree.final_norm, "lm_head": tree.lm_head}
+    return tree.layers[int(name.split("_")[1])]
+
+
+def assemble(cfg: Step3Config, chunks: dict) -> Params:
+    """Params from the per-chunk values (the inverse of :func:`chunk_of`)."""
+    return Params(embed=chunks["embed"]["embed"],
+                  layers=tuple(chunks[f"layer_{i:03d}"] for i in range(cfg.num_hidden_layers)),
+                  final_norm=chunks["head"]["final_norm"], lm_head=chunks["head"]["lm_head"])
+
+
+def _state(chunk) -> dict:
+    """A chunk as a nested dict of arrays (orbax's stored names); ``None`` leaves dropped."""
+    state = serialization.to_state_dict(chunk)
+    return {k: v for k, v in state.items() if v is not None} if isinstance(state, dict) else state
+
+
+# ----- the manifest ---------------------------------------------------------------------------------
+
+def is_store(directory: str | Path) -> bool:
+    """Whether ``directory`` is an orbax checkpoint written by :func:`save`."""
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path}: not a {FORMAT} v{VERSION} manifest "
+                              f"(format={manifest.get('format')!r}, "
+                              f"version={manifest.get('version')!r})")
+    if manifest.get("weights") not in STORAGE_DTYPES:
+        raise CheckpointError(f"{path}: unknown stored weight dtype {manifest.get('weights')!r}")
+    return manifest
+
+
+# ----- writing --------------------------------------------------------------------------------------
+
+class Writer:
+    """Writes a store chunk by chunk into a temporary sibling directory; :meth:`commit` renames
+    it into place, so an interrupted run leaves nothing loadable at the destination (and the
+    next run starts clean). Use as a context manager: leaving it without commit removes the
+    temporary directory."""
+
+    def __init__(self, directory: str | Path, raw_config: dict, weights: str, *,
+                 force: bool = False, extra: dict | None = None):
+        import orbax.checkpoint as ocp
+
+        if weights not in STORAGE_DTYPES:
+            raise CheckpointError(f"unknown storage dtype {weights!r} "
+                                  f"(expected one of {', '.join(STORAGE_DTYPES)})")
+        self.final = Path(directory).expanduser().absolute()
+        if self.final.exists() and not self.final.is_dir():
+            raise CheckpointError(f"output {self.final} exists and is not a directory")
+        if self.final.is_dir() and any(self.final.iterdir()) and not force:
+            raise CheckpointError(f"output directory {self.final} is not empty "
+                                  "(pass --force to replace it)")
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-",
+                                         dir=self.final.parent))
+        self.weights = weights
+        self.manifest = {"format": FORMAT, "version": VERSION, "weights": weights,
+                         "chunks": [], **(extra or {})}
+        (self.tmp / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
+        self._ckpt = ocp.StandardCheckpointer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._ckpt.close()
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+    def write_chunk(self, name: str, chunk) -> None:
+        """Save one chunk (a pytree of host or device arrays) and wait until it is on disk."""
+        self._ckpt.save(self.tmp / name, _state(chunk))
+        self._ckpt.wait_until_finished()
+        self.manifest["chunks"].append(name)
+
+    def copy_beside(self, source: Path) -> None:
+        shutil.copy2(source, self.tmp / source.name)
+
+    def commit(self) -> Path:
+        (self.tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
+        trash = None
+        if self.final.exists():
+            trash = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.rename(self.final, trash)
+        os.rename(self.tmp, self.final)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return self.final
+
+
+def save(params: Params, cfg: Step3Config, directory: str | Path, *, weights: str | None = None,
+         force: bool = False, progress: bool = True, raw_config: dict | None = None) -> Path:
+    """Write ``params`` (any layout, any placement) as a store at ``directory``, atomically.
+
+    ``weights``: the stored dtype (``bfloat16``, ``float32``; default the params' dtype). Each
+    layer is gathered to the host, written and freed in turn. ``raw_config``: the Hub config to
+    write beside (default: ``cfg``'s own fields, :meth:`Step3Config.to_hub_dict`).
+    """
+    weights = weights or str(jnp.dtype(cfg.dtype))
+    if weights == "fp8":
+        from step3_jax import quant
+
+        params = quant.quantize_params(params, cfg)
+    dtype = None if weights == "fp8" else jnp.dtype(weights)
+    params = stack_experts(params)
+    raw = raw_config if raw_config is not None else cfg.to_hub_dict()
+    names = chunk_names(cfg)
+    with Writer(directory, raw, weights, force=force) as w, \
+            tqdm(names, desc="saving", unit="chunk", disable=not progress, leave=False) as bar:
+        for name in bar:
+            chunk = chunk_of(params, name)
+            if dtype is not None:
+                chunk = jax.tree.map(lambda a: np.asarray(a).astype(dtype), chunk)
+            w.write_chunk(name, chunk)
+        return w.commit()
+
+
+# ----- reading --------------------------------------------------------------------------------------
+
+def _abstract_chunk(name: str, cfg: Step3Config, weights: str, shardings):
+    """The restore target of one chunk: ShapeDtypeStructs in the stored structure, cast to the
+    compute dtype, with their shardings."""
+    from step3_jax import quant
+
+    specs = chunk_of(declare(cfg), name)
+    compute = jnp.dtype(cfg.dtype)
+
+    def target(spec, sharding):
+        if weights == "fp8" and quant.is_quantized(spec):
+            return quant.abstract_fp8(spec, sharding)
+        return jax.ShapeDtypeStruct(spec.shape, compute, sharding=sharding)
+
+    if shardings is None:  # without a target sharding orbax returns host NumPy arrays
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda s: target(s, one), specs, is_leaf=is_spec)
+    return jax.tree.map(target, specs, chunk_of(shardings, name), is_leaf=is_spec)
+
+
+def _check_shapes(directory: Path, name: str, stored, target) -> None:
+    def leaves(tree):
+        return {jax.tree_util.keystr(k): v for k, v in
+                jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    have, want = leaves(stored), leaves(_state(target))
+    for key in sorted(set(have) | set(want)):
+        if key not in have:
+            raise CheckpointError(f"{directory / name}: missing array {name}{key}")
+        if key not in want:
+            raise CheckpointError(f"{directory / name}: unexpected array {name}{key}")
+        if tuple(have[key].shape) != tuple(want[key].shape):
+            raise CheckpointError(f"{directory / name}: array {name}{key}: expected shape "
+                                  f"{list(want[key].shape)}, got {list(have[key].shape)}")
+
+
+def restore(directory: str | Path, cfg: Step3Config, shardings=None, *, progress: bool = True,
+            layout=None) -> Params:
+    """Restore a store chunk by chunk onto ``shardings`` (default: the default device), in
+    ``cfg.dtype`` (FP8 stores keep their quantized nodes). ``layout``: a function applied to
+    each restored layer before the next one loads (e.g. ``weights.unstack_moe`` for the CPU
+    loop kernel's per-expert layout), so a layout change never holds two copies of the model.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    names = chunk_names(cfg)
+    if manifest["chunks"] != names:
+        missing = [n for n in names if n not in manifest["chunks"]]
+        raise CheckpointError(f"{directory / MANIFEST}: chunks do not match config.json "
+                              f"({'missing ' + missing[0] if missing else 'unexpected chunks'})")
+    chunks = {}
+    ckpt = ocp.StandardCheckpointer()
+    try:
+        for name in tqdm(names, desc="restoring", unit="chunk", disable=not progress,
+                         leave=False):
+            path = directory / name
+            if not path.is_dir():
+                raise CheckpointError(f"{path}: missing chunk directory")
+            target = _abstract_chunk(name, cfg, manifest["weights"], shardings)
+            try:
+                stored = ckpt.metadata(path).item_metadata.tree
+            except Exception as e:  # orbax raises assorted types for a damaged directory
+                raise CheckpointError(f"{path}: unreadable orbax checkpoint ({e})") from None
+            _check_shapes(directory, name, stored, target)
+            try:
+                state = ckpt.restore(path, _state(target))
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
+            value = serialization.from_state_dict(target, state) if name.startswith("layer_") \
+                else {**{"lm_head": None}, **state}
+            if layout is not None and name.startswith("layer_"):
+                value = layout(value)
+            chunks[name] = value
+    finally:
+        ckpt.close()
+    return assemble(cfg, chunks)
+
+
+def stored_bytes(directory: str | Path) -> int:
+    """Bytes on disk under ``directory``."""
+    return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+
+
+def expected_bytes(cfg: Step3Config, weights: str) -> int:
+    """Array bytes a store of ``cfg`` holds (before orbax's compression)."""
+    itemsize = 1 if weights == "fp8" else jnp.dtype(weights).itemsize
+    return sum(math.prod(s.shape) * itemsize for s in jax.tree.leaves(declare(cfg),
+                                                                        is_leaf=is_spec))
