@@ -44,8 +44,8 @@ from step3_jax.errors import Step3Error
 from step3_jax.generate import FINISH_REASONS, GenerationResult, bucket, check_prompts
 from step3_jax.layers import rms_norm
 from step3_jax.moe import resolve_impl, route
-from step3_jax.sharding import axis_sizes, make_mesh, param_shardings
-from step3_jax.weights import Moe, Params, stack_experts, unstack_moe
+from step3_jax.sharding import axis_sizes, drop_first_axis, make_mesh, param_shardings
+from step3_jax.weights import Moe, Params, stack_moe, unstack_moe
 
 TRANSFER_DTYPES = ("float8_e4m3fn", "bfloat16", "float32")
 _FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
@@ -110,9 +110,9 @@ class AfdModel:
                 "f2a": tokens * H * np.dtype(self.cfg.dtype).itemsize}
 
 
-def place(params: Params, cfg: Step3Config, plan: AfdPlan,
-          devices: Sequence | None = None) -> AfdModel:
-    """Split ``params`` into the attention and FFN parts and place them on disjoint groups."""
+def group_meshes(plan: AfdPlan, devices: Sequence | None = None):
+    """The two disjoint meshes: attention on the first ``A`` devices (``dp``), the FFN group on
+    the next ``F`` (``ep`` x ``tp``)."""
     devices = list(jax.devices() if devices is None else devices)
     if plan.attention + plan.ffn > len(devices):
         raise Step3Error(f"--afd {plan.attention}:{plan.ffn} needs {plan.attention + plan.ffn} "
@@ -120,22 +120,52 @@ def place(params: Params, cfg: Step3Config, plan: AfdPlan,
     attn_mesh = make_mesh(dp=plan.attention, devices=devices[: plan.attention])
     ffn_mesh = make_mesh(ep=plan.ffn_ep, tp=plan.ffn_tp,
                          devices=devices[plan.attention: plan.attention + plan.ffn])
-    params = stack_experts(params)
+    return attn_mesh, ffn_mesh
+
+
+def afd_shardings(cfg: Step3Config, plan: AfdPlan, devices: Sequence | None = None) -> Params:
+    """Where every weight lives under AFD (a params-shaped tree, for ``load(shardings=...)``):
+    attention weights, norms, routers, embedding and LM head replicated on the attention group;
+    expert, shared-expert and dense-FFN weights split over the FFN group by the rules table."""
+    attn_mesh, ffn_mesh = group_meshes(plan, devices)
     ffn_sh = param_shardings(cfg, ffn_mesh)  # also checks ep/tp divide what they split
+    attn = NamedSharding(attn_mesh, P())
+    on_attn = lambda tree: jax.tree.map(lambda _: attn, tree)  # noqa: E731
+    layers = tuple(
+        layer.replace(input_norm=attn, post_norm=attn, attn=on_attn(layer.attn),
+                      ffn=layer.ffn.replace(router=attn) if isinstance(layer.ffn, Moe)
+                      else layer.ffn)
+        for layer in ffn_sh.layers)
+    return ffn_sh.replace(embed=attn, layers=layers, final_norm=attn,
+                          lm_head=None if cfg.tie_word_embeddings else attn)
+
+
+def place(params: Params, cfg: Step3Config, plan: AfdPlan,
+          devices: Sequence | None = None) -> AfdModel:
+    """Split ``params`` into the attention and FFN parts and place them on disjoint groups.
+
+    Weights already where :func:`afd_shardings` puts them (``load(shardings=afd_shardings(...),
+    expert_parallel=plan.ffn_ep)``, which restores each weight straight onto its group) are not
+    moved or copied.
+    """
+    attn_mesh, ffn_mesh = group_meshes(plan, devices)
+    shardings = afd_shardings(cfg, plan, devices)
+    per_expert = resolve_impl(cfg) == "loop" and plan.ffn_ep == 1  # the CPU kernel's layout
     ffn = []
-    for layer, sh in zip(params.layers, ffn_sh.layers):
+    for layer, sh in zip(params.layers, shardings.layers):
         f, s = layer.ffn, sh.ffn
         if isinstance(f, Moe):
             f, s = f.replace(router=None), s.replace(router=None)
+            f = unstack_moe(f) if per_expert else stack_moe(f)
+            if per_expert:  # each expert's arrays take the stacked sharding minus its first axis
+                s = s.replace(**{k: tuple(drop_first_axis(getattr(s, k)) for _ in getattr(f, k))
+                                 for k in ("gate", "up", "down")})
         ffn.append(jax.device_put(f, s))
-    ffn = tuple(ffn)
-    if resolve_impl(cfg) == "loop" and plan.ffn_ep == 1:  # the CPU kernel's per-expert layout
-        ffn = tuple(unstack_moe(f) if isinstance(f, Moe) else f for f in ffn)
     attn_layers = tuple(
         layer.replace(ffn=_RouterOnly(layer.ffn.router) if isinstance(layer.ffn, Moe) else None)
         for layer in params.layers)
     attn = jax.device_put(params.replace(layers=attn_layers), NamedSharding(attn_mesh, P()))
-    return AfdModel(cfg, plan, attn_mesh, ffn_mesh, attn, ffn)
+    return AfdModel(cfg, plan, attn_mesh, ffn_mesh, attn, tuple(ffn))
 
 
 @jax.tree_util.register_dataclass

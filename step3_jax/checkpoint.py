@@ -32,6 +32,7 @@ from step3_jax import quant, store
 from step3_jax.config import Step3Config, load_config
 from step3_jax.errors import CheckpointError
 from step3_jax.moe import resolve_impl
+from step3_jax.sharding import drop_first_axis
 from step3_jax.weights import (Moe, Params, WeightSpec, declare, init_params, is_spec,
                                stack_experts, unstack_experts)
 
@@ -42,6 +43,8 @@ VISION_PREFIXES = ("vision_model.", "vit_downsampler.", "vit_downsampler2.",
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
+             "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class HubReader:
@@ -89,6 +92,9 @@ class HubReader:
 
     def dtype(self, name: str) -> str:
         return self._slice(name).get_dtype()
+
+    def nbytes(self, name: str) -> int:
+        return math.prod(self.shape(name)) * _ITEMSIZE.get(self.dtype(name), 4)
 
     def read(self, name: str) -> np.ndarray:
         if self.dtype(name) == "F8_E4M3":
@@ -230,7 +236,7 @@ def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
         for spec, sharding in zip(specs, flat_shardings):
             host = read_leaf(reader, spec, cfg, fp8).astype(dtype)
             if per_expert and _is_expert_stack(spec):
-                one = None if sharding is None else _drop_first_axis(sharding)
+                one = None if sharding is None else drop_first_axis(sharding)
                 out.append(tuple(jax.device_put(w, one) if one is not None else jnp.asarray(w)
                                  for w in host))
             else:
@@ -238,15 +244,6 @@ def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
                            else jnp.asarray(host))
             bar.update(host.nbytes)
     return treedef.unflatten(out)
-
-
-def _drop_first_axis(sharding):
-    """The sharding of one expert's slice of a stacked ``[E, ...]`` weight."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    if not isinstance(sharding, NamedSharding):
-        return sharding  # a single-device or replicated placement fits any slice
-    return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
 
 
 def to_hub(params: Params, cfg: Step3Config) -> dict[str, np.ndarray]:
@@ -328,6 +325,9 @@ def load(checkpoint: str | Path | None = None, config: str | Path | None = None,
         params = store.restore(directory, cfg, shardings, progress=progress, layout=layout)
     elif directory is not None:
         params = load_hub(directory, cfg, shardings, progress=progress, per_expert=per_expert)
+    elif shardings is not None and len({frozenset(s.device_set) for s in jax.tree.leaves(
+            shardings)}) > 1:  # AFD's two groups: one jit cannot produce both; move afterwards
+        params = jax.device_put(init_params(cfg, seed), shardings)
     else:
         params = init_params(cfg, seed, shardings)
     return jax.block_until_ready(runtime_layout(params, cfg, ep)), cfg

@@ -171,6 +171,34 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--config", default="step3", metavar="PRESET|FILE",
                      help="the Step-3 config to derive the model from (default step3)")
     _common(est)
+
+    conv = sub.add_parser(
+        "convert", help="Hub safetensors (bf16 or block-FP8) -> orbax checkpoint, streaming",
+        description="Convert a Hub checkpoint directory into an orbax checkpoint, one layer at "
+                    "a time (host memory about one layer). Headers are validated before "
+                    "anything is written; the output appears only when complete. "
+                    "generate/score/bench --checkpoint accept the result and restore each "
+                    "weight straight onto its sharding.")
+    conv.add_argument("--hf", required=True, metavar="DIR",
+                      help="Hub checkpoint directory (config.json + safetensors)")
+    conv.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    conv.add_argument("--dtype", choices=("bfloat16", "float32", "fp8"), default="bfloat16",
+                      help="stored weights: bfloat16 (default) or float32 (FP8 sources "
+                           "dequantized), or fp8 (block-FP8 values + scales, kept from an FP8 "
+                           "source or quantized; router, embedding, LM head, norms stay bf16)")
+    conv.add_argument("--force", action="store_true",
+                      help="replace a non-empty --out (only once the new one is complete)")
+    _common(conv)
+
+    exp = sub.add_parser(
+        "export", help="orbax checkpoint -> Hub safetensors (sharded, with index and config)",
+        description="Write an orbax checkpoint made by `convert` back in the Hub format: one "
+                    "safetensors shard per layer, model.safetensors.index.json, config.json "
+                    "and tokenizer files, in the stored dtype (fp8 stores as block-FP8).")
+    exp.add_argument("--checkpoint", required=True, metavar="DIR", help="orbax checkpoint")
+    exp.add_argument("--out", required=True, metavar="DIR", help="output Hub directory")
+    exp.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _common(exp)
     return parser
 
 
@@ -196,7 +224,8 @@ def _afd_plan(args):
     return afd.parse_plan(args.afd, args.ffn_mesh, args.micro_batches, args.afd_transfer_dtype)
 
 
-def _load(args):
+def _load(args, plan=None):
+    """The weights, each read straight onto its device(s): by ``--mesh``, or by the AFD groups."""
     from step3_jax.checkpoint import load
 
     if args.checkpoint is None:
@@ -204,9 +233,16 @@ def _load(args):
                  args.seed)
     from step3_jax.sharding import parse_mesh
 
-    mesh = parse_mesh(args.mesh) if args.mesh else None
-    return load(args.checkpoint, args.config, dtype=args.dtype, seed=args.seed, mesh=mesh,
-                moe_impl=args.moe_impl, progress=not args.quiet)
+    placement = {}
+    if plan is not None:
+        from step3_jax import afd
+
+        placement = {"shardings": afd.afd_shardings(_config(args), plan),
+                     "expert_parallel": plan.ffn_ep}
+    elif args.mesh:
+        placement = {"mesh": parse_mesh(args.mesh)}
+    return load(args.checkpoint, args.config, dtype=args.dtype, seed=args.seed,
+                moe_impl=args.moe_impl, progress=not args.quiet, **placement)
 
 
 def _tokenizer(args, what: str):
@@ -242,7 +278,7 @@ def cmd_generate(args) -> dict:
     prompts += [tok.encode(text).ids for text in args.prompt]
     check_prompts(prompts, cfg)
     plan = _afd_plan(args)
-    params, cfg = _load(args)
+    params, cfg = _load(args, plan)
     knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id)
     if plan is not None:
@@ -289,7 +325,7 @@ def cmd_score(args) -> dict:
         raise Step3Error(f"scoring needs at least 2 tokens, got {len(ids)}")
     check_prompts([ids], cfg)
     plan = _afd_plan(args)
-    params, cfg = _load(args)
+    params, cfg = _load(args, plan)
     if plan is not None:
         from step3_jax import afd
 
@@ -390,15 +426,38 @@ def cmd_estimate(args) -> dict:
     return out
 
 
+def cmd_convert(args) -> dict:
+    from step3_jax.convert import convert
+
+    out = convert(args.hf, args.out, weights=args.dtype, force=args.force,
+                  progress=not args.quiet)
+    if not args.json:
+        print(f"{out['output']}: {out['weights']} weights, {out['array_bytes_written'] / 1e9:.3f} "
+              f"GB of arrays ({out['bytes_on_disk'] / 1e9:.3f} GB on disk) in "
+              f"{out['seconds']:.1f} s")
+    return out
+
+
+def cmd_export(args) -> dict:
+    from step3_jax.convert import export
+
+    out = export(args.checkpoint, args.out, force=args.force, progress=not args.quiet)
+    if not args.json:
+        print(f"{out['output']}: {out['tensors']} tensors in {out['shards']} safetensors shards "
+              f"({out['bytes'] / 1e9:.3f} GB, {out['weights']})")
+    return out
+
+
 COMMANDS = {"generate": cmd_generate, "score": cmd_score, "info": cmd_info, "bench": cmd_bench,
-            "cost": cmd_cost, "estimate": cmd_estimate}
+            "cost": cmd_cost, "estimate": cmd_estimate, "convert": cmd_convert, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("step3-jax: %(message)s"))
-    log.handlers[:] = [handler]  # one handler on the current stderr, however often main runs
+    saved = log.handlers[:], log.level, log.propagate
+    log.handlers[:] = [handler]  # one handler on the current stderr, for this run only
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     log.propagate = False
     try:
@@ -409,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("step3-jax: interrupted", file=sys.stderr)
         return 130
+    finally:  # an in-process caller's logging is as it was (and not bound to our stderr)
+        log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
     if args.json:
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")

@@ -113,5 +113,12 @@ def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.tree.map(one, declare(cfg), is_leaf=is_spec)
 
 
+def drop_first_axis(sharding):
+    """The sharding of one slice ``w[e]`` of a stacked ``[E, ...]`` weight."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding  # a single-device or replicated placement fits any slice
+    return NamedSharding(sharding.mesh, P(*tuple(sharding.spec)[1:]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())

@@ -222,58 +222,70 @@ def _check_shapes(directory: Path, name: str, stored, target) -> None:
                                   f"{list(want[key].shape)}, got {list(have[key].shape)}")
 
 
+class Reader:
+    """The chunks of a store, restored one at a time (a context manager)."""
+
+    def __init__(self, directory: str | Path, cfg: Step3Config):
+        import orbax.checkpoint as ocp
+
+        self.directory = Path(directory)
+        self.cfg = cfg
+        self.manifest = read_manifest(self.directory)
+        names = chunk_names(cfg)
+        if self.manifest["chunks"] != names:
+            missing = [n for n in names if n not in self.manifest["chunks"]]
+            raise CheckpointError(f"{self.directory / MANIFEST}: chunks do not match config.json "
+                                  f"({'missing ' + missing[0] if missing else 'unexpected chunks'})")
+        self.names = names
+        self._ckpt = ocp.StandardCheckpointer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._ckpt.close()
+        return False
+
+    def read(self, name: str, shardings=None):
+        """Chunk ``name`` restored onto ``shardings`` (a params-shaped tree, or None for the
+        default device), in ``cfg.dtype``; FP8 weights as :class:`quant.Fp8Weight`."""
+        path = self.directory / name
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: missing chunk directory")
+        target = _abstract_chunk(name, self.cfg, self.manifest["weights"], shardings)
+        try:
+            stored = self._ckpt.metadata(path).item_metadata.tree
+        except Exception as e:  # orbax raises assorted types for a damaged directory
+            raise CheckpointError(f"{path}: unreadable orbax checkpoint ({e})") from None
+        _check_shapes(self.directory, name, stored, target)
+        try:
+            state = self._ckpt.restore(path, _state(target))
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: {first})") \
+                from None
+        if name.startswith("layer_"):
+            return serialization.from_state_dict(target, state)
+        return {key: state.get(key) for key in chunk_of(declare(self.cfg), name)}
+
+
 def restore(directory: str | Path, cfg: Step3Config, shardings=None, *, progress: bool = True,
             layout=None) -> Params:
     """Restore a store chunk by chunk onto ``shardings`` (default: the default device), in
     ``cfg.dtype`` (FP8 stores keep their quantized nodes). ``layout``: a function applied to
-    each restored layer before the next one loads (e.g. ``weights.unstack_moe`` for the CPU
-    loop kernel's per-expert layout), so a layout change never holds two copies of the model.
+    each restored layer before the next one loads (e.g. to the CPU loop kernel's per-expert
+    layout), so a layout change never holds two copies of the model.
     """
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    names = chunk_names(cfg)
-    if manifest["chunks"] != names:
-        missing = [n for n in names if n not in manifest["chunks"]]
-        raise CheckpointError(f"{directory / MANIFEST}: chunks do not match config.json "
-                              f"({'missing ' + missing[0] if missing else 'unexpected chunks'})")
     chunks = {}
-    ckpt = ocp.StandardCheckpointer()
-    try:
-        for name in tqdm(names, desc="restoring", unit="chunk", disable=not progress,
+    with Reader(directory, cfg) as reader:
+        for name in tqdm(reader.names, desc="restoring", unit="chunk", disable=not progress,
                          leave=False):
-            path = directory / name
-            if not path.is_dir():
-                raise CheckpointError(f"{path}: missing chunk directory")
-            target = _abstract_chunk(name, cfg, manifest["weights"], shardings)
-            try:
-                stored = ckpt.metadata(path).item_metadata.tree
-            except Exception as e:  # orbax raises assorted types for a damaged directory
-                raise CheckpointError(f"{path}: unreadable orbax checkpoint ({e})") from None
-            _check_shapes(directory, name, stored, target)
-            try:
-                state = ckpt.restore(path, _state(target))
-            except Exception as e:
-                raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: "
-                                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
-            value = serialization.from_state_dict(target, state) if name.startswith("layer_") \
-                else {**{"lm_head": None}, **state}
-            if layout is not None and name.startswith("layer_"):
-                value = layout(value)
-            chunks[name] = value
-    finally:
-        ckpt.close()
+            value = reader.read(name, shardings)
+            chunks[name] = layout(value) if layout is not None and name.startswith(
+                "layer_") else value
     return assemble(cfg, chunks)
 
 
 def stored_bytes(directory: str | Path) -> int:
     """Bytes on disk under ``directory``."""
     return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
-
-
-def expected_bytes(cfg: Step3Config, weights: str) -> int:
-    """Array bytes a store of ``cfg`` holds (before orbax's compression)."""
-    itemsize = 1 if weights == "fp8" else jnp.dtype(weights).itemsize
-    return sum(math.prod(s.shape) * itemsize for s in jax.tree.leaves(declare(cfg),
-                                                                        is_leaf=is_spec))

@@ -263,6 +263,11 @@ def unstack_moe(p: Moe) -> Moe:
     return p.replace(gate=_unstack(p.gate), up=_unstack(p.up), down=_unstack(p.down))
 
 
+def stack_moe(p: Moe) -> Moe:
+    """One MoE layer in the canonical stacked layout (inverse of :func:`unstack_moe`)."""
+    return p.replace(gate=stack_weight(p.gate), up=stack_weight(p.up), down=stack_weight(p.down))
+
+
 def unstack_experts(params: Params) -> Params:
     """The per-expert layout: every stacked ``[E, ...]`` expert weight becomes E arrays."""
     return _map_experts(params, _unstack)
