@@ -172,6 +172,51 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the Step-3 config to derive the model from (default step3)")
     _common(est)
 
+    pl = sub.add_parser(
+        "plan", help="per-device memory of a deployment: weights, KV cache, activations",
+        description="The memory plan of a deployment, colocated (--mesh) or disaggregated "
+                    "(--afd): bytes per device for weights, KV cache and activations, from the "
+                    "sharded weight declaration (no devices needed, nothing allocated), whether "
+                    "they fit --device-memory, and the largest batch that would. The compiled "
+                    "check then lowers the real decode programs with abstract inputs on as many "
+                    "emulated CPU devices as the plan has and sets XLA's memory analysis beside "
+                    "the arithmetic (float32, the CPU MoE kernel). A mesh bigger than this "
+                    "machine is fine: the plan is for a cluster.")
+    pl.add_argument("--config", default="step3", metavar="PRESET|FILE",
+                    help="preset name or config.json path (default step3, the full model)")
+    pa = pl.add_argument_group("placement (one of; neither: one device)")
+    pa.add_argument("--afd", metavar="A:F",
+                    help="attention on A devices, FFN on F devices (as generate --afd), or the "
+                         "paper's 2A2F: servers of 8 devices (2A2F = 16:16)")
+    pa.add_argument("--ffn-mesh", metavar="ep=N,tp=N",
+                    help="how the FFN group splits the experts (default ep=F)")
+    pa.add_argument("--micro-batches", type=int, default=None, metavar="N",
+                    help="AFD micro-batches the batch is split into (default 3)")
+    pa.add_argument("--mesh", metavar="dp=N,tp=N,ep=N",
+                    help="colocated: dp splits the batch and KV cache, tp heads and widths, ep "
+                         "the experts")
+    pw = pl.add_argument_group("workload and formats")
+    pw.add_argument("--batch", type=int, required=True, metavar="B",
+                    help="concurrent sequences")
+    pw.add_argument("--context", type=int, required=True, metavar="C",
+                    help="KV-cache positions per sequence")
+    pw.add_argument("--weights", required=True, choices=("fp8", "bf16"),
+                    help="fp8: matmul weights 1 byte + a float32 scale per 128x128 block, "
+                         "embedding/LM head/router/norms BF16; bf16: 2 bytes each")
+    pw.add_argument("--kv-dtype", required=True, choices=("fp8", "bf16"),
+                    help="KV cache bytes per value: 1 (fp8) or 2 (bf16)")
+    pw.add_argument("--device-memory", default="80GB", metavar="SIZE",
+                    help="memory per device: 80GB (1e9 bytes per GB, default), 80GiB, or bytes")
+    pw.add_argument("--compiled-check", default="auto", choices=("auto", "on", "off"),
+                    help="lower and compile the decode programs on emulated CPU devices with "
+                         "abstract inputs: in this process if it has enough devices, else in a "
+                         "child process started with XLA_FLAGS=--xla_force_host_platform_device"
+                         "_count=N. auto (default) runs it except for a colocated ep=1 mesh on "
+                         "a model with more than 256 experts over its MoE layers (the CPU loop "
+                         "kernel compiles one branch per expert: minutes for Step-3); AFD and "
+                         "ep>1 compile in seconds even for the full model")
+    _common(pl)
+
     conv = sub.add_parser(
         "convert", help="Hub safetensors (bf16 or block-FP8) -> orbax checkpoint, streaming",
         description="Convert a Hub checkpoint directory into an orbax checkpoint, one layer at "
@@ -426,6 +471,23 @@ def cmd_estimate(args) -> dict:
     return out
 
 
+def cmd_plan(args) -> dict:
+    from step3_jax import plan
+    from step3_jax.config import load_config
+
+    if args.micro_batches is not None and not args.afd:
+        raise Step3Error("--micro-batches needs --afd")
+    placement = plan.parse_placement(args.afd, args.mesh, args.ffn_mesh,
+                                     3 if args.micro_batches is None else args.micro_batches)
+    memory = plan.parse_bytes(args.device_memory)
+    out = plan.run(load_config(args.config), placement, batch=args.batch, context=args.context,
+                   weights_format=args.weights, kv_dtype=args.kv_dtype, device_memory=memory,
+                   compiled=args.compiled_check, log=log.info)
+    if not args.json:
+        print(plan.format_plan(out))
+    return out
+
+
 def cmd_convert(args) -> dict:
     from step3_jax.convert import convert
 
@@ -449,7 +511,8 @@ def cmd_export(args) -> dict:
 
 
 COMMANDS = {"generate": cmd_generate, "score": cmd_score, "info": cmd_info, "bench": cmd_bench,
-            "cost": cmd_cost, "estimate": cmd_estimate, "convert": cmd_convert, "export": cmd_export}
+            "cost": cmd_cost, "estimate": cmd_estimate, "convert": cmd_convert, "export": cmd_export,
+            "plan": cmd_plan}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
