@@ -86,7 +86,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
 # ----- inputs -------------------------------------------------------------------------------------
 
 def parse_bytes(text: str, flag: str = "--device-memory") -> int:
-    """``"80GB"`` -> 80e9, ``"80GiB"`` -> 80 * 2**30, ``"1e9"`` -> 1e9 bytes (SI and binary units)."""
+    """``"80GB"`` -> 80e9, ``"80GiB"`` -> 80 * 2**30, ``"1e9"`` -> 1e9 bytes (SI or binary)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMgGtT]i?[bB]|[bB])?\s*",
                      str(text))
     if not m or float(m.group(1)) <= 0:
@@ -110,7 +110,9 @@ class Placement:
 
     @property
     def devices(self) -> int:
-        return self.attention + self.ffn_ep * self.ffn_tp if self.afd else self.dp * self.tp * self.ep
+        if self.afd:
+            return self.attention + self.ffn_ep * self.ffn_tp
+        return self.dp * self.tp * self.ep
 
     def describe(self) -> str:
         if not self.afd:

@@ -250,3 +250,11 @@ def test_library_errors(tiny):
     with pytest.raises(Step3Error, match="--compiled-check"):
         plan.run(tiny, plan.Placement(), batch=1, context=8, weights_format="fp8",
                  kv_dtype="fp8", device_memory=10**9, compiled="maybe")
+
+
+def test_auto_skips_only_the_slow_colocated_compile(capsys):
+    """ep=1 on Step-3 would compile 56 x 48 per-expert branches: auto skips it, with a reason."""
+    code, out, err = run_cli(capsys, "plan", "--mesh", "dp=4", "--batch", "64", "--context",
+                             "1024", "--weights", "fp8", "--kv-dtype", "fp8", "--json")
+    assert code == 0, err
+    assert "2688 per-expert branches" in json.loads(out)["compiled"]["skipped"]
