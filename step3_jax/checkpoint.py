@@ -43,8 +43,10 @@ VISION_PREFIXES = ("vision_model.", "vit_downsampler.", "vit_downsampler2.",
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8,
-             "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+                 "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+                 "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64,
+                 "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
 class HubReader:
@@ -53,6 +55,7 @@ class HubReader:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
         self.files: dict[str, Path] = {}  # tensor name -> file
         index = self.directory / INDEX_FILE
         if index.exists():
@@ -94,34 +97,44 @@ class HubReader:
         return self._slice(name).get_dtype()
 
     def nbytes(self, name: str) -> int:
-        return math.prod(self.shape(name)) * _ITEMSIZE.get(self.dtype(name), 4)
+        return math.prod(self.shape(name)) * np.dtype(
+            _NUMPY_DTYPES.get(self.dtype(name), np.float32)).itemsize
 
     def read(self, name: str) -> np.ndarray:
-        if self.dtype(name) == "F8_E4M3":
-            return self._read_fp8(name)
-        try:
-            return self._open(self.files[name]).get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{self.files[name]}: cannot read tensor {name} ({e})") from None
+        """One tensor, read with plain file reads into a private buffer.
 
-    def _read_fp8(self, name: str) -> np.ndarray:
-        """An ``F8_E4M3`` tensor straight from the file's bytes (safetensors' NumPy reader has
-        no float8): the header gives its byte range after the 8-byte length and the header."""
+        Not through safetensors' memory map: every mapped page a conversion touches would stay
+        resident in this process until the file is closed, so streaming a 642 GB checkpoint
+        would show (and, under memory pressure, cost) the whole checkpoint as RSS. The header
+        gives the byte range; safetensors itself validated the header at open. This also reads
+        ``F8_E4M3``, for which NumPy has no dtype (``ml_dtypes`` supplies it).
+        """
         path = self.files[name]
+        dtype = self.dtype(name)
+        if dtype not in _NUMPY_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
         try:
+            header_len, header = self._header(path)
+            entry = header[name]
+            begin, end = entry["data_offsets"]
             with open(path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                entry = json.loads(f.read(header_len))[name]
-                begin, end = entry["data_offsets"]
                 f.seek(8 + header_len + begin)
                 raw = f.read(end - begin)
         except (OSError, ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+        np_dtype = np.dtype(_NUMPY_DTYPES[dtype])
         shape = tuple(entry["shape"])
-        if len(raw) != math.prod(shape):
+        if len(raw) != math.prod(shape) * np_dtype.itemsize:
             raise CheckpointError(f"{path}: tensor {name} is truncated ({len(raw)} of "
-                                  f"{math.prod(shape)} bytes)")
-        return np.frombuffer(raw, dtype=ml_dtypes.float8_e4m3fn).reshape(shape)
+                                  f"{math.prod(shape) * np_dtype.itemsize} bytes)")
+        return np.frombuffer(raw, dtype=np_dtype).reshape(shape)
+
+    def _header(self, path: Path) -> tuple[int, dict]:
+        if path not in self._headers:
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                self._headers[path] = (header_len, json.loads(f.read(header_len)))
+        return self._headers[path]
 
 
 def hub_to_leaf(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:

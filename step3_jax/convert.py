@@ -113,12 +113,12 @@ def convert(hf_dir: str | Path, out: str | Path, *, weights: str = "bfloat16",
                 bar.update(reader.nbytes(spec.hub) + (reader.nbytes(spec.hub + SCALE_SUFFIX)
                                                       if spec.hub in fp8 else 0))
                 if weights != "fp8":
-                    return leaf.astype(_STORAGE[weights])
-                if isinstance(leaf, quant.Fp8Weight):
-                    return leaf
-                if quant.is_quantized(spec):
-                    return quant.quantize_leaf(leaf, spec)
-                return leaf.astype(ml_dtypes.bfloat16)
+                    leaf = leaf.astype(_STORAGE[weights], copy=False)
+                elif quant.is_quantized(spec) and not isinstance(leaf, quant.Fp8Weight):
+                    leaf = quant.quantize_leaf(leaf, spec)
+                elif not isinstance(leaf, quant.Fp8Weight):
+                    leaf = leaf.astype(ml_dtypes.bfloat16)
+                return leaf
 
             chunk = jax.tree.map(one, specs, is_leaf=is_spec)
             written += sum(a.nbytes for a in jax.tree.leaves(chunk))

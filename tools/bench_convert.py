@@ -1,0 +1,170 @@
+"""Conversion throughput and peak memory: a synthetic multi-layer Hub checkpoint -> orbax -> Hub.
+
+Writes a synthetic BF16 Hub checkpoint of about ``--gb`` GB (hidden 1024 as in the ``bench``
+preset, 16 experts of width 352, as many layers as that size needs, one safetensors shard per
+layer, random weights), then runs ``step3-jax convert`` and ``step3-jax export`` on it, each in a
+fresh subprocess, and reports per step: seconds, throughput (checkpoint MB / s) and the peak
+resident memory of the subprocess (``ru_maxrss``), against the checkpoint size. The issue's
+target: peak RSS under half the checkpoint size, i.e. streaming, never the whole model.
+
+    python tools/bench_convert.py                 # ~1 GB, table on stderr
+    python tools/bench_convert.py --gb 2 --json   # one JSON document on stdout
+
+The baseline RSS of a process that has imported JAX, orbax, tensorstore and the package (and
+started JAX's CPU client) is measured too: peak minus baseline is what the conversion itself
+holds, reported in units of the largest layer (streaming means a few layers, whatever the
+checkpoint size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+from step3_jax.config import load_config
+from step3_jax.weights import declare, is_spec
+
+
+def synthetic_config(gb: float) -> dict:
+    """The bench preset's shapes with 16 experts of width 352, and as many layers (dense first
+    and last, MoE between) as ``gb`` needs: each layer is ~4% of a 1 GB checkpoint, the same
+    order as one layer of the real model (1.6% of 642 GB), so the peak-memory figure says
+    whether conversion streams."""
+    raw = json.loads((Path(__file__).resolve().parent.parent / "configs" / "bench.json").read_text())
+    raw.update(moe_num_experts=16, moe_intermediate_size=352, share_expert_dim=352)
+    cfg = load_config("bench").replace(moe_num_experts=16, moe_intermediate_size=352,
+                                       share_expert_dim=352)
+
+    def size(layers: int) -> int:
+        c = cfg.replace(num_hidden_layers=layers, moe_layers=tuple(range(1, layers - 1)))
+        return sum(math.prod(s.hub_shape) * 2 for s in jax.tree.leaves(declare(c),
+                                                                         is_leaf=is_spec))
+
+    layers = 3
+    while size(layers + 1) <= gb * 1e9:
+        layers += 1
+    raw.update(_name_or_path="bench-convert", num_hidden_layers=layers,
+               moe_layers_enum=",".join(map(str, range(1, layers - 1))))
+    return raw
+
+
+def write_checkpoint(directory: Path, raw: dict, seed: int = 0) -> int:
+    """One shard per layer (plus embedding/head), random bf16 tensors; returns bytes written."""
+    from step3_jax.config import from_hub_dict
+
+    cfg = from_hub_dict(raw)
+    decl = declare(cfg)
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(raw, indent=2))
+    groups = [[decl.embed], *[jax.tree.leaves(layer, is_leaf=is_spec) for layer in decl.layers],
+              [decl.final_norm, decl.lm_head]]
+    weight_map, total = {}, 0
+    for i, specs in enumerate(groups):
+        file = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {s.hub: (rng.standard_normal(s.hub_shape, np.float32) * 0.02).astype(
+            ml_dtypes.bfloat16) for s in specs}
+        save_file(tensors, str(directory / file))
+        weight_map.update({name: file for name in tensors})
+        total += sum(t.nbytes for t in tensors.values())
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+# What every conversion process holds before it reads a byte: Python, JAX with its CPU client,
+# orbax and tensorstore, and the package.
+BASELINE = ("import jax, jax.numpy as jnp, orbax.checkpoint, step3_jax.convert; "
+            "jnp.zeros(1).block_until_ready()")
+
+
+def run_measured(argv: list[str]) -> dict:
+    """Run ``argv`` in a fresh process; its wall time and peak RSS (Linux ru_maxrss is in KiB)."""
+    code = ("import resource, subprocess, sys, time, json\n"
+            "t = time.perf_counter(); r = subprocess.run(sys.argv[1:])\n"
+            "s = time.perf_counter() - t\n"
+            "ru = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+            "print(json.dumps({'rc': r.returncode, 'seconds': s, 'peak_rss': ru.ru_maxrss * 1024}))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.stderr.write(out.stderr)
+        raise SystemExit(f"bench_convert: {' '.join(argv)} failed")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if result["rc"] != 0:
+        raise SystemExit(f"bench_convert: {' '.join(argv)} exited {result['rc']}")
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=1.0,
+                        help="synthetic checkpoint size in GB (default 1)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "fp8"),
+                        help="convert's stored dtype (default bfloat16)")
+    parser.add_argument("--workdir", help="where to write (default: a temporary directory, "
+                                          "removed afterwards)")
+    parser.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    args = parser.parse_args(argv)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert-"))
+    cli = [sys.executable, "-m", "step3_jax.cli"]
+    try:
+        raw = synthetic_config(args.gb)
+        print(f"writing a synthetic {raw['num_hidden_layers']}-layer checkpoint ...",
+              file=sys.stderr)
+        size = write_checkpoint(work / "hub", raw)
+        baseline = run_measured([sys.executable, "-c", BASELINE])
+        convert = run_measured(cli + ["convert", "--hf", str(work / "hub"), "--out",
+                                      str(work / "orbax"), "--dtype", args.dtype, "-q"])
+        export = run_measured(cli + ["export", "--checkpoint", str(work / "orbax"), "--out",
+                                     str(work / "back"), "-q"])
+        layer = max(p.stat().st_size for p in (work / "hub").glob("*.safetensors"))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def step(r: dict) -> dict:
+        held = r["peak_rss"] - baseline["peak_rss"]
+        return {"seconds": round(r["seconds"], 2), "mb_per_s": round(size / 1e6 / r["seconds"], 1),
+                "peak_rss_bytes": r["peak_rss"], "peak_rss_fraction": round(r["peak_rss"] / size, 3),
+                "held_bytes": held, "held_in_largest_layers": round(held / layer, 2)}
+
+    out = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+           "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "layers": raw["num_hidden_layers"], "checkpoint_bytes": size,
+           "largest_shard_bytes": layer, "stored_dtype": args.dtype,
+           "baseline_rss_bytes": baseline["peak_rss"],
+           "convert": step(convert), "export": step(export)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+        print(f"checkpoint {gb(size)} bf16, {out['layers']} layers (largest shard "
+              f"{gb(layer)}); baseline process RSS {gb(baseline['peak_rss'])}", file=sys.stderr)
+        for name in ("convert", "export"):
+            s = out[name]
+            print(f"{name:8s} {s['seconds']:7.1f} s  {s['mb_per_s']:7.1f} MB/s  peak RSS "
+                  f"{gb(s['peak_rss_bytes'])} = {100 * s['peak_rss_fraction']:.0f}% of the "
+                  f"checkpoint; above baseline {gb(s['held_bytes'])} = "
+                  f"{s['held_in_largest_layers']:.1f} x the largest layer", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
