@@ -338,3 +338,24 @@ def test_export_refuses_a_hub_directory(capsys, tmp_path, hub_dir):
     code, _, err = run_cli(capsys, "export", "--checkpoint", str(hub_dir), "--out",
                            str(tmp_path / "x"))
     assert code == 2 and "not a step3-jax orbax checkpoint" in err
+
+
+def test_cli_generates_from_every_format_and_placement(capsys, store_dir, hub_dir, fp8_hub):
+    """generate --checkpoint takes a Hub dir, an orbax dir (auto-detected) and a block-FP8 Hub
+    dir; the orbax one restores straight onto --mesh and onto the AFD groups. Same weights and
+    float32 transfer: the same greedy tokens everywhere (FP8: its own dequantized weights)."""
+    base = ["generate", "--prompt-ids", "1,2,3", "--prompt-ids", "7,8", "--max-new-tokens", "5",
+            "--json", "-q"]
+
+    def tokens(*extra):
+        code, out, err = run_cli(capsys, *base, *extra)
+        assert code == 0, err
+        return [r["generated_ids"] for r in json.loads(out)["results"]]
+
+    want = tokens("--checkpoint", str(hub_dir))
+    assert tokens("--checkpoint", str(store_dir)) == want
+    assert tokens("--checkpoint", str(store_dir), "--mesh", "dp=2,ep=2") == want
+    assert tokens("--checkpoint", str(store_dir), "--afd", "2:2",
+                  "--afd-transfer-dtype", "float32") == want
+    fp8_dir, dequant_dir = fp8_hub
+    assert tokens("--checkpoint", str(fp8_dir)) == tokens("--checkpoint", str(dequant_dir))
