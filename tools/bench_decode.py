@@ -166,15 +166,20 @@ def must_read_bytes(cfg, batch: int, context: int, new_tokens: int, distinct: fl
 
 
 def measure_point(ours: Ours, peer, prefixes: dict, cfg, *, batch: int, context: int,
-                  new_tokens: int, repeats: int, flush, rng) -> dict:
+                  new_tokens: int, repeats: int, flush, rng, peer_budget: float = 0.0) -> dict:
     first = rng.integers(2, cfg.vocab_size, size=batch)
     roof_before = bench.roofline(10, flush)
     # Warm-up: ours compiles its decode loop for this shape (2 steps); the peer runs 2 steps.
     _, _, compile_s = ours.decode(prefixes["ours"], first, 2)
+    peer_steps = new_tokens
     if peer is not None:
         bp = sys.modules["bench_peer"]
+        warm = []
         with bp.torch.inference_mode():
-            bp.greedy(peer, bp.tile_cache(prefixes["peer"], batch), first, 2)
+            bp.greedy(peer, bp.tile_cache(prefixes["peer"], batch), first, 2, warm)
+        if peer_budget > 0:  # fewer peer steps per run where its steps are slow (not below 4)
+            fit = int(peer_budget / repeats / warm[-1])
+            peer_steps = max(4, min(new_tokens, fit))
     ours_ms, peer_ms, routing, ours_tokens, peer_tokens = [], [], None, None, None
     for r in range(repeats):
         flush()
@@ -187,7 +192,7 @@ def measure_point(ours: Ours, peer, prefixes: dict, cfg, *, batch: int, context:
             with bp.torch.inference_mode():
                 cache = bp.tile_cache(prefixes["peer"], batch)
                 peer.routing_log = [] if r == 0 else None
-                tokens, cache = bp.greedy(peer, cache, first, new_tokens, times)
+                tokens, cache = bp.greedy(peer, cache, first, peer_steps, times)
                 if r == 0:
                     routing, peer_tokens = peer.routing_log, tokens[:, 1:]
                 peer.routing_log = None
@@ -215,8 +220,9 @@ def measure_point(ours: Ours, peer, prefixes: dict, cfg, *, batch: int, context:
         row.update(peer_step_ms=peer_step, peer_steps_ms=peer_ms,
                    peer_tokens_per_s=batch * 1e3 / peer_step,
                    peer_mbu=need["total"] / (peer_step / 1e3) / (peak_gbs * 1e9),
-                   ours_over_peer=peer_step / ours_step,
-                   rows_tokens_agree=int(np.sum(np.all(ours_tokens == peer_tokens, axis=1))))
+                   ours_over_peer=peer_step / ours_step, peer_steps_per_run=peer_steps,
+                   rows_tokens_agree=int(np.sum(np.all(
+                       ours_tokens[:, :peer_steps] == peer_tokens, axis=1))))
     return row
 
 
@@ -270,6 +276,12 @@ def markdown(report: dict) -> str:
             f"{s['new_tokens']} new tokens, {s['repeats']} runs each; load average "
             f"{s['loadavg_at_start']} at the start, {s['loadavg_at_end']} at the end.\n\n")
     text += markdown_table(report["results"])
+    short = [r for r in report["results"] if r.get("peer_steps_per_run", s["new_tokens"])
+             < s["new_tokens"]]
+    if short:
+        text += ("\nThe peer timed fewer steps per run where its steps are slow (`--peer-budget`): "
+                 + ", ".join(f"context {r['context']} batch {r['batch']}: "
+                             f"{r['peer_steps_per_run']}" for r in short) + ".\n")
     if report["targets"]:
         text += "\nTargets (context 128, 32 new tokens):\n\n"
         for t in report["targets"]:
@@ -334,12 +346,20 @@ def main(argv=None) -> int:
                     help="torch threads for the peer (default: the cores JAX uses)")
     ap.add_argument("--no-peer", action="store_true",
                     help="ours and the roofline only (no torch needed)")
+    ap.add_argument("--peer-budget", type=float, default=120.0, metavar="SECONDS",
+                    help="per point, time at most about this many seconds of peer steps (then "
+                         "fewer steps per run, at least 4; the step count is reported); 0: all")
+    ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: merge these --json reports (e.g. one per context) and "
+                         "write their --markdown / --png")
     ap.add_argument("--markdown", default=None, metavar="PATH",
                     help="write the Markdown table and targets to PATH ('-': stdout)")
     ap.add_argument("--png", default=None, metavar="PATH", help="write the plot to PATH")
     ap.add_argument("--json", action="store_true",
                     help="print exactly one JSON document on stdout (logs go to stderr)")
     args = ap.parse_args(argv)
+    if args.render:
+        return render(args)
     if args.new_tokens < 2 or args.repeats < 1:
         ap.error("--new-tokens must be >= 2 and --repeats >= 1")
     if args.json and args.markdown == "-":
@@ -411,7 +431,7 @@ def main(argv=None) -> int:
             log(f"context {context}, batch {batch}")
             row = measure_point(ours, peer, prefixes, cfg, batch=batch, context=context,
                                 new_tokens=args.new_tokens, repeats=args.repeats, flush=flush,
-                                rng=rng)
+                                rng=rng, peer_budget=args.peer_budget)
             rows.append(row)
             log(f"  ours {row['ours_tokens_per_s']:.1f} tok/s (MBU {100 * row['ours_mbu']:.0f}%)"
                 + (f", peer {row['peer_tokens_per_s']:.1f} tok/s, ours/peer "
@@ -422,6 +442,45 @@ def main(argv=None) -> int:
     setting["loadavg_at_end"] = loadavg()
     report = {"setting": setting, "verification": verification, "prefill_batch1": prefill,
               "results": rows, "targets": targets(rows, args.new_tokens)}
+    write_outputs(report, args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def merge(reports: list[dict]) -> dict:
+    """Several sweep reports (same config and settings, e.g. one per context) as one."""
+    first, last = reports[0]["setting"], reports[-1]["setting"]
+    keys = ("config", "new_tokens", "repeats", "jax", "torch")
+    for r in reports[1:]:
+        if any(r["setting"][k] != first[k] for k in keys):
+            raise SystemExit(f"cannot merge reports with different {', '.join(keys)}")
+    setting = dict(first)
+    if last["date"] != first["date"]:
+        setting["date"] = f"{first['date']} to {last['date']}"
+    setting["loadavg_at_end"] = last["loadavg_at_end"]
+    rows = [row for r in reports for row in r["results"]]
+    return {"setting": setting, "verification": reports[0]["verification"],
+            "prefill_batch1": [p for r in reports for p in r["prefill_batch1"]],
+            "results": rows, "targets": targets(rows, setting["new_tokens"])}
+
+
+def render(args) -> int:
+    reports = []
+    for path in args.render:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"{path}: not a bench_decode --json report ({e})")
+    report = merge(reports)
+    write_outputs(report, args)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def write_outputs(report: dict, args) -> None:
+    setting, rows = report["setting"], report["results"]
     text = markdown(report)
     if args.markdown != "-":
         log("")
@@ -432,12 +491,10 @@ def main(argv=None) -> int:
         Path(args.markdown).write_text(text)
         log(f"Markdown written to {args.markdown}")
     if args.png:
-        plot(rows, args.png, f"decode, {cfg.name} preset, float32, {args.new_tokens} new tokens, "
-                             f"{setting['cpu']} ({setting['cores']} cores)")
+        plot(rows, args.png, f"decode, {setting['config']} preset, float32, "
+                             f"{setting['new_tokens']} new tokens, {setting['cpu']} "
+                             f"({setting['cores']} cores)")
         log(f"plot written to {args.png}")
-    if args.json:
-        print(json.dumps(report, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

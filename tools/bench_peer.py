@@ -96,7 +96,8 @@ class Peer:
 
     def __init__(self, hub: dict, cfg):
         self.cfg = cfg
-        t = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in hub.items()}  # own copies
+        # torch wants writable arrays; to_hub's transposed tensors already are fresh copies.
+        t = {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in hub.items()}
         self.embed = t["model.embed_tokens.weight"]
         self.lm_head = t.get("lm_head.weight", self.embed)  # tied when there is no lm_head
         self.norm = t["model.norm.weight"]
