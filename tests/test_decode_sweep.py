@@ -43,9 +43,12 @@ def test_targets_met_and_missed():
 
 
 def test_markdown_table_with_and_without_peer():
-    text = bd.markdown_table([_row(1024, 4, 0.5), _row(128, 1, 0.65, 2.5)])
+    skipped = {"context": 4096, "batch": 64, "skipped": "needs 9 GB"}
+    text = bd.markdown_table([_row(1024, 4, 0.5), skipped, _row(128, 1, 0.65, 2.5)])
     lines = text.strip().splitlines()
-    assert len(lines) == 4  # header, rule, two rows
+    assert len(lines) == 5  # header, rule, three rows
+    assert all(line.count("|") == 12 for line in lines)  # 11 columns each
+    assert lines[4].startswith("| 4096 | 64 | skipped |")
     assert lines[2].startswith("| 128 | 1 |") and lines[2].endswith("| 65% | 26% | 2.50× |")
     assert lines[3].startswith("| 1024 | 4 |") and lines[3].endswith("| 50% | — | — |")
 
@@ -119,6 +122,23 @@ def peer_setup():
 
     params, cfg = step3_jax.load(config="tiny", seed=0, progress=False)
     return bp, params, cfg, bp.build(params, cfg)
+
+
+def test_peer_weights_are_to_hub(peer_setup):
+    """The peer's tensors (zero-copy views of ours) are ``checkpoint.to_hub``'s, in both expert
+    layouts; stacked experts come as per-expert views."""
+    from step3_jax.checkpoint import to_hub
+    from step3_jax.weights import stack_experts
+
+    bp, params, cfg, _ = peer_setup
+    hub = to_hub(params, cfg)
+    for layout in (params, stack_experts(params)):
+        ours = bp.hub_tensors(layout, cfg)
+        assert ours.keys() == hub.keys()
+        for name, value in hub.items():
+            got = ours[name]
+            got = np.stack([w.numpy() for w in got]) if isinstance(got, list) else got.numpy()
+            assert np.array_equal(got, value), name
 
 
 def test_peer_matches_our_model(peer_setup):

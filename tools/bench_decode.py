@@ -226,6 +226,31 @@ def measure_point(ours: Ours, peer, prefixes: dict, cfg, *, batch: int, context:
     return row
 
 
+def point_memory(cfg, batch: int, context: int, new_tokens: int, capacity: int,
+                 peer: bool) -> float:
+    """Bytes a point holds at its peak beyond the weights: our donated cache (its capacity), or
+    the peer's concatenated cache twice (the old and the grown one) plus one layer's K and V
+    repeated to every head."""
+    item, layers, d = 4, cfg.num_hidden_layers, cfg.head_dim
+    ours = layers * 2 * batch * capacity * d * item
+    if not peer:
+        return ours
+    length = context + new_tokens
+    cache = layers * 2 * batch * length * d * item
+    repeated = 2 * batch * cfg.num_attention_heads * length * d * item
+    return max(ours, 2 * cache + repeated)
+
+
+def mem_available() -> float | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024.0
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 # ----- report ----------------------------------------------------------------------------------------
 
 def _fmt(x, spec):
@@ -239,6 +264,9 @@ def markdown_table(rows: list[dict]) -> str:
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in sorted(rows, key=lambda r: (r["context"], r["batch"])):
+        if r.get("skipped"):
+            lines.append(f"| {r['context']} | {r['batch']} |" + " skipped |" + " — |" * 8)
+            continue
         peer_tps, peer_mbu, ratio = (r.get(k) for k in ("peer_tokens_per_s", "peer_mbu",
                                                         "ours_over_peer"))
         lines.append(
@@ -276,6 +304,9 @@ def markdown(report: dict) -> str:
             f"{s['new_tokens']} new tokens, {s['repeats']} runs each; load average "
             f"{s['loadavg_at_start']} at the start, {s['loadavg_at_end']} at the end.\n\n")
     text += markdown_table(report["results"])
+    for r in report["results"]:
+        if r.get("skipped"):
+            text += f"\nContext {r['context']}, batch {r['batch']} skipped: {r['skipped']}.\n"
     short = [r for r in report["results"] if r.get("peer_steps_per_run", s["new_tokens"])
              < s["new_tokens"]]
     if short:
@@ -297,6 +328,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if not r.get("skipped")]
     contexts = sorted({r["context"] for r in rows})
     fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 3.8), squeeze=False,
                              sharey=True)
@@ -429,6 +461,14 @@ def main(argv=None) -> int:
             + (f", peer {entry['peer_ms']:.0f} ms" if peer is not None else ""))
         for batch in args.batches:
             log(f"context {context}, batch {batch}")
+            need, avail = point_memory(cfg, batch, context, args.new_tokens, capacity,
+                                       peer is not None), mem_available()
+            if avail is not None and 1.25 * need + 0.5e9 > avail:
+                reason = (f"needs ~{need / 1e9:.1f} GB beyond the weights, "
+                          f"{avail / 1e9:.1f} GB available")
+                log(f"  skipped: {reason}")
+                rows.append({"context": context, "batch": batch, "skipped": reason})
+                continue
             row = measure_point(ours, peer, prefixes, cfg, batch=batch, context=context,
                                 new_tokens=args.new_tokens, repeats=args.repeats, flush=flush,
                                 rng=rng, peer_budget=args.peer_budget)

@@ -9,7 +9,7 @@ attention, a KV cache grown with ``torch.cat`` at every step; the MoE as a softm
 without renormalisation, a Python loop over all experts (``torch.where`` on the one-hot expert
 mask, the expert's SwiGLU, ``index_add_``) plus the shared expert; a dense SwiGLU in the dense
 layers. Float32, ``torch.inference_mode()``, ``torch.set_num_threads`` = the cores JAX uses.
-The weights are ours, taken from ``step3_jax.checkpoint.to_hub`` (what the Hub code loads).
+The weights are ours, as ``step3_jax.checkpoint.to_hub`` gives them (what the Hub code loads).
 
 Before any time is reported the peer is checked against our model on the same weights and prompts
 (:func:`verify`): logits of the prompt (every position), then a few greedy decode steps, whose
@@ -27,6 +27,7 @@ after a warm-up run. Torch is a benchmark-only dependency (``pip install -e '.[p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -92,12 +93,12 @@ def swiglu(x, gate, up, down):
 
 
 class Peer:
-    """Step-3 in eager PyTorch over Hub-named tensors (``to_hub`` output, NumPy or torch)."""
+    """Step-3 in eager PyTorch over Hub-named tensors (``to_hub`` / :func:`hub_tensors` output)."""
 
     def __init__(self, hub: dict, cfg):
         self.cfg = cfg
-        # torch wants writable arrays; to_hub's transposed tensors already are fresh copies.
-        t = {k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in hub.items()}
+        t = {k: v if isinstance(v, (torch.Tensor, list)) else torch.from_numpy(np.array(v))
+             for k, v in hub.items()}
         self.embed = t["model.embed_tokens.weight"]
         self.lm_head = t.get("lm_head.weight", self.embed)  # tied when there is no lm_head
         self.norm = t["model.norm.weight"]
@@ -186,15 +187,57 @@ class Peer:
         return F.linear(x, self.lm_head).float(), new_cache
 
 
+def _hub_view(arr: np.ndarray, spec, cfg) -> np.ndarray:
+    """``checkpoint.leaf_to_hub`` without its final copy: the Hub shape as a view of ``arr``."""
+    arr = arr[tuple(slice(0, cfg.vocab_size) if a == "vocab" else slice(None) for a in spec.axes)]
+    if spec.transpose:
+        swapped = spec.hub_shape[:-2] + (spec.hub_shape[-1], spec.hub_shape[-2])
+        return np.swapaxes(arr.reshape(swapped), -1, -2)
+    return arr.reshape(spec.hub_shape)
+
+
+def hub_tensors(params, cfg) -> dict:
+    """The Hub-named tensors of ``params`` as torch tensors sharing our weights' memory.
+
+    Names, shapes and values are ``step3_jax.checkpoint.to_hub``'s (each weight's declaration gives
+    its Hub name and transform). They are zero-copy views of our arrays, so a benchmark holds one
+    copy of the weights, not two (this 24 GB machine is shared): a ``[out, in]`` Linear weight is
+    stored ``[in, out]`` (transposed strides), and ``F.linear`` runs the same GEMM with the other
+    transpose flag over the same bytes (measured: equal time). A stacked ``[E, out, in]`` expert
+    tensor is a list of per-expert views, which ``weight[e]`` indexes exactly as it indexes the
+    Hub's stacked parameter.
+    """
+    import warnings
+
+    import jax
+
+    from step3_jax.weights import declare, is_spec
+
+    pairs = []
+    jax.tree.map(lambda spec, value: pairs.append((spec, value)), declare(cfg), params,
+                 is_leaf=is_spec)
+    out = {}
+    with warnings.catch_warnings():  # JAX's host arrays are read-only; the peer never writes
+        warnings.simplefilter("ignore", UserWarning)
+        for spec, value in pairs:
+            if isinstance(value, (tuple, list)) or spec.axes[0] == "experts":
+                one = dataclasses.replace(spec, shape=spec.shape[1:], axes=spec.axes[1:],
+                                          hub_shape=spec.hub_shape[1:])
+                experts = value if isinstance(value, (tuple, list)) else np.asarray(value)
+                out[spec.hub] = [torch.from_numpy(_hub_view(np.asarray(w), one, cfg))
+                                 for w in experts]
+            else:
+                out[spec.hub] = torch.from_numpy(_hub_view(np.asarray(value), spec, cfg))
+    return out
+
+
 def build(params, cfg, threads: int | None = None) -> Peer:
     """The peer on our ``params`` (any layout), with torch on ``threads`` threads (default: JAX's)."""
     require_torch()
-    from step3_jax.checkpoint import to_hub
-
     torch.set_num_threads(threads or jax_threads())
     if cfg.dtype != "float32":
         raise ValueError(f"the peer runs float32; got a {cfg.dtype} config")
-    return Peer(to_hub(params, cfg), cfg)
+    return Peer(hub_tensors(params, cfg), cfg)
 
 
 def tile_cache(cache, batch: int):
