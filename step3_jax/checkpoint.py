@@ -224,7 +224,7 @@ def read_leaf(reader: HubReader, spec: WeightSpec, cfg: Step3Config, fp8: set[st
 
 
 def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
-             progress: bool = True, per_expert: bool = False) -> Params:
+             progress: bool = True, per_expert: bool = False, keep=None) -> Params:
     """Read a Hub checkpoint (bf16/fp16/f32, or block FP8) into ``cfg``'s parameter pytree, in
     ``cfg.dtype``.
 
@@ -232,7 +232,8 @@ def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
     its sharding (or on the default device), so host memory peaks at about one tensor.
     ``per_expert`` splits stacked expert weights into per-expert arrays as they load
     (``weights.unstack_experts``' layout) instead of splitting them afterwards, which would
-    briefly hold every expert twice.
+    briefly hold every expert twice. ``keep``: a params-shaped tree of bools; tensors marked
+    False are never read and come back as None (every header is still checked).
     """
     reader = HubReader(directory)
     specs, treedef = jax.tree.flatten(declare(cfg), is_leaf=is_spec)
@@ -241,12 +242,16 @@ def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
         log.info("%d block-FP8 weights: dequantizing to %s", len(fp8), cfg.dtype)
     flat_shardings = (treedef.flatten_up_to(shardings) if shardings is not None
                       else [None] * len(specs))
+    flat_keep = treedef.flatten_up_to(keep) if keep is not None else [True] * len(specs)
     dtype = jnp.dtype(cfg.dtype)
-    total = sum(math.prod(s.shape) * dtype.itemsize for s in specs)
+    total = sum(math.prod(s.shape) * dtype.itemsize for s, k in zip(specs, flat_keep) if k)
     out = []
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress,
               leave=False) as bar:
-        for spec, sharding in zip(specs, flat_shardings):
+        for spec, sharding, kept in zip(specs, flat_shardings, flat_keep):
+            if not kept:
+                out.append(None)
+                continue
             host = read_leaf(reader, spec, cfg, fp8).astype(dtype)
             if per_expert and _is_expert_stack(spec):
                 one = None if sharding is None else drop_first_axis(sharding)
@@ -304,7 +309,7 @@ def checkpoint_dir(checkpoint: str | Path) -> Path:
 
 def load(checkpoint: str | Path | None = None, config: str | Path | None = None, *,
          dtype: str = "float32", seed: int = 0, mesh=None, shardings=None,
-         expert_parallel: int | None = None, progress: bool = True,
+         expert_parallel: int | None = None, progress: bool = True, keep=None,
          **config_overrides) -> tuple[Params, Step3Config]:
     """A config and its weights: from a checkpoint directory, or seeded random weights.
 
@@ -317,7 +322,9 @@ def load(checkpoint: str | Path | None = None, config: str | Path | None = None,
     of shardings directly (AFD: ``afd.param_shardings``), with ``expert_parallel`` the number of
     devices the experts are split over. Default: one device. Every weight is read straight onto
     its target sharding, never whole on one device. The weights come back in the MoE kernel's
-    layout (:func:`runtime_layout`).
+    layout (:func:`runtime_layout`). ``keep``: a params-shaped tree of bools (``declare``'s
+    structure); weights marked False are neither read nor created and come back as None (a
+    process of a multi-process AFD run loads only what its devices hold).
     """
     from step3_jax.sharding import param_shardings
     from step3_jax.weights import unstack_moe
@@ -335,9 +342,13 @@ def load(checkpoint: str | Path | None = None, config: str | Path | None = None,
     if directory is not None and store.is_store(directory):
         layout = (lambda layer: layer.replace(ffn=unstack_moe(layer.ffn))
                   if isinstance(layer.ffn, Moe) else layer) if per_expert else None
-        params = store.restore(directory, cfg, shardings, progress=progress, layout=layout)
+        params = store.restore(directory, cfg, shardings, progress=progress, layout=layout,
+                               keep=keep)
     elif directory is not None:
-        params = load_hub(directory, cfg, shardings, progress=progress, per_expert=per_expert)
+        params = load_hub(directory, cfg, shardings, progress=progress, per_expert=per_expert,
+                          keep=keep)
+    elif keep is not None:
+        params = init_params(cfg, seed, shardings, keep)
     elif shardings is not None and len({frozenset(s.device_set) for s in jax.tree.leaves(
             shardings)}) > 1:  # AFD's two groups: one jit cannot produce both; move afterwards
         params = jax.device_put(init_params(cfg, seed), shardings)

@@ -46,6 +46,7 @@ MANIFEST = "step3_jax.json"
 FORMAT = "step3-jax/orbax"
 VERSION = 1
 STORAGE_DTYPES = ("bfloat16", "float32", "fp8")
+_PLACEHOLDER = ...  # marks a leaf left out of a restore (the value of ocp.PLACEHOLDER)
 
 
 # ----- chunks: the unit of streaming ------------------------------------------------------------
@@ -217,6 +218,8 @@ def _check_shapes(directory: Path, name: str, stored, target) -> None:
             raise CheckpointError(f"{directory / name}: missing array {name}{key}")
         if key not in want:
             raise CheckpointError(f"{directory / name}: unexpected array {name}{key}")
+        if want[key] is _PLACEHOLDER:  # not restored by this process
+            continue
         if tuple(have[key].shape) != tuple(want[key].shape):
             raise CheckpointError(f"{directory / name}: array {name}{key}: expected shape "
                                   f"{list(want[key].shape)}, got {list(have[key].shape)}")
@@ -246,41 +249,92 @@ class Reader:
         self._ckpt.close()
         return False
 
-    def read(self, name: str, shardings=None):
+    def read(self, name: str, shardings=None, keep=None):
         """Chunk ``name`` restored onto ``shardings`` (a params-shaped tree, or None for the
-        default device), in ``cfg.dtype``; FP8 weights as :class:`quant.Fp8Weight`."""
+        default device), in ``cfg.dtype``; FP8 weights as :class:`quant.Fp8Weight`. ``keep``: a
+        params-shaped tree of bools; weights marked False are not read (orbax's partial restore)
+        and come back as None."""
         path = self.directory / name
         if not path.is_dir():
             raise CheckpointError(f"{path}: missing chunk directory")
         target = _abstract_chunk(name, self.cfg, self.manifest["weights"], shardings)
+        chunk_keep = None if keep is None else chunk_of(keep, name)
+        if chunk_keep is not None:
+            target = jax.tree.map(
+                lambda k, t: t if k else jax.tree.map(lambda _: _PLACEHOLDER, t),
+                chunk_keep, target)
         try:
             stored = self._ckpt.metadata(path).item_metadata.tree
         except Exception as e:  # orbax raises assorted types for a damaged directory
             raise CheckpointError(f"{path}: unreadable orbax checkpoint ({e})") from None
         _check_shapes(self.directory, name, stored, target)
         try:
-            state = self._ckpt.restore(path, _state(target))
+            if chunk_keep is not None and not all(jax.tree.leaves(chunk_keep)):
+                state = _restore_subset(path, _state(target))
+            else:
+                state = self._ckpt.restore(path, _state(target))
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else ""
             raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: {first})") \
                 from None
         if name.startswith("layer_"):
-            return serialization.from_state_dict(target, state)
-        return {key: state.get(key) for key in chunk_of(declare(self.cfg), name)}
+            value = serialization.from_state_dict(target, state)
+        else:
+            value = {key: state.get(key) for key in chunk_of(declare(self.cfg), name)}
+        if chunk_keep is not None:
+            value = jax.tree.map(lambda k, v: v if k else None, chunk_keep, value)
+        return value
+
+
+def _prune(state: dict) -> dict:
+    """``state`` without its placeholder leaves (and the dicts left empty)."""
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            v = _prune(v)
+            if v:
+                out[k] = v
+        elif v is not _PLACEHOLDER:
+            out[k] = v
+    return out
+
+
+def _fill(template: dict, restored: dict) -> dict:
+    """``template``'s structure with the restored arrays, None at its placeholders."""
+    return {k: _fill(v, restored.get(k, {})) if isinstance(v, dict)
+            else None if v is _PLACEHOLDER else restored[k] for k, v in template.items()}
+
+
+def _restore_subset(path: Path, target: dict) -> dict:
+    """Restore only the non-placeholder leaves of a chunk's state-dict ``target``: orbax's
+    partial restore (``PyTreeRestore(partial_restore=True)``) never reads the arrays left out."""
+    import orbax.checkpoint as ocp
+
+    subset = _prune(target)
+    with ocp.PyTreeCheckpointer() as ckpt:
+        restored = ckpt.restore(path, args=ocp.args.PyTreeRestore(
+            item=subset, restore_args=ocp.checkpoint_utils.construct_restore_args(subset),
+            partial_restore=True))
+    return _fill(target, restored)
 
 
 def restore(directory: str | Path, cfg: Step3Config, shardings=None, *, progress: bool = True,
-            layout=None) -> Params:
+            layout=None, keep=None) -> Params:
     """Restore a store chunk by chunk onto ``shardings`` (default: the default device), in
     ``cfg.dtype`` (FP8 stores keep their quantized nodes). ``layout``: a function applied to
     each restored layer before the next one loads (e.g. to the CPU loop kernel's per-expert
-    layout), so a layout change never holds two copies of the model.
+    layout), so a layout change never holds two copies of the model. ``keep``: a params-shaped
+    tree of bools; weights marked False are not read and come back as None (a chunk with none
+    kept is not opened).
     """
     chunks = {}
     with Reader(directory, cfg) as reader:
         for name in tqdm(reader.names, desc="restoring", unit="chunk", disable=not progress,
                          leave=False):
-            value = reader.read(name, shardings)
+            if keep is not None and not any(jax.tree.leaves(chunk_of(keep, name))):
+                chunks[name] = jax.tree.map(lambda _: None, chunk_of(keep, name))
+                continue
+            value = reader.read(name, shardings, keep)
             chunks[name] = layout(value) if layout is not None and name.startswith(
                 "layer_") else value
     return assemble(cfg, chunks)

@@ -209,20 +209,30 @@ def _init_leaf(spec: WeightSpec, key: jax.Array, cfg: Step3Config) -> jax.Array:
     return w.astype(dtype)
 
 
-def init_params(cfg: Step3Config, seed: int = 0, shardings=None) -> Params:
+def init_params(cfg: Step3Config, seed: int = 0, shardings=None, keep=None) -> Params:
     """Seeded random weights, created directly with their shardings (never whole on one device).
 
     Leaf ``j`` (in pytree order) draws from ``fold_in(PRNGKey(seed), j)``, so a weight's values
-    do not depend on how the model is sharded.
+    do not depend on how the model is sharded. ``keep``: a params-shaped tree of bools; leaves
+    marked False are not created and come back as None (one process of a multi-process AFD run
+    makes only its own part, with the values the whole model would have).
     """
     decl = declare(cfg)
     leaves, treedef = jax.tree.flatten(decl, is_leaf=is_spec)
+    if keep is None:
+        def make(key):
+            keys = [jax.random.fold_in(key, j) for j in range(len(leaves))]
+            return treedef.unflatten([_init_leaf(s, k, cfg) for s, k in zip(leaves, keys)])
 
-    def make(key):
-        keys = [jax.random.fold_in(key, j) for j in range(len(leaves))]
-        return treedef.unflatten([_init_leaf(s, k, cfg) for s, k in zip(leaves, keys)])
+        return jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    kept = [j for j, k in enumerate(treedef.flatten_up_to(keep)) if k]
+    flat_sh = None if shardings is None else [treedef.flatten_up_to(shardings)[j] for j in kept]
 
-    return jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    def make_kept(key):
+        return [_init_leaf(leaves[j], jax.random.fold_in(key, j), cfg) for j in kept]
+
+    made = dict(zip(kept, jax.jit(make_kept, out_shardings=flat_sh)(jax.random.PRNGKey(seed))))
+    return treedef.unflatten([made.get(j) for j in range(len(leaves))])
 
 
 def count_params(cfg: Step3Config) -> dict[str, int]:
@@ -255,7 +265,9 @@ def _map_experts(params: Params, fn) -> Params:
 
 
 def _unstack(w):
-    return w if isinstance(w, tuple) else tuple(w[e] for e in range(w.shape[0]))
+    if w is None or isinstance(w, tuple):  # None: a weight this process does not hold
+        return w
+    return tuple(w[e] for e in range(w.shape[0]))
 
 
 def unstack_moe(p: Moe) -> Moe:
