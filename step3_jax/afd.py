@@ -5,29 +5,45 @@ cache and the LM head; it runs data-parallel (each attention device its own sequ
 group holds only the expert, shared-expert and dense-FFN weights, split by expert (``ep``) and
 width (``tp``). No device holds both. Per layer and micro-batch:
 
-1. attention group: ``h = x + MFA(norm_in(x))``, ``y = norm_post(h)``, the router's top-k;
-   ``y`` quantized to FP8 e4m3 with one scale per token (or sent as ``transfer_dtype``);
-2. A→F: ``y``, its scales and the routing go to the FFN group (``jax.device_put`` across meshes);
-3. FFN group: routed experts + shared expert (or the dense FFN) on the dequantized ``y``;
-4. F→A: the result, in the compute dtype, comes back and is added to ``h`` on the attention side.
+1. each attention device: ``h = x + MFA(norm_in(x))``, ``y = norm_post(h)``, the router's
+   top-k; ``y`` quantized to FP8 e4m3 with one scale per token (or sent as ``transfer_dtype``);
+   its layer's K/V cache is donated to the program and updated in place;
+2. A→F: each attention device's ``y``, scales and routing go to the FFN group
+   (``jax.device_put`` from that one device to the FFN mesh);
+3. FFN group: routed experts + shared expert (or the dense FFN) on the dequantized tokens of all
+   attention devices, one program over the FFN mesh;
+4. F→A: each attention device's rows of the result, in the compute dtype, come back to it and
+   are added to ``h``.
 
-Micro-batches are dispatched layer by layer, micro-batch after micro-batch; JAX's asynchronous
-dispatch lets the FFN group work on micro-batch ``i`` while the attention group works on
-``i + 1``. The loop is driven from Python (two device groups, two programs), as real AFD
-deployments drive two sets of instances.
+The schedule is driven from Python, as real AFD deployments drive two sets of instances:
+micro-batch after micro-batch, layer by layer, with nothing on the host waiting for a device
+until the step's last token ids are read. Each device runs its queue in order, so the FFN group
+works on micro-batch ``i`` while the attention group works on ``i + 1``. Two properties of
+XLA:CPU shape it (``xla/pjrt/cpu/cpu_client.cc``): a program spanning several devices is
+gang-scheduled and such programs run **one at a time across the whole client** ("only one
+collective at a time"), so the attention group's data-parallel step runs as one single-device
+program per attention device (they need no collective), leaving the FFN program the only
+multi-device one; and a ``device_put`` from an array sharded over one mesh to a *replicated*
+layout on another blocks the host until the source is ready, so every transfer here goes from
+one device's array.
 
-:class:`Timeline` stamps when each op's output is ready (waiter threads, so nothing is
-serialized) and rebuilds each group's busy intervals, giving per-layer attention / FFN /
-transfer times, the bubble fraction and how long the two groups overlapped. These are host-side
-observations: on emulated CPU devices saturating the cores they misattribute time between the
-groups (BENCHMARKS.md); a per-device profiler trace is the reliable source.
+``generate`` measures one decode step with a ``jax.profiler`` trace (:func:`device_intervals`):
+the XLA:CPU runtime stamps every HLO op it runs with its device and launch, which gives each
+device's busy intervals from the executing threads themselves. :func:`summarize` turns them
+into per-layer attention / FFN / transfer times, the bubble fraction and how long the two groups
+were busy at once. ``schedule="serial"`` blocks after every op, the control that shows what
+overlap the pipelined schedule buys (BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
+import glob
+import logging
+import os
+import shutil
+import tempfile
 import time
 from typing import Sequence
 
@@ -38,7 +54,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from step3_jax import model, sampling
-from step3_jax.cache import init_cache, write_positions
 from step3_jax.config import Step3Config
 from step3_jax.errors import Step3Error
 from step3_jax.generate import FINISH_REASONS, GenerationResult, bucket, check_prompts
@@ -93,6 +108,15 @@ class AfdModel:
     ffn_mesh: jax.sharding.Mesh
     attn: Params   # embedding, norms, MFA, routers, LM head; every ``ffn`` field None
     ffn: tuple     # per layer: Mlp, or Moe without its router
+    local: tuple = ()  # per attention device: ``attn`` as that device's own arrays (no copy)
+
+    @property
+    def attn_devices(self) -> list:
+        return list(self.attn_mesh.devices.flat)
+
+    @property
+    def ffn_devices(self) -> list:
+        return list(self.ffn_mesh.devices.flat)
 
     @property
     def placement(self) -> dict:
@@ -165,7 +189,16 @@ def place(params: Params, cfg: Step3Config, plan: AfdPlan,
         layer.replace(ffn=_RouterOnly(layer.ffn.router) if isinstance(layer.ffn, Moe) else None)
         for layer in params.layers)
     attn = jax.device_put(params.replace(layers=attn_layers), NamedSharding(attn_mesh, P()))
-    return AfdModel(cfg, plan, attn_mesh, ffn_mesh, attn, tuple(ffn))
+    local = tuple(_on_device(attn, d) for d in attn_mesh.devices.flat)
+    return AfdModel(cfg, plan, attn_mesh, ffn_mesh, attn, tuple(ffn), local)
+
+
+def _on_device(tree, device):
+    """The single-device arrays that make up a replicated (or sharded) tree on ``device``."""
+    def one(x):
+        return next(s.data for s in x.addressable_shards if s.device == device)
+
+    return jax.tree.map(one, tree)
 
 
 @jax.tree_util.register_dataclass
@@ -174,7 +207,8 @@ class _RouterOnly:
     router: jax.Array
 
 
-# ----- the two programs ------------------------------------------------------------------------
+
+# ----- the programs: single-device on each attention device, one over the FFN mesh ---------------
 
 def _quantize(y, dtype: str):
     if dtype != "float8_e4m3fn":
@@ -184,23 +218,50 @@ def _quantize(y, dtype: str):
     return (y / scale).astype(jnp.float8_e4m3fn), scale
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "transfer"))
-def _attention_step(layer, h, f, positions, kv, *, cfg, transfer):
-    """Residual add of the previous layer's FFN output, MFA, post-norm, router, quantize."""
+@functools.partial(jax.jit, static_argnames=("cfg", "transfer"),
+                   donate_argnames=("k_cache", "v_cache"))
+def _attention_step(layer, h, f, positions, k_cache, v_cache, slots, key_len, *, cfg, transfer):
+    """Residual add of the previous layer's FFN output, MFA, post-norm, router, quantize.
+
+    ``k_cache``/``v_cache``: this layer's cache (donated: updated in place), or None (no cache).
+    """
     x = h + f.astype(h.dtype)
-    h, new_kv = model.attention_block(layer, x, positions, kv, cfg)
-    y = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-    routing = route(y, layer.ffn.router, cfg) if layer.ffn is not None else None
-    return h, new_kv, (*_quantize(y, transfer), routing)
+    kv = None if k_cache is None else (k_cache, v_cache, slots, key_len)
+    with jax.named_scope("afd_attention"):
+        h, new_kv = model.attention_block(layer, x, positions, kv, cfg)
+        y = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
+        routing = route(y, layer.ffn.router, cfg) if layer.ffn is not None else None
+    with jax.named_scope("afd_send"):
+        sent = (*_quantize(y, transfer), routing)
+    new_k, new_v = (None, None) if new_kv is None else new_kv
+    return h, new_k, new_v, sent
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _ffn_step(ffn, q, scale, routing, *, cfg):
-    y = q.astype(cfg.dtype) if scale is None else (q.astype(jnp.float32) * scale).astype(cfg.dtype)
-    return model.ffn_block(ffn, y, cfg, routing)
+def _ffn_step(ffn, pieces, *, cfg):
+    """The FFN on the tokens of every attention device; ``pieces`` holds one ``(q, scale,
+    routing)`` per attention device, and the result comes back split the same way, replicated
+    over the FFN mesh (call under ``jax.set_mesh(ffn_mesh)``)."""
+    rows = [q.shape[0] for q, _, _ in pieces]
+    q = jnp.concatenate([q for q, _, _ in pieces])
+    if pieces[0][1] is None:
+        y = q.astype(cfg.dtype)
+    else:
+        scale = jnp.concatenate([s for _, s, _ in pieces])
+        y = (q.astype(jnp.float32) * scale).astype(cfg.dtype)
+    routing = None
+    if pieces[0][2] is not None:
+        routing = tuple(jnp.concatenate([r[i] for _, _, r in pieces]) for i in (0, 1))
+    with jax.named_scope("afd_ffn"):
+        out = model.ffn_block(ffn, y, cfg, routing)
+    out = jax.lax.with_sharding_constraint(out, P())  # every FFN device can send any rows back
+    return tuple(jnp.split(out, np.cumsum(rows)[:-1].tolist()))
 
 
-_sample = jax.jit(sampling.sample)  # eager, its lax.cond would compile on every call
+@jax.jit
+def _embed(embed, tokens):
+    x = jnp.take(embed, tokens, axis=0)
+    return x, jnp.zeros_like(x)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -208,142 +269,277 @@ def _logits(attn: Params, h, f, *, cfg):
     return model.logits_from_hidden(attn, h + f.astype(h.dtype), cfg)
 
 
-def _to(mesh, tree, batch_split: bool):
-    spec = P("dp") if batch_split else P()
-    return jax.device_put(tree, NamedSharding(mesh, spec))
+_sample = jax.jit(sampling.sample)  # eager, its lax.cond would compile on every call
 
 
-class Timeline:
-    """When each dispatched piece of work finishes, seen from the host, to rebuild busy intervals.
+# ----- the schedule ------------------------------------------------------------------------------
 
-    Every op's output gets a waiter thread (``block_until_ready`` releases the GIL) that stamps
-    the moment it is ready. An op starts when its inputs are ready and its device group has
-    finished the op before it; it ends when its output is ready. This measures what the devices
-    do without serializing them, so the overlap of the two groups is observed, not assumed.
-    """
-
-    def __init__(self):
-        self.t0 = time.perf_counter()
-        self.ops: list[dict] = []
-
-    def record(self, group: str, kind: str, layer: int, mb: int, out, after: int | None,
-               dispatched: float):
-        """Register an op dispatched at ``dispatched`` (``perf_counter``); ``after`` is the index
-        of the op producing its input (or None)."""
-        op = {"group": group, "kind": kind, "layer": layer, "mb": mb, "after": after,
-              "dispatched": dispatched - self.t0}
-
-        def wait():  # one thread per op: a shared pool would stamp queued ops late
-            jax.block_until_ready(out)
-            op["ready"] = time.perf_counter()
-
-        op["thread"] = threading.Thread(target=wait, daemon=True)
-        op["thread"].start()
-        self.ops.append(op)
-        return len(self.ops) - 1
-
-    def intervals(self) -> list[dict]:
-        last_end: dict[str, float] = {}
-        out = []
-        for op in self.ops:
-            op["thread"].join()
-            end = op["ready"] - self.t0
-            start = max(op["dispatched"], last_end.get(op["group"], 0.0),
-                        out[op["after"]]["end"] if op["after"] is not None else 0.0)
-            start = min(start, end)
-            last_end[op["group"]] = end
-            out.append({k: op[k] for k in ("group", "kind", "layer", "mb")} |
-                       {"start": start, "end": end})
-        return out
+SCHEDULES = ("pipelined", "serial")
 
 
-def summarize(intervals: list[dict], layers: int) -> dict:
-    """Per-layer stage times (summed over micro-batches), the bubble fraction and the overlap."""
-    def busy(group):
-        return sum(i["end"] - i["start"] for i in intervals if i["group"] == group)
+@dataclasses.dataclass
+class _Shard:
+    """One attention device's rows of one micro-batch, with their KV cache on that device."""
 
-    def merged(group):
-        spans = sorted((i["start"], i["end"]) for i in intervals if i["group"] == group)
-        out = []
-        for a, b in spans:
-            if out and a <= out[-1][1]:
-                out[-1][1] = max(out[-1][1], b)
-            else:
-                out.append([a, b])
-        return out
-
-    wall = max(i["end"] for i in intervals) - min(i["start"] for i in intervals)
-    overlap = sum(max(0.0, min(b1, b2) - max(a1, a2))
-                  for a1, b1 in merged("attention") for a2, b2 in merged("ffn"))
-    attn, ffn = busy("attention"), busy("ffn")
-    return {"attention_ms_per_layer": 1e3 * attn / layers, "ffn_ms_per_layer": 1e3 * ffn / layers,
-            "transfer_ms_per_layer": 1e3 * busy("transfer") / layers,
-            "step_ms": 1e3 * wall,
-            "bubble_fraction": 1.0 - (attn + ffn) / (2 * wall) if wall > 0 else 0.0,
-            "overlap_ms": 1e3 * overlap}
+    index: int                 # position of the device in the attention group
+    device: jax.Device
+    rows: slice                # rows of the whole (padded) batch
+    k: list | None = None      # per layer [rows, capacity, head_dim]
+    v: list | None = None
 
 
-def _stack_pass(m: AfdModel, tokens_mb, positions_mb, kv_mb, timeline: Timeline | None = None):
-    """All layers for every micro-batch; returns final (h, f) per micro-batch and new caches."""
+def _new_cache(cfg: Step3Config, shard: _Shard, capacity: int) -> None:
+    shape = (shard.rows.stop - shard.rows.start, capacity, cfg.head_dim)
+    zeros = lambda: jnp.zeros(shape, cfg.dtype, device=shard.device)  # noqa: E731
+    shard.k = [zeros() for _ in range(cfg.num_hidden_layers)]
+    shard.v = [zeros() for _ in range(cfg.num_hidden_layers)]
+
+
+def _slots(lengths: np.ndarray, num_new: np.ndarray, chunk: int, capacity: int) -> np.ndarray:
+    """``cache.write_positions`` on the host: slot ``lengths[b] + t`` for ``t < num_new[b]``
+    inside the capacity, else ``capacity`` (out of bounds: the scatter drops it)."""
+    pos = lengths[:, None] + np.arange(chunk, dtype=np.int32)[None, :]
+    ok = (np.arange(chunk)[None, :] < num_new[:, None]) & (pos < capacity)
+    return np.where(ok, pos, capacity).astype(np.int32)
+
+
+def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
+                schedule: str = "pipelined"):
+    """All layers for every micro-batch. ``feeds[j][s]`` holds shard ``mbs[j][s]``'s host inputs:
+    ``tokens``, ``positions`` and, with a cache, ``slots`` and ``key_len`` (None in prefill).
+    Returns the final ``(h, f)`` per shard; the shards' caches are replaced by the updated ones
+    (the old arrays are donated). Dispatch is labelled for :func:`device_intervals`."""
     cfg, plan = m.cfg, m.plan
-    split = [t.shape[0] % plan.attention == 0 for t in tokens_mb]
-    hs = [_to(m.attn_mesh, jnp.take(m.attn.embed, jnp.asarray(t), axis=0), s)
-          for t, s in zip(tokens_mb, split)]
-    fs = [jnp.zeros_like(h) for h in hs]
-    back = [None] * len(tokens_mb)  # timeline index of micro-batch j's last F->A transfer
-    new_kv = [([], []) for _ in tokens_mb]
-    for i, layer in enumerate(m.attn.layers):
-        for j in range(len(tokens_mb)):  # micro-batch j's FFN overlaps micro-batch j+1's MFA
-            kv = None if kv_mb[j] is None else (kv_mb[j][0][i], kv_mb[j][1][i], *kv_mb[j][2:])
-            t_attn = time.perf_counter()
-            with jax.named_scope("afd_attention"):
-                hs[j], updated, (q, scale, routing) = _attention_step(
-                    layer, hs[j], fs[j], positions_mb[j], kv, cfg=cfg,
-                    transfer=plan.transfer_dtype)
-            if updated is not None:
-                new_kv[j][0].append(updated[0])
-                new_kv[j][1].append(updated[1])
-            t_send = time.perf_counter()
-            sent = _to(m.ffn_mesh, (q, scale, routing), False)
-            t_ffn = time.perf_counter()
-            with jax.set_mesh(m.ffn_mesh):  # the MoE runs expert-parallel on the FFN group
-                out = _ffn_step(m.ffn[i], *sent, cfg=cfg)
-            t_back = time.perf_counter()
-            fs[j] = _to(m.attn_mesh, out, split[j])
-            if timeline is not None:
-                a = timeline.record("attention", "attention", i, j, hs[j], back[j], t_attn)
-                s = timeline.record("transfer", "a2f", i, j, sent, a, t_send)
-                f = timeline.record("ffn", "ffn", i, j, out, s, t_ffn)
-                back[j] = timeline.record("transfer", "f2a", i, j, fs[j], f, t_back)
-    return hs, fs, new_kv
+    if schedule not in SCHEDULES:
+        raise Step3Error(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    sync = jax.block_until_ready if schedule == "serial" else (lambda x: x)
+    to_ffn = NamedSharding(m.ffn_mesh, P())
+    ffn_devices = m.ffn_devices
+    put = lambda x, d: None if x is None else jax.device_put(x, d)  # noqa: E731
+    ins = [[{k: put(v, sh.device) for k, v in feed.items()} for sh, feed in zip(shards, fs)]
+           for shards, fs in zip(mbs, feeds)]
+    state = [[sync(_embed(m.local[sh.index].embed, x["tokens"])) for sh, x in zip(shards, xs)]
+             for shards, xs in zip(mbs, ins)]
+    for i in range(cfg.num_hidden_layers):
+        for j, shards in enumerate(mbs):  # micro-batch j's FFN overlaps micro-batch j+1's MFA
+            pieces = []
+            with jax.profiler.TraceAnnotation(f"afd/attention/{i}/{j}"):
+                for s, (sh, x) in enumerate(zip(shards, ins[j])):
+                    h, f = state[j][s]
+                    cached = sh.k is not None
+                    h, k, v, sent = sync(_attention_step(
+                        m.local[sh.index].layers[i], h, f, x["positions"],
+                        sh.k[i] if cached else None, sh.v[i] if cached else None,
+                        x.get("slots"), x.get("key_len"), cfg=cfg, transfer=plan.transfer_dtype))
+                    if cached:
+                        sh.k[i], sh.v[i] = k, v
+                    state[j][s] = [h, None]
+                    pieces.append(sent)
+            with jax.profiler.TraceAnnotation(f"afd/a2f/{i}/{j}"):
+                pieces = [sync(jax.device_put(p, to_ffn)) for p in pieces]
+            with jax.profiler.TraceAnnotation(f"afd/ffn/{i}/{j}"), jax.set_mesh(m.ffn_mesh):
+                outs = sync(_ffn_step(m.ffn[i], tuple(pieces), cfg=cfg))
+            with jax.profiler.TraceAnnotation(f"afd/f2a/{i}/{j}"):
+                for s, (sh, out) in enumerate(zip(shards, outs)):
+                    src = ffn_devices[sh.index % len(ffn_devices)]  # spread the sends
+                    piece = next(p.data for p in out.addressable_shards if p.device == src)
+                    state[j][s][1] = sync(jax.device_put(piece, sh.device))
+    return state
 
+
+# ----- the measurement: per-device execution intervals from a profiler trace ---------------------
+
+_log = logging.getLogger(__name__)
+
+
+def _trace_options():
+    opts = jax.profiler.ProfileOptions()
+    opts.python_tracer_level = 0  # Python-function events would slow the host dispatch down
+    return opts
+
+
+def traced(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), trace)``: the call run under a ``jax.profiler`` trace, its outputs
+    awaited; ``trace`` is None when a trace cannot be taken (another one is running)."""
+    log_dir = tempfile.mkdtemp(prefix="step3_afd_trace_")
+    try:
+        try:
+            jax.profiler.start_trace(log_dir, profiler_options=_trace_options())
+        except RuntimeError as e:  # "Profile has already been started": the caller's own trace
+            _log.warning("AFD stage metrics skipped: %s", e)
+            return jax.block_until_ready(fn(*args, **kwargs)), None
+        try:
+            out = jax.block_until_ready(fn(*args, **kwargs))
+        finally:
+            jax.profiler.stop_trace()
+        files = glob.glob(os.path.join(log_dir, "**", "*.xplane.pb"), recursive=True)
+        return out, (jax.profiler.ProfileData.from_file(files[0]) if files else None)
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def device_intervals(trace, m: AfdModel, micro_batches: int) -> list[dict] | None:
+    """Each device's program executions in a traced :func:`_stack_pass`, labelled.
+
+    XLA:CPU emits one trace event per HLO op it executes, on the thread executing it, with the
+    stats ``hlo_module``, ``device_ordinal`` (the global device id) and ``run_id`` (one launch).
+    A launch on a device spans its first op's start to its last op's end. Each device runs its
+    programs in dispatch order, so the ``k``-th ``_attention_step`` launch on an attention device
+    is layer ``k // micro_batches``, micro-batch ``k % micro_batches`` (likewise ``_ffn_step``
+    on each FFN device). Returns dicts ``group, device, kind, layer, mb, start, end, issued``
+    (seconds from the first launch; ``issued``: when the host dispatched that stage, from the
+    ``afd/...`` annotations), or None if the trace does not hold exactly the expected launches.
+    """
+    launches: dict[tuple, list] = {}
+    marks: dict[str, int] = {}
+    for plane in trace.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                if ev.name.startswith("afd/"):
+                    marks[ev.name] = ev.start_ns
+                    continue
+                stats = dict(ev.stats)
+                module = stats.get("hlo_module")
+                if module is None or "device_ordinal" not in stats or "run_id" not in stats:
+                    continue
+                key = (int(stats["device_ordinal"]), int(stats["run_id"]), str(module))
+                span = launches.setdefault(key, [ev.start_ns, ev.start_ns + ev.duration_ns])
+                span[0] = min(span[0], ev.start_ns)
+                span[1] = max(span[1], ev.start_ns + ev.duration_ns)
+    layers = m.cfg.num_hidden_layers
+    out = []
+    for group, devices, program in (("attention", m.attn_devices, "_attention_step"),
+                                    ("ffn", m.ffn_devices, "_ffn_step")):
+        for d in devices:
+            runs = sorted(span for (dev, _, module), span in launches.items()
+                          if dev == d.id and module.endswith(program))
+            if len(runs) != layers * micro_batches:
+                _log.warning("AFD trace: %d %s launches on device %d, expected %d; no stage "
+                             "metrics", len(runs), program, d.id, layers * micro_batches)
+                return None
+            for k, (a, b) in enumerate(runs):
+                i, j = divmod(k, micro_batches)
+                out.append({"group": group, "device": d.id, "kind": group, "layer": i, "mb": j,
+                            "start": a, "end": b,
+                            "issued": marks.get(f"afd/{group}/{i}/{j}", a)})
+    t0 = min(iv["start"] for iv in out)
+    for iv in out:
+        for key in ("start", "end", "issued"):
+            iv[key] = (iv[key] - t0) * 1e-9
+    return out
+
+
+def _union(spans):
+    merged = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
+def _length(spans) -> float:
+    return sum(b - a for a, b in spans)
+
+
+def _intersect(xs, ys) -> float:
+    return sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in xs for a2, b2 in ys)
+
+
+def summarize(intervals: list[dict], layers: int) -> tuple[dict, list[dict]]:
+    """Stage metrics of one step from :func:`device_intervals`, and the transfer waits.
+
+    * ``attention_ms_per_layer`` / ``ffn_ms_per_layer``: one device's busy time per layer
+      (summed over micro-batches, averaged over the group's devices);
+    * ``transfer_ms_per_layer``: per layer, how long stages waited for their input after its
+      producer had finished, their own group was free and the host had issued them — the A→F and
+      F→A copies plus the runtime's scheduling, as far as they stall the pipeline;
+    * ``dispatch_wait_ms_per_layer``: how long stages waited for the host to issue them after
+      their input and group were ready (the Python-driven schedule's own cost);
+    * ``bubble_fraction``: ``1 - (A busy + F busy) / (2 x step)``, a group busy while any of its
+      devices runs a stage; ``overlap_ms``: how long both groups were busy at once.
+
+    A stage (group, layer, micro-batch) spans its devices' first start to last end.
+    """
+    busy = {g: _union((iv["start"], iv["end"]) for iv in intervals if iv["group"] == g)
+            for g in ("attention", "ffn")}
+    wall = max(iv["end"] for iv in intervals) - min(iv["start"] for iv in intervals)
+    stage: dict[tuple, dict] = {}
+    for iv in intervals:
+        key = (iv["group"], iv["layer"], iv["mb"])
+        st = stage.setdefault(key, {"start": iv["start"], "end": iv["end"],
+                                    "issued": iv["issued"]})
+        st["start"], st["end"] = min(st["start"], iv["start"]), max(st["end"], iv["end"])
+    order = {g: sorted(k[1:] for k in stage if k[0] == g) for g in ("attention", "ffn")}
+    waits, transfer, dispatch = [], 0.0, 0.0
+    for g, other, kind in (("ffn", "attention", "a2f"), ("attention", "ffn", "f2a")):
+        for n, (i, j) in enumerate(order[g]):
+            src = (other, i, j) if g == "ffn" else (other, i - 1, j)
+            if src not in stage:  # the first layer's attention reads the embedding
+                continue
+            st = stage[(g, i, j)]
+            ready = stage[src]["end"]
+            if n:
+                ready = max(ready, stage[(g, *order[g][n - 1])]["end"])
+            dispatch += max(0.0, st["issued"] - ready)
+            ready = max(ready, st["issued"])
+            if st["start"] > ready:
+                transfer += st["start"] - ready
+                waits.append({"group": "transfer", "device": None, "kind": kind, "layer": i,
+                              "mb": j, "start": ready, "end": st["start"]})
+    per_device = {g: len({iv["device"] for iv in intervals if iv["group"] == g})
+                  for g in ("attention", "ffn")}
+    stage_ms = {g: 1e3 * sum(iv["end"] - iv["start"] for iv in intervals if iv["group"] == g)
+                / (per_device[g] * layers) for g in ("attention", "ffn")}
+    return {"attention_ms_per_layer": stage_ms["attention"], "ffn_ms_per_layer": stage_ms["ffn"],
+            "transfer_ms_per_layer": 1e3 * transfer / layers,
+            "dispatch_wait_ms_per_layer": 1e3 * dispatch / layers,
+            "step_ms": 1e3 * wall,
+            "bubble_fraction": (1.0 - (_length(busy["attention"]) + _length(busy["ffn"]))
+                                / (2 * wall)) if wall > 0 else 0.0,
+            "overlap_ms": 1e3 * _intersect(busy["attention"], busy["ffn"])}, waits
+
+
+# ----- score and generate ------------------------------------------------------------------------
 
 def score(m: AfdModel, ids: Sequence[int]) -> list[float]:
-    """``log p(ids[i] | ids[:i])`` through the disaggregated data path (one micro-batch)."""
+    """``log p(ids[i] | ids[:i])`` through the disaggregated data path (one sequence, on the
+    first attention device)."""
     (ids,) = check_prompts([ids], m.cfg)
     tokens = np.zeros((1, bucket(len(ids), 16)), np.int32)
     tokens[0, : len(ids)] = ids
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-    (h,), (f,), _ = _stack_pass(m, [tokens], [positions], [None])
-    logp = jax.nn.log_softmax(_logits(m.attn, h, f, cfg=m.cfg)[0], axis=-1)
+    positions = np.arange(tokens.shape[1], dtype=np.int32)[None]
+    shard = _Shard(0, m.attn_devices[0], slice(0, 1))
+    [[(h, f)]] = _stack_pass(m, [[shard]], [[{"tokens": tokens, "positions": positions}]])
+    logp = jax.nn.log_softmax(_logits(m.local[0], h, f, cfg=m.cfg)[0], axis=-1)
     return [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
 
 
 def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             eos_ids: Sequence[int] | None = None, keep_timeline: bool = False):
+             eos_ids: Sequence[int] | None = None, schedule: str = "pipelined",
+             profile: bool = True, keep_timeline: bool = False):
     """Generate through AFD; same contract as ``generate.generate``: ``(results, metrics)``.
 
-    The stage times, bubble fraction and overlap in ``metrics["afd"]`` are measured on the third
-    decode step (a :class:`Timeline`; the first two compile); ``keep_timeline`` adds its intervals.
-    ``decode_step_ms`` is the median wall time of the later, unprofiled steps.
+    The batch is padded to ``micro_batches x A x r`` rows; micro-batch ``j`` is split over the
+    ``A`` attention devices, ``r`` rows each, and each device keeps those rows' KV cache.
+
+    With ``profile``, the stage times, bubble fraction and overlap in ``metrics["afd"]`` come from
+    a ``jax.profiler`` trace of the second decode step (or the first; the first compiles), see
+    :func:`device_intervals`; ``keep_timeline`` adds its intervals (seconds). The trace costs
+    ~10-100 ms. ``decode_step_ms`` is the median wall time of the later, unprofiled steps
+    (None with fewer than 4 new tokens); ``prefill_ms`` includes compiling on a first call.
+    ``schedule="serial"`` blocks after every op (the control for the overlap measurement).
     """
     cfg, plan = m.cfg, m.plan
     prompts = check_prompts(prompts, cfg)
     sampling.check(temperature, top_k, top_p)
-    n = len(prompts)
-    rows_per_mb = -(-n // plan.micro_batches)
-    rows_per_mb = -(-rows_per_mb // plan.attention) * plan.attention  # data-parallel attention
+    if schedule not in SCHEDULES:
+        raise Step3Error(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    n, A = len(prompts), plan.attention
+    r = -(-n // (plan.micro_batches * A))  # rows per attention device and micro-batch
+    rows_per_mb = r * A
     batch = rows_per_mb * plan.micro_batches
     rows = prompts + [[0]] * (batch - n)
     longest = max(len(p) for p in prompts)
@@ -354,28 +550,41 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
         tokens[b, : len(p)] = p
     lengths = np.array([len(p) for p in rows], np.int32)
     eos = set(cfg.eos_token_ids if eos_ids is None else eos_ids)
-    mbs = [slice(j * rows_per_mb, (j + 1) * rows_per_mb) for j in range(plan.micro_batches)]
+    devices = m.attn_devices
+    mbs = [[_Shard(a, devices[a], slice(j * rows_per_mb + a * r, j * rows_per_mb + (a + 1) * r))
+            for a in range(A)] for j in range(plan.micro_batches)]
+    shards = [sh for shards in mbs for sh in shards]
     base = jax.random.PRNGKey(seed)
-    keys = jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
-    knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    keys = np.asarray(jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch)))
+    keys = [jax.device_put(keys[sh.rows], sh.device) for sh in shards]
+    knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
 
-    # Prefill: attention within each prompt chunk, K/V written into a fresh cache per micro-batch.
-    caches = []
-    for sl in mbs:
-        c = init_cache(cfg, rows_per_mb, capacity)
-        slots = write_positions(c.lengths, jnp.asarray(lengths[sl]), chunk, capacity)
-        caches.append((c.k, c.v, slots, None))
-    positions = [jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32), (rows_per_mb, chunk))] * \
-        len(mbs)
-    hs, fs, new_kv = _stack_pass(m, [tokens[sl] for sl in mbs], positions, caches)
+    def draw(state, step: int, last=None) -> np.ndarray:
+        """Sample every shard's next tokens (all dispatched before any is read)."""
+        drawn = []
+        for sh, key, (h, f) in zip(shards, keys, [x for xs in state for x in xs]):
+            logits = _logits(m.local[sh.index], h, f, cfg=cfg)
+            if last is None:
+                logits = logits[:, 0]
+            else:
+                at = jax.device_put(last[sh.rows] - 1, sh.device)
+                logits = jnp.take_along_axis(logits, at[:, None, None], axis=1)[:, 0]
+            drawn.append(_sample(logits, key, np.int32(step), *knobs))
+        return np.concatenate([np.asarray(t) for t in drawn])
+
+    # Prefill: attention within each prompt chunk, K/V written into a fresh cache per shard.
+    feeds = []
+    for sh in shards:
+        _new_cache(cfg, sh, capacity)
+        feeds.append({"tokens": tokens[sh.rows],
+                      "positions": np.broadcast_to(np.arange(chunk, dtype=np.int32),
+                                                   (r, chunk)).copy(),
+                      "slots": _slots(np.zeros(r, np.int32), lengths[sh.rows], chunk, capacity)})
+    started = time.perf_counter()
+    state = _stack_pass(m, mbs, _by_mb(feeds, A), schedule)
+    next_tok = draw(state, 0, last=lengths)
+    prefill_s = time.perf_counter() - started
     cur = lengths.copy()
-    next_tok = np.zeros(batch, np.int32)
-    for j, sl in enumerate(mbs):
-        last = jnp.asarray(cur[sl] - 1)
-        logits = _logits(m.attn, hs[j], fs[j], cfg=cfg)
-        logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-        next_tok[sl] = np.asarray(_sample(logits, keys[sl], jnp.int32(0), *knobs))
-    caches = [(tuple(k), tuple(v)) for k, v in new_kv]
 
     out = [[] for _ in range(batch)]
     done = np.zeros(batch, bool)
@@ -384,55 +593,58 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     budget[n:] = 1
     step = 0
     profiled = None
+    profile_step = min(2, max_new_tokens - 1) if profile else 0  # step 1 compiles
     step_times: list[float] = []
     while True:
         for b in np.flatnonzero(~done):
             out[b].append(int(next_tok[b]))
-            r = (1 if next_tok[b] in eos else 2 if len(out[b]) >= budget[b]
-                 else 3 if cur[b] >= capacity else 0)
-            if r:
-                done[b], reason[b] = True, r
+            reason_b = (1 if next_tok[b] in eos else 2 if len(out[b]) >= budget[b]
+                        else 3 if cur[b] >= capacity else 0)
+            if reason_b:
+                done[b], reason[b] = True, reason_b
         if done.all():
             break
         step += 1
         started = time.perf_counter()
         feed = (~done).astype(np.int32)
-        kv_mb, pos_mb = [], []
-        for j, sl in enumerate(mbs):
-            slots = write_positions(jnp.asarray(cur[sl]), jnp.asarray(feed[sl]), 1, capacity)
-            key_len = jnp.asarray(np.minimum(cur[sl] + feed[sl], capacity))
-            kv_mb.append((*caches[j], slots, key_len))
-            pos_mb.append(jnp.asarray(cur[sl])[:, None])
-        # Profile one step: the third (the first two compile: fresh-cache and decode-cache
-        # input shardings differ), or the last there is.
-        timeline = Timeline() if step == min(3, max_new_tokens - 1) else None
-        hs, fs, new_kv = _stack_pass(m, [next_tok[sl][:, None] for sl in mbs], pos_mb, kv_mb,
-                                     timeline)
-        if timeline is not None:
-            profiled = timeline.intervals()
-        caches = [(tuple(k), tuple(v)) for k, v in new_kv]
+        feeds = [{"tokens": next_tok[sh.rows][:, None], "positions": cur[sh.rows][:, None],
+                  "slots": _slots(cur[sh.rows], feed[sh.rows], 1, capacity),
+                  "key_len": np.minimum(cur[sh.rows] + feed[sh.rows], capacity)}
+                 for sh in shards]
+        if step == profile_step:
+            state, trace = traced(_stack_pass, m, mbs, _by_mb(feeds, A), schedule)
+            profiled = trace and device_intervals(trace, m, plan.micro_batches)
+        else:
+            state = _stack_pass(m, mbs, _by_mb(feeds, A), schedule)
         cur = np.minimum(cur + feed, capacity)
-        for j, sl in enumerate(mbs):
-            logits = _logits(m.attn, hs[j], fs[j], cfg=cfg)[:, 0]
-            drawn = np.asarray(_sample(logits, keys[sl], jnp.int32(step), *knobs))
-            next_tok[sl] = np.where(done[sl], next_tok[sl], drawn)
-        if step > 2 and timeline is None:  # compiled, unprofiled steps
-            step_times.append(time.perf_counter() - started)
+        next_tok = np.where(done, next_tok, draw(state, step))
+        if step > 1 and step != profile_step:
+            step_times.append(time.perf_counter() - started)  # compiled, unprofiled steps
     results = [GenerationResult(prompt_ids=p, generated_ids=out[b],
                                 finish_reason=FINISH_REASONS[reason[b]])
                for b, p in enumerate(prompts)]
     per_layer = m.transfer_bytes_per_layer(rows_per_mb)
-    metrics = {"batch": n, "decode_steps": step,
+    metrics = {"batch": n, "mesh": {"attention": {"dp": A},
+                                    "ffn": {"ep": plan.ffn_ep, "tp": plan.ffn_tp}},
+               "prefill_bucket": chunk, "cache_capacity": capacity, "decode_steps": step,
                "generated_tokens": sum(len(out[b]) for b in range(n)),
+               "prefill_ms": 1e3 * prefill_s,
                "decode_step_ms": 1e3 * float(np.median(step_times)) if step_times else None,
+               "backend": jax.default_backend(), "dtype": cfg.dtype,
                "placement": m.placement,
                "afd": {"micro_batches": plan.micro_batches,
                        "tokens_per_micro_batch": rows_per_mb,
                        "a2f_bytes_per_layer": per_layer["a2f"] * plan.micro_batches,
                        "f2a_bytes_per_layer": per_layer["f2a"] * plan.micro_batches,
-                       "transfer_dtype": plan.transfer_dtype}}
+                       "transfer_dtype": plan.transfer_dtype, "schedule": schedule,
+                       "timeline_source": "jax.profiler" if profiled else None}}
     if profiled:
-        metrics["afd"].update(summarize(profiled, cfg.num_hidden_layers))
+        stats, waits = summarize(profiled, cfg.num_hidden_layers)
+        metrics["afd"].update(stats)
         if keep_timeline:
-            metrics["afd"]["timeline"] = profiled
+            metrics["afd"]["timeline"] = profiled + waits
     return results, metrics
+
+
+def _by_mb(feeds: list, per_mb: int) -> list[list]:
+    return [feeds[k: k + per_mb] for k in range(0, len(feeds), per_mb)]

@@ -457,10 +457,9 @@ def notes(cfg: Step3Config, placement: Placement, doc: dict) -> list[str]:
                    "scales counted.")
     if placement.afd:
         kv = doc["breakdown"]["attention"]["kv_cache"]
-        out.append(f"The plan updates the KV cache in place, as the colocated decode loop does "
-                   f"(its state is donated). afd.generate as implemented does not donate it: "
-                   f"within a decode step the old and the new cache coexist, "
-                   f"{kv / 1e9:.2f} GB more per attention device.")
+        out.append(f"The KV cache ({kv / 1e9:.2f} GB per attention device) is updated in "
+                   f"place: the colocated decode loop donates its state, afd.generate donates "
+                   f"each layer's cache to its attention step.")
         w = doc["breakdown"]["ffn"]["weights"]
         whole = w.get("shared_expert", 0) + w.get("dense_ffn", 0)
         if placement.ffn_tp == 1 and whole:
@@ -650,7 +649,7 @@ def _afd_programs(cfg, placement, batch, context, devices) -> list[dict]:
         h = _sds((rows, 1, H), dt, dp)
         kv = (_sds((rows, context, d), dt, dp), _sds((rows, context, d), dt, dp),
               _sds((rows, 1), jnp.int32, dp), _sds((rows,), jnp.int32, dp))
-        compiled = afd._attention_step.lower(layer, h, h, _sds((rows, 1), jnp.int32, dp), kv,
+        compiled = afd._attention_step.lower(layer, h, h, _sds((rows, 1), jnp.int32, dp), *kv,
                                              cfg=cfg, transfer="float8_e4m3fn").compile()
         args = (layer_weights("attention", i) + 2 * b * H * item + b * 4
                 + 2 * b * context * d * item + b * 4 + b * 4)
@@ -670,7 +669,7 @@ def _afd_programs(cfg, placement, batch, context, devices) -> list[dict]:
         q = _sds((rows, 1, H), jnp.float8_e4m3fn, rep_f)
         scale = _sds((rows, 1, 1), jnp.float32, rep_f)
         with jax.set_mesh(ffn_mesh):
-            compiled = afd._ffn_step.lower(ffn, q, scale, routing, cfg=cfg).compile()
+            compiled = afd._ffn_step.lower(ffn, ((q, scale, routing),), cfg=cfg).compile()
         args = layer_weights("ffn", i) + rows * (H + 4) + (rows * k * 8 if kind == "MoE" else 0)
         temps = acts["ffn"]["moe_layer" if kind == "MoE" else "dense_layer"] + rows * H * item
         out.append(_program(f"FFN step ({kind} layer {i})", "ffn", compiled, args, temps))

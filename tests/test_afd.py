@@ -79,23 +79,179 @@ def test_too_many_devices_and_indivisible_experts(tiny_params, tiny_cfg):
         afd.place(tiny_params, tiny_cfg, afd.parse_plan("2:3"))
 
 
-def test_timeline_metrics_are_measured(tiny_params, tiny_cfg):
+def _check_trace(intervals, m, layers, micro_batches):
+    """What a correctly labelled trace must satisfy; returns the per-(group, layer, mb) stages."""
+    runs = [iv for iv in intervals if iv["group"] != "transfer"]
+    attn, ffn = {d.id for d in m.attn_devices}, {d.id for d in m.ffn_devices}
+    # Every device of each group ran one launch per layer and micro-batch, on its own group.
+    assert len(runs) == (len(attn) + len(ffn)) * layers * micro_batches
+    assert {iv["device"] for iv in runs if iv["group"] == "attention"} == attn
+    assert {iv["device"] for iv in runs if iv["group"] == "ffn"} == ffn
+    assert all(0 <= iv["start"] <= iv["end"] for iv in intervals)
+    # A device executes one program at a time, in dispatch order.
+    for d in attn | ffn:
+        mine = sorted((iv["layer"], iv["mb"], iv["start"], iv["end"]) for iv in runs
+                      if iv["device"] == d)
+        assert all(a[3] <= b[2] + EPS for a, b in zip(mine, mine[1:]))
+    stage = {}
+    for iv in runs:
+        s = stage.setdefault((iv["group"], iv["layer"], iv["mb"]), [iv["start"], iv["end"]])
+        s[0], s[1] = min(s[0], iv["start"]), max(s[1], iv["end"])
+    # Data dependencies: FFN (i, j) starts after every attention device finished (i, j), and
+    # attention (i + 1, j) after the FFN finished (i, j). A mislabelled launch breaks these.
+    for i in range(layers):
+        for j in range(micro_batches):
+            assert stage[("ffn", i, j)][0] >= stage[("attention", i, j)][1] - EPS
+            if i + 1 < layers:
+                assert stage[("attention", i + 1, j)][0] >= stage[("ffn", i, j)][1] - EPS
+    return stage
+
+
+# Trace timestamps are integer nanoseconds per event; 1 us covers their rounding.
+EPS = 1e-6
+
+
+def test_trace_intervals_are_labelled_causally(tiny_params, tiny_cfg):
     m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("2:2", micro_batches=2))
     _, metrics = afd.generate(m, PROMPTS, max_new_tokens=4, eos_ids=[], keep_timeline=True)
     a = metrics["afd"]
+    assert a["timeline_source"] == "jax.profiler"
+    _check_trace(a["timeline"], m, tiny_cfg.num_hidden_layers, 2)
     for key in ("attention_ms_per_layer", "ffn_ms_per_layer", "transfer_ms_per_layer",
-                "step_ms", "overlap_ms"):
+                "dispatch_wait_ms_per_layer", "step_ms", "overlap_ms"):
         assert a[key] >= 0, key
     assert 0.0 <= a["bubble_fraction"] <= 1.0
-    ops = a["timeline"]
-    # Every layer of every micro-batch: attention, A->F, FFN, F->A; each interval well-formed and
-    # causally after its input.
-    assert len(ops) == 4 * tiny_cfg.num_hidden_layers * 2
-    assert all(0 <= op["start"] <= op["end"] for op in ops)
-    assert {op["group"] for op in ops} == {"attention", "ffn", "transfer"}
-    assert a["step_ms"] >= 1e3 * max(op["end"] - op["start"] for op in ops)
+    assert a["step_ms"] >= 1e3 * max(iv["end"] - iv["start"] for iv in a["timeline"])
+
+
+def test_serial_schedule_measures_no_overlap(tiny_params, tiny_cfg):
+    """The control: blocking after every op, the groups cannot run at once; the trace must not
+    find overlap that is not there (at most the timestamp rounding per stage boundary)."""
+    m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("2:2", micro_batches=3))
+    results, metrics = afd.generate(m, PROMPTS, max_new_tokens=4, eos_ids=[],
+                                    schedule="serial", keep_timeline=True)
+    a = metrics["afd"]
+    _check_trace(a["timeline"], m, tiny_cfg.num_hidden_layers, 3)
+    assert a["schedule"] == "serial"
+    assert a["overlap_ms"] <= 1e3 * EPS * 2 * tiny_cfg.num_hidden_layers * 3
+    piped, _ = afd.generate(m, PROMPTS, max_new_tokens=4, eos_ids=[])
+    assert [r.generated_ids for r in results] == [r.generated_ids for r in piped]
+
+
+@pytest.fixture(scope="module")
+def slow_ffn():
+    """tiny with an FFN 64x wider (experts, shared expert and dense FFN of width 2048): the FFN
+    stage takes ~1 ms per micro-batch on this machine, attention ~0.1 ms."""
+    from step3_jax.checkpoint import load
+
+    return load(config="tiny", progress=False, moe_intermediate_size=2048,
+                share_expert_dim=2048, intermediate_size=2048)
+
+
+def test_pipelined_schedule_overlaps_the_groups(slow_ffn):
+    """While the FFN group works on micro-batch j, the attention group works on j + 1: with
+    3 micro-batches, 4 layers and FFN stages ~10x the attention ones, some attention launch must
+    run inside some FFN launch unless the host serializes the groups (a host sync per layer, a
+    blocking transfer, or XLA:CPU's one-multi-device-program-at-a-time rule hit by the
+    attention side). The serial control measures exactly none."""
+    params, cfg = slow_ffn
+    m = afd.place(params, cfg, afd.parse_plan("1:1", micro_batches=3))
+    _, metrics = afd.generate(m, PROMPTS, max_new_tokens=4, eos_ids=[], keep_timeline=True)
+    a = metrics["afd"]
+    stage = _check_trace(a["timeline"], m, cfg.num_hidden_layers, 3)
+    assert a["overlap_ms"] > 1e3 * EPS * 2 * cfg.num_hidden_layers * 3
+    # ... and the overlap is of the pipelining kind: an attention stage of micro-batch j + 1
+    # running while the FFN works on micro-batch j of the same layer.
+    assert any(stage[("attention", i, j + 1)][0] < stage[("ffn", i, j)][1]
+               for i in range(cfg.num_hidden_layers) for j in range(2))
+
+
+def test_summarize_by_hand():
+    """One attention and one FFN device, 2 layers x 2 micro-batches (seconds)."""
+    def iv(group, device, i, j, start, end, issued):
+        return {"group": group, "device": device, "kind": group, "layer": i, "mb": j,
+                "start": start, "end": end, "issued": issued}
+
+    ivs = [iv("attention", 0, 0, 0, 0.0, 1.0, 0.0), iv("attention", 0, 0, 1, 1.0, 2.0, 0.1),
+           iv("attention", 0, 1, 0, 3.5, 4.5, 0.2), iv("attention", 0, 1, 1, 5.0, 6.0, 0.3),
+           iv("ffn", 1, 0, 0, 1.5, 3.0, 0.05), iv("ffn", 1, 0, 1, 3.0, 4.0, 0.15),
+           iv("ffn", 1, 1, 0, 4.5, 5.5, 0.25), iv("ffn", 1, 1, 1, 6.2, 7.0, 6.1)]
+    got, waits = afd.summarize(ivs, layers=2)
+    # Busy: attention [0,2] [3.5,4.5] [5,6] = 4 s; FFN [1.5,4] [4.5,5.5] [6.2,7] = 4.3 s; 7 s.
+    assert got["step_ms"] == pytest.approx(7000)
+    assert got["bubble_fraction"] == pytest.approx(1 - 8.3 / 14)
+    assert got["overlap_ms"] == pytest.approx(1500)  # [1.5,2] + [3.5,4] + [5,5.5]
+    assert got["attention_ms_per_layer"] == pytest.approx(2000)
+    assert got["ffn_ms_per_layer"] == pytest.approx(2150)
+    # Waits on inputs: F(0,0) 0.5 after A(0,0); A(1,0) 0.5 after F(0,0) and A(0,1); A(1,1) 0.5
+    # after A(1,0); F(1,1) ready at 6.0 but issued at 6.1, then 0.1 more.
+    assert got["transfer_ms_per_layer"] == pytest.approx(1e3 * 1.6 / 2)
+    assert got["dispatch_wait_ms_per_layer"] == pytest.approx(1e3 * 0.1 / 2)
+    assert sorted((w["kind"], w["layer"], w["mb"]) for w in waits) == [
+        ("a2f", 0, 0), ("a2f", 1, 1), ("f2a", 1, 0), ("f2a", 1, 1)]
+
+
+def test_no_stage_metrics_under_a_callers_trace(tiny_params, tiny_cfg, tmp_path):
+    """Only one profiler trace runs at a time: inside the caller's own, generate still works and
+    says where its stage metrics went."""
+    m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("2:2", micro_batches=1))
+    with jax.profiler.trace(str(tmp_path)):
+        results, metrics = afd.generate(m, PROMPTS[:2], max_new_tokens=4, eos_ids=[])
+    assert metrics["afd"]["timeline_source"] is None
+    assert "bubble_fraction" not in metrics["afd"]
+    assert all(len(r.generated_ids) == 4 for r in results)
+
+
+def test_kv_cache_is_donated_and_stays_on_the_attention_group(tiny_params, tiny_cfg):
+    """Each attention device's cache is updated in place (the previous arrays are donated) and
+    never leaves that device: placement disjointness from the arrays' own device sets."""
+    cfg = tiny_cfg
+    m = afd.place(tiny_params, cfg, afd.parse_plan("2:2", micro_batches=2))
+    capacity, r = 64, 2
+    mbs = [[afd._Shard(a, m.attn_devices[a], slice((2 * j + a) * r, (2 * j + a + 1) * r))
+            for a in range(2)] for j in range(2)]
+    tokens = np.arange(8 * 5, dtype=np.int32).reshape(8, 5) % cfg.vocab_size
+
+    def run(feed):
+        before = [x for shards in mbs for sh in shards for x in sh.k + sh.v]
+        afd._stack_pass(m, mbs, [[feed(sh) for sh in shards] for shards in mbs])
+        after = [x for shards in mbs for sh in shards for x in sh.k + sh.v]
+        assert all(x.is_deleted() for x in before)
+        assert not any(x.is_deleted() for x in after)
+        for shards in mbs:
+            for sh in shards:
+                assert all(x.sharding.device_set == {sh.device} for x in sh.k + sh.v)
+        devices = set().union(*(x.sharding.device_set for x in after))
+        assert {d.id for d in devices} == {0, 1}
+        assert not devices & set(m.ffn_devices)
+
+    for shards in mbs:
+        for sh in shards:
+            afd._new_cache(cfg, sh, capacity)
+    five = np.full(r, 5, np.int32)
+    run(lambda sh: {"tokens": tokens[sh.rows], "positions": np.tile(np.arange(5), (r, 1)),
+                    "slots": afd._slots(np.zeros(r, np.int32), five, 5, capacity)})  # prefill
+    run(lambda sh: {"tokens": tokens[sh.rows, :1], "positions": np.full((r, 1), 5),
+                    "slots": afd._slots(five, np.ones(r, np.int32), 1, capacity),
+                    "key_len": five + 1})  # a decode step
+
+
+def test_attention_step_aliases_the_cache(tiny_params, tiny_cfg):
+    """XLA reports the donated K and V caches aliased to the outputs: updated in place."""
+    import jax.numpy as jnp
+
+    m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("1:1"))
+    rows, capacity = 4, 128
+    cache = jax.ShapeDtypeStruct((rows, capacity, tiny_cfg.head_dim), jnp.float32)
+    h = jax.ShapeDtypeStruct((rows, 1, tiny_cfg.hidden_size), jnp.float32)
+    ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+    compiled = afd._attention_step.lower(
+        m.local[0].layers[1], h, h, ints(rows, 1), cache, cache, ints(rows, 1), ints(rows),
+        cfg=tiny_cfg, transfer="float8_e4m3fn").compile()
+    assert compiled.memory_analysis().alias_size_in_bytes == 2 * rows * capacity * 16 * 4
 
 
 def test_ffn_mesh_axes_are_checked():
     with pytest.raises(Step3Error, match="--ffn-mesh: unknown axis 'dp'"):
         afd.parse_plan("2:2", "dp=2")
+

@@ -1,18 +1,27 @@
 #!/usr/bin/env python
-"""Colocated vs attention-FFN disaggregated decoding on emulated CPU devices.
+"""Colocated vs attention-FFN disaggregated decoding on emulated CPU devices, and whether the two
+AFD groups really overlap.
 
-For one config and batch: the colocated decode step (a ``dp x ep`` mesh over the same number of
-devices), then AFD ``A:F`` with 1..4 micro-batches — decode step time, per-layer attention / FFN
-/ transfer time, bubble fraction and how long the two groups actually overlapped (all from
-``afd.Timeline``, measured on one decode step), and the bytes each way per layer. The bytes are
-set beside the paper's 2A2F example (128 tokens per attention GPU, 2 attention GPUs per FFN GPU,
-H = 7168: A->F 2 x 128 x 7168 B in FP8, F->A twice that in BF16) computed with the same formula.
-``--png`` draws the timeline of the profiled step for the largest micro-batch count.
+For one config and batch: the colocated decode step (a ``dp x ep`` mesh over the same devices),
+then AFD ``A:F`` with 1..4 micro-batches under two schedules, interleaved run by run:
 
-Emulated devices share this machine's cores: the figures show the schedule and the data volumes,
-not what separate accelerators would achieve.
+* ``pipelined`` — ``afd.generate``'s schedule: nothing on the host waits for a device within a
+  step, so the FFN group can work on micro-batch ``i`` while the attention group works on
+  ``i + 1``;
+* ``serial`` — the same programs with a block after every op: the groups can never overlap.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tools/bench_afd.py --png afd.png
+Per setting: the decode step time (median over the runs of each run's median unprofiled step),
+and from a ``jax.profiler`` trace of one step (``afd.device_intervals``: per-device execution
+events the XLA:CPU runtime records) the per-layer attention / FFN / transfer times, bubble
+fraction and how long both groups were busy at once; the bytes each way per layer beside the
+paper's 2A2F example. If the pipelined step is not faster than the serial one, the overlap the
+trace shows bought nothing (the groups then only shared the same cores).
+
+``--png`` draws both schedules' traced step for the largest micro-batch count, one row per
+device. ``--single-thread-ops`` sets ``--xla_cpu_multi_thread_eigen=false`` (no intra-op
+threading in XLA's Eigen kernels), so each group's programs use fewer cores at once.
+
+    python tools/bench_afd.py --config bench --png docs/afd_trace.png --json
 """
 
 from __future__ import annotations
@@ -20,53 +29,56 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
-
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_force_host_platform_device_count=8").strip()
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from step3_jax import afd  # noqa: E402
-from step3_jax.checkpoint import load  # noqa: E402
-from step3_jax.generate import Generator  # noqa: E402
-from step3_jax.sharding import parse_mesh  # noqa: E402
+import time
 
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def paper_2a2f_bytes(plan: afd.AfdPlan, model: afd.AfdModel) -> dict:
+def paper_2a2f_bytes(k: int) -> dict:
     """The paper's 2A2F per-layer, per-FFN-GPU volumes, and ours from the same formula."""
     tokens, hidden = 2 * 128, 7168
     paper = {"a2f": tokens * hidden * 1, "f2a": tokens * hidden * 2}
-    k = model.cfg.moe_top_k
     ours = {"a2f": tokens * (hidden * 1 + 4 + 8 * k), "f2a": tokens * hidden * 2}
     return {"tokens": tokens, "hidden": hidden, "paper": paper, "formula": ours,
             "difference": "our A->F adds a float32 scale per token and the top-k routing "
                           "(float32 weight + int32 id per expert), which the paper's example omits"}
 
 
-def draw(intervals: list[dict], path: str, title: str) -> None:
+def draw(panels: list[tuple[str, list[dict]]], path: str, title: str) -> None:
+    """One panel per schedule; one row per device (attention devices on top), transfer waits
+    on their own row; colour by micro-batch, hatched FFN."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {"attention": 2, "transfer": 1, "ffn": 0}
-    colors = {"attention": "tab:blue", "a2f": "tab:orange", "f2a": "tab:green", "ffn": "tab:red"}
-    fig, ax = plt.subplots(figsize=(11, 3))
-    for op in intervals:
-        ax.barh(rows[op["group"]], 1e3 * (op["end"] - op["start"]), left=1e3 * op["start"],
-                height=0.6, color=colors[op["kind"]], edgecolor="black", linewidth=0.3)
-    ax.set_yticks(list(rows.values()), ["attention group", "transfers", "FFN group"])
-    ax.set_xlabel("ms since the step's first dispatch")
-    ax.set_title(title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles, ["attention", "A->F", "F->A", "FFN"], loc="upper right", fontsize=8)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 1.3 + 1.1 * len(panels) * 2.2),
+                             squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, (name, intervals) in zip(axes[:, 0], panels):
+        devices = sorted({(iv["group"] != "attention", iv["device"]) for iv in intervals
+                          if iv["device"] is not None})
+        rows = {dev: len(devices) - n for n, (_, dev) in enumerate(devices)}
+        labels = {rows[d]: f"{'attention' if not f else 'FFN'} dev {d}" for f, d in devices}
+        rows[None] = 0
+        labels[0] = "transfer wait"
+        for iv in intervals:
+            ax.barh(rows[iv["device"]], 1e3 * (iv["end"] - iv["start"]),
+                    left=1e3 * iv["start"], height=0.7, color=colors(iv["mb"] % 10),
+                    hatch="//" if iv["kind"] == "ffn" else None, edgecolor="black",
+                    linewidth=0.2)
+        ax.set_yticks(list(labels), list(labels.values()))
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("ms from the step's first launch")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors(j)) for j in range(
+        1 + max(iv["mb"] for _, ivs in panels for iv in ivs))]
+    axes[0, 0].legend(handles, [f"micro-batch {j}" for j in range(len(handles))],
+                      loc="upper right", fontsize=7, ncol=len(handles))
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -74,6 +86,9 @@ def draw(intervals: list[dict], path: str, title: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="bench", help="preset or config.json (default bench)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="keep the first N layers (first and last dense, the rest MoE), to "
+                         "fit memory; per-layer figures are unaffected")
     ap.add_argument("--afd", default="2:2", help="A:F (default 2:2)")
     ap.add_argument("--ffn-mesh", default=None, help="ep=N,tp=N for the FFN group")
     ap.add_argument("--batch", type=int, default=12)
@@ -81,49 +96,105 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--micro-batches", default="1,2,3,4")
     ap.add_argument("--transfer-dtype", default="float8_e4m3fn")
-    ap.add_argument("--png", default=None, help="timeline plot of the largest micro-batch count")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="generate calls per schedule and micro-batch count (default 3)")
+    ap.add_argument("--no-colocated", action="store_true", help="skip the colocated baseline")
+    ap.add_argument("--single-thread-ops", action="store_true",
+                    help="XLA_FLAGS += --xla_cpu_multi_thread_eigen=false")
+    ap.add_argument("--png", default=None, help="trace plot of the largest micro-batch count")
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = ap.parse_args(argv)
 
-    params, cfg = load(config=args.config, progress=False)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "--xla_force_host_platform_device_count" not in flags:
+        flags += " --xla_force_host_platform_device_count=8"
+    if args.single_thread_ops:
+        flags += " --xla_cpu_multi_thread_eigen=false"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
+    import jax
+    import numpy as np
+
+    from step3_jax import afd
+    from step3_jax.checkpoint import load
+    from step3_jax.config import load_config
+    from step3_jax.generate import Generator
+    from step3_jax.sharding import parse_mesh
+
+    overrides = {}
+    if args.layers:
+        n = args.layers
+        overrides = {"num_hidden_layers": n, "moe_layers": tuple(range(1, n - 1))}
+    cfg = load_config(args.config, **overrides)
+    a, f = (int(x) for x in args.afd.split(":"))
     rng = np.random.default_rng(0)
     prompts = rng.integers(2, cfg.vocab_size, size=(args.batch, args.prompt_len)).tolist()
-    a, f = (int(x) for x in args.afd.split(":"))
-    report = {"config": cfg.name, "batch": args.batch, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "jax": jax.__version__, "afd": args.afd}
+    report = {"config": cfg.name, "layers": cfg.num_hidden_layers, "batch": args.batch,
+              "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "jax": jax.__version__, "afd": args.afd, "xla_flags": os.environ["XLA_FLAGS"],
+              "cpus": os.cpu_count(), "load_average_before": os.getloadavg()[0],
+              "started_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
 
-    mesh = parse_mesh(f"dp={a},ep={f}") if a * f <= len(jax.devices()) else parse_mesh(f"dp={a}")
-    colo_params, _ = load(config=args.config, progress=False, mesh=mesh)
-    gen = Generator(colo_params, cfg)
-    gen(prompts, max_new_tokens=args.new_tokens, eos_ids=[])  # compile
-    _, m = gen(prompts, max_new_tokens=args.new_tokens, eos_ids=[])
-    report["colocated"] = {"mesh": m["mesh"], "decode_step_ms": m["decode_step_ms"]}
-    log(f"colocated {m['mesh']}: {m['decode_step_ms']:.1f} ms/step")
-    del colo_params, gen
+    if not args.no_colocated:
+        mesh = parse_mesh(f"dp={a},ep={f}")
+        params, _ = load(config=args.config, progress=False, mesh=mesh, **overrides)
+        gen = Generator(params, cfg)
+        gen(prompts, max_new_tokens=args.new_tokens, eos_ids=[])  # compile
+        steps = [gen(prompts, max_new_tokens=args.new_tokens, eos_ids=[])[1]["decode_step_ms"]
+                 for _ in range(args.repeats)]
+        report["colocated"] = {"mesh": f"dp={a},ep={f}", "decode_step_ms": statistics.median(
+            steps), "runs_decode_step_ms": steps}
+        log(f"colocated dp={a},ep={f}: {statistics.median(steps):.1f} ms/step")
+        del params, gen
 
-    runs, last = [], None
+    plan = afd.parse_plan(args.afd, args.ffn_mesh, 1, args.transfer_dtype)
+    params, _ = load(config=args.config, progress=False, shardings=afd.afd_shardings(cfg, plan),
+                     expert_parallel=plan.ffn_ep, **overrides)
+    runs, traces = [], {}
     for mb in [int(x) for x in args.micro_batches.split(",")]:
         plan = afd.parse_plan(args.afd, args.ffn_mesh, mb, args.transfer_dtype)
-        model = afd.place(params, cfg, plan)
-        _, met = afd.generate(model, prompts, max_new_tokens=args.new_tokens, eos_ids=[],
-                              keep_timeline=True)
-        row = {k: v for k, v in met["afd"].items() if k != "timeline"}
-        row["decode_step_ms"] = met["decode_step_ms"]
-        runs.append(row)
-        last = (mb, met["afd"]["timeline"])
-        log(f"AFD {args.afd}, {mb} micro-batches: {met['decode_step_ms']:.1f} ms/step; per layer "
-            f"attention {row['attention_ms_per_layer']:.2f} ms, FFN {row['ffn_ms_per_layer']:.2f}"
-            f" ms, transfer {row['transfer_ms_per_layer']:.2f} ms; bubble "
-            f"{row['bubble_fraction']:.2f}; overlap {row['overlap_ms']:.1f} ms; "
-            f"A->F {row['a2f_bytes_per_layer']} B, F->A {row['f2a_bytes_per_layer']} B per layer")
-        report["placement"] = met["placement"]
-        report["paper_2a2f_bytes"] = paper_2a2f_bytes(plan, model)
+        model = afd.place(params, cfg, plan)  # already on the groups: nothing moves
+        for schedule in afd.SCHEDULES:  # compile both before timing
+            afd.generate(model, prompts, max_new_tokens=3, eos_ids=[], schedule=schedule,
+                         profile=False)
+        got = {s: [] for s in afd.SCHEDULES}
+        for _ in range(args.repeats):
+            for schedule in afd.SCHEDULES:  # interleaved: drift on a shared machine hits both
+                _, met = afd.generate(model, prompts, max_new_tokens=args.new_tokens,
+                                      eos_ids=[], schedule=schedule, keep_timeline=True)
+                got[schedule].append(met)
+        for schedule, mets in got.items():
+            timed = [x for x in mets if x["afd"].get("timeline_source")]
+            row = {k: v for k, v in mets[0]["afd"].items() if not isinstance(v, (float, list))}
+            for key in ("attention_ms_per_layer", "ffn_ms_per_layer", "transfer_ms_per_layer",
+                        "dispatch_wait_ms_per_layer", "step_ms", "bubble_fraction",
+                        "overlap_ms"):
+                row[key] = statistics.median(x["afd"][key] for x in timed) if timed else None
+            row["decode_step_ms"] = statistics.median(x["decode_step_ms"] for x in mets)
+            row["runs_decode_step_ms"] = [x["decode_step_ms"] for x in mets]
+            runs.append(row)
+            # the run whose traced step is the median one, for the plot
+            if timed:
+                pick = sorted(timed, key=lambda x: x["afd"]["step_ms"])[len(timed) // 2]
+                traces[(mb, schedule)] = pick["afd"]["timeline"]
+            log(f"AFD {args.afd}, {mb} micro-batches, {schedule}: "
+                f"{row['decode_step_ms']:.1f} ms/step; traced step {row['step_ms']:.1f} ms, "
+                f"per layer attention {row['attention_ms_per_layer']:.2f} ms, FFN "
+                f"{row['ffn_ms_per_layer']:.2f} ms, transfer {row['transfer_ms_per_layer']:.2f}"
+                f" ms, dispatch wait {row['dispatch_wait_ms_per_layer']:.2f} ms; bubble "
+                f"{row['bubble_fraction']:.2f}; overlap {row['overlap_ms']:.1f} ms")
+        report["placement"] = model.placement
         del model
     report["afd_runs"] = runs
-    if args.png and last:
-        draw(last[1], args.png, f"AFD {args.afd}, {last[0]} micro-batches, {cfg.name}: one "
-                                f"decode step")
-        log(f"timeline written to {args.png}")
+    report["paper_2a2f_bytes"] = paper_2a2f_bytes(cfg.moe_top_k)
+    report["load_average_after"] = os.getloadavg()[0]
+    top = max(mb for mb, _ in traces) if traces else None
+    if args.png and top is not None:
+        panels = [(f"{s}: decode step traced (per-device launches from jax.profiler)",
+                   traces[(top, s)]) for s in afd.SCHEDULES if (top, s) in traces]
+        draw(panels, args.png, f"AFD {args.afd}, {top} micro-batches, {cfg.name} "
+                               f"({cfg.num_hidden_layers} layers), batch {args.batch}")
+        log(f"trace plot written to {args.png}")
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
