@@ -14,6 +14,7 @@ K and V, every layer).
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import time
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from step3_jax.config import Step3Config
+from step3_jax.errors import Step3Error
 from step3_jax.weights import declare, is_spec
 
 ROOFLINE_N = 8192
@@ -97,45 +99,83 @@ def bytes_per_step(cfg: Step3Config, batch: int, capacity: int) -> dict:
             "expected_distinct_experts_per_layer": distinct}
 
 
+AFD_MIN_NEW_TOKENS = 4  # afd.generate times decode steps from the second on, one is traced
+
+
 def run(params, cfg: Step3Config, *, batch: int, prompt_len: int, new_tokens: int,
-        repeats: int = 3, flush_mb: int = 1024, seed: int = 0, log=None) -> dict:
+        repeats: int = 3, flush_mb: int = 1024, seed: int = 0, log=None, afd_model=None,
+        schedule: str = "pipelined") -> dict:
     """Benchmark decode on ``params``: the report ``step3-jax bench --json`` prints.
 
     Prompts are random token ids (greedy decoding, no EOS, so every sequence decodes exactly
     ``new_tokens``). The first call compiles; then ``repeats`` timed calls, each after a cache
     flush, and the medians of their prefill time and per-step decode time.
+
+    ``afd_model`` (an ``afd.AfdModel``; ``params`` is then unused): the same through
+    ``afd.generate``. Its decode step is the median of each run's unprofiled steps (the first,
+    which may compile, excluded); ``compile_s`` is the first call's wall time minus the median
+    timed call's; the report adds ``placement`` and ``afd`` (the byte counts, and the
+    median over the runs of each traced stage metric, ``afd.summarize``). ``bytes_per_step``
+    is the same model-level figure as colocated: AFD's micro-batches each re-read the experts
+    they touch, so its real traffic is higher.
     """
     from step3_jax.generate import Generator
 
     log = log or (lambda *a: None)
+    if afd_model is not None and new_tokens < AFD_MIN_NEW_TOKENS:
+        raise Step3Error(f"--new-tokens must be >= {AFD_MIN_NEW_TOKENS} with --afd, got "
+                         f"{new_tokens}")
     flush = Flusher(flush_mb)
     log("measuring the memory roofline")
     roof = roofline(10, flush, seed)
     rng = np.random.default_rng(seed)
     prompts = rng.integers(2, cfg.vocab_size, size=(batch, prompt_len)).tolist()
-    gen = Generator(params, cfg)
+    if afd_model is None:
+        gen = Generator(params, cfg)
+    else:
+        from step3_jax import afd
+
+        gen = functools.partial(afd.generate, afd_model, schedule=schedule)
     log(f"compiling and warming up (batch {batch}, prompt {prompt_len}, {new_tokens} new tokens)")
+    started = time.perf_counter()
     _, first = gen(prompts, max_new_tokens=new_tokens, eos_ids=[])
-    runs = []
+    first_s = time.perf_counter() - started
+    runs, walls = [], []
     for i in range(repeats):
         flush()
+        started = time.perf_counter()
         _, m = gen(prompts, max_new_tokens=new_tokens, eos_ids=[])
+        walls.append(time.perf_counter() - started)
         runs.append(m)
         log(f"run {i + 1}/{repeats}: decode {m['decode_step_ms']:.2f} ms/step, "
             f"prefill {m['prefill_ms']:.1f} ms")
     step_ms = statistics.median(m["decode_step_ms"] for m in runs)
     need = bytes_per_step(cfg, batch, first["cache_capacity"])
     peak = roof["gb_per_s"] * 1e9
-    return {
+    out = {
         "config": cfg.name, "dtype": cfg.dtype, "batch": batch, "prompt_len": prompt_len,
         "new_tokens": new_tokens, "mesh": first["mesh"], "backend": jax.default_backend(),
         "jax": jax.__version__, "cache_capacity": first["cache_capacity"],
         "decode_step_ms": step_ms,
         "decode_tokens_per_s": batch * 1e3 / step_ms,
         "prefill_ms": statistics.median(m["prefill_ms"] for m in runs),
-        "compile_s": first["compile_s"],
+        "compile_s": (first["compile_s"] if afd_model is None
+                      else max(0.0, first_s - statistics.median(walls))),
         "bytes_per_step": need["total"], "bytes_breakdown": need,
         "peak_bandwidth_gbs": roof["gb_per_s"],
         "mbu": need["total"] / (step_ms / 1e3) / peak,
         "repeats": repeats, "runs_decode_step_ms": [m["decode_step_ms"] for m in runs],
     }
+    if afd_model is not None:
+        out["placement"] = first["placement"]
+        out["afd"] = _median_afd([m["afd"] for m in runs])
+    return out
+
+
+def _median_afd(runs: list[dict]) -> dict:
+    """The runs' ``afd`` metrics: the fixed ones as reported, each measured one's median."""
+    out = {k: v for k, v in runs[0].items() if not isinstance(v, float)}
+    timed = [r for r in runs if r.get("timeline_source")]
+    for key in {k for r in timed for k, v in r.items() if isinstance(v, float)}:
+        out[key] = statistics.median(r[key] for r in timed)
+    return out

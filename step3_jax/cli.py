@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=3, help="timed runs after warm-up (default 3)")
     be.add_argument("--flush-mb", type=int, default=1024,
                     help="cache-flush buffer rewritten before each timed run (0 = off)")
+    _afd_args(be)
     _common(be)
 
     info = sub.add_parser(
@@ -431,10 +432,19 @@ def cmd_bench(args) -> dict:
     if args.prompt_len + args.new_tokens > cfg.max_position_embedding:
         raise Step3Error(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} "
                          f"exceeds the context ({cfg.max_position_embedding})")
-    params, cfg = _load(args)
+    plan = _afd_plan(args)
+    if plan is not None and args.new_tokens < bench.AFD_MIN_NEW_TOKENS:
+        raise Step3Error(f"--new-tokens must be >= {bench.AFD_MIN_NEW_TOKENS} with --afd, got "
+                         f"{args.new_tokens}")
+    params, cfg = _load(args, plan)
+    model = None
+    if plan is not None:
+        from step3_jax import afd
+
+        model = afd.place(params, cfg, plan)
     out = bench.run(params, cfg, batch=args.batch, prompt_len=args.prompt_len,
                     new_tokens=args.new_tokens, repeats=args.repeats, flush_mb=args.flush_mb,
-                    seed=args.seed, log=log.info)
+                    seed=args.seed, log=log.info, afd_model=model)
     if not args.json:
         print(f"config {out['config']} ({out['dtype']}), batch {out['batch']}, prompt "
               f"{out['prompt_len']}, {out['new_tokens']} new tokens, mesh {out['mesh']}")
@@ -444,6 +454,18 @@ def cmd_bench(args) -> dict:
         print(f"peak bandwidth   {out['peak_bandwidth_gbs']:.1f} GB/s (same run)")
         print(f"MBU              {100 * out['mbu']:.1f}%")
         print(f"prefill          {out['prefill_ms']:.1f} ms;  compile {out['compile_s']:.1f} s")
+        if plan is not None:
+            a = out["afd"]
+            print(f"AFD              attention on devices {out['placement']['attention_devices']}"
+                  f", FFN on {out['placement']['ffn_devices']}; {a['micro_batches']} "
+                  f"micro-batches; {a['a2f_bytes_per_layer']} B A->F, "
+                  f"{a['f2a_bytes_per_layer']} B F->A per layer")
+            if a.get("timeline_source"):
+                print(f"per layer        attention {a['attention_ms_per_layer']:.2f} ms, FFN "
+                      f"{a['ffn_ms_per_layer']:.2f} ms, transfer "
+                      f"{a['transfer_ms_per_layer']:.2f} ms; bubble {a['bubble_fraction']:.2f}, "
+                      f"groups overlapping {a['overlap_ms']:.1f} ms of a "
+                      f"{a['step_ms']:.1f} ms step ({a['timeline_source']})")
     return out
 
 

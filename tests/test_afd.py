@@ -255,3 +255,55 @@ def test_ffn_mesh_axes_are_checked():
     with pytest.raises(Step3Error, match="--ffn-mesh: unknown axis 'dp'"):
         afd.parse_plan("2:2", "dp=2")
 
+
+COLOCATED_BENCH_KEYS = {"config", "dtype", "batch", "prompt_len", "new_tokens", "mesh", "backend",
+                        "jax", "cache_capacity", "decode_step_ms", "decode_tokens_per_s",
+                        "prefill_ms", "compile_s", "bytes_per_step", "bytes_breakdown",
+                        "peak_bandwidth_gbs", "mbu", "repeats", "runs_decode_step_ms"}
+
+
+def test_bench_cli_afd_json(capsys):
+    import json
+
+    from step3_jax import bench, cli
+    from step3_jax.config import load_config
+
+    code = cli.main(["bench", "--config", "tiny", "--afd", "2:2", "--micro-batches", "2",
+                     "--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "1",
+                     "--flush-mb", "0", "--json", "-q"])
+    out = json.loads(capsys.readouterr().out)  # exactly one JSON document
+    assert code == 0
+    assert COLOCATED_BENCH_KEYS <= set(out)
+    assert out["mesh"] == {"attention": {"dp": 2}, "ffn": {"ep": 2, "tp": 1}}
+    assert out["placement"] == {"attention_devices": [0, 1], "ffn_devices": [2, 3]}
+    a = out["afd"]
+    assert {"micro_batches", "a2f_bytes_per_layer", "f2a_bytes_per_layer",
+            "attention_ms_per_layer", "ffn_ms_per_layer", "transfer_ms_per_layer",
+            "bubble_fraction"} <= set(a)
+    assert a["timeline_source"] == "jax.profiler"
+    # 3 sequences in 2 micro-batches over 2 attention devices: 1 row each, 2 tokens per
+    # micro-batch; per token 64 B FP8 + 4 B scale + 3 x 8 B routing A->F, 64 x 4 B back.
+    assert a["tokens_per_micro_batch"] == 2
+    assert a["a2f_bytes_per_layer"] == 2 * 2 * (64 + 4 + 24)
+    assert a["f2a_bytes_per_layer"] == 2 * 2 * 64 * 4
+    assert 0.0 <= a["bubble_fraction"] <= 1.0
+    assert out["mbu"] == pytest.approx(out["bytes_per_step"] / (out["decode_step_ms"] / 1e3)
+                                       / (out["peak_bandwidth_gbs"] * 1e9))
+    assert out["bytes_per_step"] == bench.bytes_per_step(load_config("tiny"), 3,
+                                                         out["cache_capacity"])["total"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--afd", "2:2", "--new-tokens", "3"], "--new-tokens must be >= 4 with --afd, got 3"),
+    (["--afd", "2:2", "--mesh", "dp=2"], "--afd and --mesh are exclusive"),
+    (["--afd", "2:2", "--micro-batches", "0"], "--micro-batches must be >= 1"),
+    (["--afd", "5:4"], "--afd 5:4 needs 9 devices, only 8 available"),
+])
+def test_bench_cli_afd_errors(capsys, argv, message):
+    from step3_jax import cli
+
+    code = cli.main(["bench", "--config", "tiny", "--flush-mb", "0", *argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"step3-jax: error: {message}" in err
+    assert "Traceback" not in err
