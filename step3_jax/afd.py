@@ -109,6 +109,7 @@ class AfdModel:
     attn: Params   # embedding, norms, MFA, routers, LM head; every ``ffn`` field None
     ffn: tuple     # per layer: Mlp, or Moe without its router
     local: tuple = ()  # per attention device: ``attn`` as that device's own arrays (no copy)
+    remote: object = None  # the FFN group in other processes (distributed.RemoteFfn), or None
 
     @property
     def attn_devices(self) -> list:
@@ -320,6 +321,8 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
            for shards, fs in zip(mbs, feeds)]
     state = [[sync(_embed(m.local[sh.index].embed, x["tokens"])) for sh, x in zip(shards, xs)]
              for shards, xs in zip(mbs, ins)]
+    if m.remote is not None:  # the FFN process(es) learn this pass's shapes (distributed.py)
+        m.remote.begin_pass([[x["tokens"].shape for x in xs] for xs in feeds])
     for i in range(cfg.num_hidden_layers):
         for j, shards in enumerate(mbs):  # micro-batch j's FFN overlaps micro-batch j+1's MFA
             pieces = []
@@ -335,6 +338,10 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
                         sh.k[i], sh.v[i] = k, v
                     state[j][s] = [h, None]
                     pieces.append(sent)
+            if m.remote is not None:  # A->F, FFN and F->A through the FFN process(es)
+                for s, out in enumerate(m.remote.exchange(i, j, pieces, shards)):
+                    state[j][s][1] = sync(out)
+                continue
             with jax.profiler.TraceAnnotation(f"afd/a2f/{i}/{j}"):
                 pieces = [sync(jax.device_put(p, to_ffn)) for p in pieces]
             with jax.profiler.TraceAnnotation(f"afd/ffn/{i}/{j}"), jax.set_mesh(m.ffn_mesh):

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eos-id", type=int, action="append", default=None, metavar="ID",
                    help="stop token id (repeatable); default: the config's eos_token_id")
     _afd_args(gen)
+    from step3_jax import launch
+
+    launch.add_process_args(gen)
     _common(gen)
 
     sc = sub.add_parser(
@@ -245,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, metavar="DIR", help="output Hub directory")
     exp.add_argument("--force", action="store_true", help="replace a non-empty --out")
     _common(exp)
+    launch.add_parser(sub)
     return parser
 
 
@@ -324,14 +328,25 @@ def cmd_generate(args) -> dict:
     prompts += [tok.encode(text).ids for text in args.prompt]
     check_prompts(prompts, cfg)
     plan = _afd_plan(args)
-    params, cfg = _load(args, plan)
+    from step3_jax.launch import process_group
+
+    group = process_group(args, afd=plan is not None)
     knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id)
-    if plan is not None:
+    if group is not None:  # attention and FFN groups in separate processes
+        from step3_jax import distributed
+
+        ran = distributed.generate(args, plan, group, prompts, **knobs)
+        if ran is None:  # an FFN process: the attention process (0) prints the results
+            return None
+        results, metrics, cfg = ran
+    elif plan is not None:
         from step3_jax import afd
 
+        params, cfg = _load(args, plan)
         results, metrics = afd.generate(afd.place(params, cfg, plan), prompts, **knobs)
     else:
+        params, cfg = _load(args, plan)
         results, metrics = generate(params, cfg, prompts, **knobs)
     if tok is not None:
         for r in results:
@@ -342,6 +357,8 @@ def cmd_generate(args) -> dict:
     if plan is not None:
         out["placement"] = metrics.pop("placement")
         out["afd"] = metrics.pop("afd")
+    if "processes" in metrics:
+        out["processes"] = metrics.pop("processes")
     if not args.json:
         for i, r in enumerate(results):
             shown = r.text if r.text is not None else ",".join(map(str, r.generated_ids))
@@ -532,9 +549,15 @@ def cmd_export(args) -> dict:
     return out
 
 
+def cmd_launch(args) -> int:
+    from step3_jax import launch
+
+    return launch.run(args)
+
+
 COMMANDS = {"generate": cmd_generate, "score": cmd_score, "info": cmd_info, "bench": cmd_bench,
             "cost": cmd_cost, "estimate": cmd_estimate, "convert": cmd_convert, "export": cmd_export,
-            "plan": cmd_plan}
+            "plan": cmd_plan, "launch": cmd_launch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -555,7 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:  # an in-process caller's logging is as it was (and not bound to our stderr)
         log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
-    if args.json:
+    if isinstance(out, int):  # launch: the launched processes' status
+        return out
+    if getattr(args, "json", False) and out is not None:  # None: an FFN process prints nothing
         json.dump(out, sys.stdout)
         sys.stdout.write("\n")
     return 0

@@ -225,10 +225,35 @@ def _check_shapes(directory: Path, name: str, stored, target) -> None:
                                   f"{list(want[key].shape)}, got {list(have[key].shape)}")
 
 
-class Reader:
-    """The chunks of a store, restored one at a time (a context manager)."""
+def _multiprocessing(processes):
+    """orbax's options for a restore run by ``processes`` only (the processes holding the target
+    devices; in a multi-process AFD run each group restores its own part, not in lockstep with
+    the other group); None: orbax's default, every process."""
+    import orbax.checkpoint as ocp
 
-    def __init__(self, directory: str | Path, cfg: Step3Config):
+    if processes is None:
+        return ocp.options.MultiprocessingOptions()
+    processes = sorted(processes)
+    return ocp.options.MultiprocessingOptions(
+        primary_host=processes[0], active_processes=set(processes),
+        barrier_sync_key_prefix="step3_jax_" + "_".join(map(str, processes)))
+
+
+def holding_processes(shardings, keep=None):
+    """The processes whose devices hold the (kept) weights of ``shardings``, or None in a
+    single-process run."""
+    if shardings is None or jax.process_count() == 1:
+        return None
+    flat = jax.tree.leaves(shardings)
+    flags = jax.tree.leaves(keep) if keep is not None else [True] * len(flat)
+    return frozenset(d.process_index for s, k in zip(flat, flags) if k for d in s.device_set)
+
+
+class Reader:
+    """The chunks of a store, restored one at a time (a context manager). ``processes``: the
+    processes that restore together (:func:`holding_processes`; default all)."""
+
+    def __init__(self, directory: str | Path, cfg: Step3Config, processes=None):
         import orbax.checkpoint as ocp
 
         self.directory = Path(directory)
@@ -240,7 +265,8 @@ class Reader:
             raise CheckpointError(f"{self.directory / MANIFEST}: chunks do not match config.json "
                                   f"({'missing ' + missing[0] if missing else 'unexpected chunks'})")
         self.names = names
-        self._ckpt = ocp.StandardCheckpointer()
+        self._options = _multiprocessing(processes)
+        self._ckpt = ocp.StandardCheckpointer(multiprocessing_options=self._options)
 
     def __enter__(self):
         return self
@@ -270,7 +296,7 @@ class Reader:
         _check_shapes(self.directory, name, stored, target)
         try:
             if chunk_keep is not None and not all(jax.tree.leaves(chunk_keep)):
-                state = _restore_subset(path, _state(target))
+                state = _restore_subset(path, _state(target), self._options)
             else:
                 state = self._ckpt.restore(path, _state(target))
         except Exception as e:
@@ -305,13 +331,14 @@ def _fill(template: dict, restored: dict) -> dict:
             else None if v is _PLACEHOLDER else restored[k] for k, v in template.items()}
 
 
-def _restore_subset(path: Path, target: dict) -> dict:
+def _restore_subset(path: Path, target: dict, options) -> dict:
     """Restore only the non-placeholder leaves of a chunk's state-dict ``target``: orbax's
     partial restore (``PyTreeRestore(partial_restore=True)``) never reads the arrays left out."""
     import orbax.checkpoint as ocp
 
     subset = _prune(target)
-    with ocp.PyTreeCheckpointer() as ckpt:
+    handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=options)
+    with ocp.Checkpointer(handler, multiprocessing_options=options) as ckpt:
         restored = ckpt.restore(path, args=ocp.args.PyTreeRestore(
             item=subset, restore_args=ocp.checkpoint_utils.construct_restore_args(subset),
             partial_restore=True))
@@ -328,7 +355,7 @@ def restore(directory: str | Path, cfg: Step3Config, shardings=None, *, progress
     kept is not opened).
     """
     chunks = {}
-    with Reader(directory, cfg) as reader:
+    with Reader(directory, cfg, holding_processes(shardings, keep)) as reader:
         for name in tqdm(reader.names, desc="restoring", unit="chunk", disable=not progress,
                          leave=False):
             if keep is not None and not any(jax.tree.leaves(chunk_of(keep, name))):
