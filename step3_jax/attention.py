@@ -43,8 +43,14 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 
 def output(p: Attention, o: jax.Array) -> jax.Array:
-    """Heads ``[B, T, n, d]`` back to the model width through ``o_proj``."""
-    return jnp.einsum("btnd,ndh->bth", o, materialize(p.o_proj, o.dtype))
+    """Heads ``[B, T, n, d]`` back to the model width through ``o_proj [n, d, H]``.
+
+    As one ``[B, T, n*d] @ [n*d, H]`` matmul on reshaped (bitcast) operands: the equivalent
+    two-axis einsum made XLA:CPU transpose ``o_proj`` into a fresh ``[d, n, H]`` buffer at every
+    call (an 8 MB copy per layer and decode step on ``bench``; tools/profile_decode.py)."""
+    n, d, hidden = p.o_proj.shape
+    w = materialize(p.o_proj, o.dtype).reshape(n * d, hidden)
+    return linear(o.reshape(*o.shape[:-2], n * d), w)
 
 
 def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array) -> jax.Array:
