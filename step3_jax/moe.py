@@ -19,7 +19,8 @@ Expert compute — same result, different cost model (``shared/spec/cpu-performa
   per step it runs the expert FLOPs at matmul speed (``step3_jax/train.py`` picks it).
 
 ``"auto"`` picks ``loop`` on CPU and ``ragged`` elsewhere. Both are tested against each other and
-against the NumPy reference.
+against the NumPy reference; ``blocks`` against both, and its gradients against ``ragged_dot``'s
+(``tests/test_train.py``).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def block_rows(num_pairs: int, num_experts: int) -> int:
 
 
 def _experts_blocks(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
-    gate, up, down = (jnp.stack(w) if isinstance(w, (tuple, list)) else w
+    gate, up, down = (materialize(stack_weight(w) if isinstance(w, (tuple, list)) else w, y.dtype)
                       for w in (p.gate, p.up, p.down))
     num_experts = gate.shape[0]
     n, k = idx.shape
