@@ -80,11 +80,14 @@ def test_info_reports_step3_numbers(capsys):
 @pytest.mark.parametrize("argv, fragment", [
     (["generate", "--checkpoint", "/nonexistent/ckpt", "--prompt-ids", "1"],
      "checkpoint directory /nonexistent/ckpt does not exist"),
-    (["generate", "--prompt-ids", "1,2,250"], "token id 250 in prompt 0 is outside the vocabulary"),
-    (["generate", "--prompt-ids", ",".join(["1"] * 513)], "longer than the context"),
+    (["generate", "--config", "tiny", "--prompt-ids", "1,2,250"],
+     "token id 250 in prompt 0 is outside the vocabulary"),
+    (["generate", "--prompt-ids", "1,2,258"], "token id 258 in prompt 0 is outside the vocabulary"),
+    (["generate", "--config", "tiny", "--prompt-ids", ",".join(["1"] * 513)],
+     "longer than the context"),
     (["generate", "--prompt-ids", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["generate", "--prompt-ids", "1", "--top-p", "1.01"], "--top-p must be in (0, 1]"),
-    (["generate", "--prompt", "hello"], "needs a tokenizer.json"),
+    (["generate", "--config", "tiny", "--prompt", "hello"], "needs a tokenizer.json"),
     (["generate"], "no prompt"),
     (["generate", "--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["score", "--ids", "1"], "at least 2 tokens"),
@@ -139,11 +142,12 @@ def test_help_on_every_subcommand(capsys):
 def test_console_script_end_to_end():
     """The README's main job: the installed script, default embedded model, JSON on stdout."""
     exe = shutil.which("step3-jax") or pytest.fail("step3-jax console script not installed")
-    proc = subprocess.run([exe, "generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
+    proc = subprocess.run([exe, "generate", "--prompt", "def ", "--max-new-tokens", "4",
                            "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert len(doc["results"][0]["generated_ids"]) == 4 and doc["metrics"]["config"] == "tiny"
+    assert len(doc["results"][0]["generated_ids"]) == 4
+    assert doc["metrics"]["config"] == "demo" and isinstance(doc["results"][0]["text"], str)
     bad = subprocess.run([exe, "generate", "--prompt-ids", "1,2,999"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr
