@@ -600,7 +600,8 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     budget[n:] = 1
     step = 0
     profiled = None
-    profile_step = min(2, max_new_tokens - 1) if profile else 0  # step 1 compiles
+    # Step 1 compiles; a remote FFN's devices are in another process, out of this one's trace.
+    profile_step = min(2, max_new_tokens - 1) if profile and m.remote is None else 0
     step_times: list[float] = []
     while True:
         for b in np.flatnonzero(~done):

@@ -8,6 +8,7 @@ document and every log line or progress bar goes to stderr; a user error prints 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -35,11 +36,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", metavar="DIR",
                    help="Hub checkpoint directory (config.json + safetensors). Without it, "
-                        "--config with seeded random weights; with neither, the demo model "
-                        "shipped in the package (step3_jax/demo_model, byte-level tokenizer)")
+                        "--config with seeded random weights")
     g.add_argument("--config", metavar="PRESET|FILE",
-                   help="preset name (tiny, bench, step3, demo) or config.json path, with "
-                        "seeded random weights")
+                   help=f"preset name (tiny, bench, step3) or config.json path; default "
+                        f"{DEFAULT_PRESET!r} when no --checkpoint is given")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="weight and activation dtype (default float32: XLA:CPU runs bfloat16 "
                         "matmuls ~25x slower)")
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--flush-mb", type=int, default=1024,
                     help="cache-flush buffer rewritten before each timed run (0 = off)")
     _afd_args(be)
+    launch.add_process_args(be)
     _common(be)
 
     info = sub.add_parser(
@@ -259,24 +260,9 @@ def _config(args):
     from step3_jax.config import load_config
 
     if args.checkpoint is None and args.config is None:
-        _default_model(args)
+        args.config = DEFAULT_PRESET
     source = args.config if args.config is not None else checkpoint_dir(args.checkpoint)
     return load_config(source, dtype=args.dtype, moe_impl=args.moe_impl)
-
-
-def _default_model(args) -> None:
-    """Neither --checkpoint nor --config: the shipped demo model (or, in a checkout where it has
-    not been trained, the ``tiny`` preset with random weights)."""
-    from step3_jax import demo
-
-    if not demo.available():
-        args.config = DEFAULT_PRESET
-        return
-    args.checkpoint = str(demo.directory())
-    rec = demo.record()
-    log.info("no --checkpoint: the shipped demo model (%.1fM-parameter Step-3, byte-level, "
-             "trained on Python's standard library; validation perplexity %.3f), %s",
-             rec["parameters"] / 1e6, rec["validation_perplexity"], args.checkpoint)
 
 
 def _afd_plan(args):
@@ -376,11 +362,7 @@ def cmd_generate(args) -> dict:
     if "processes" in metrics:
         out["processes"] = metrics.pop("processes")
     if not args.json:
-        texts = [None] * len(args.prompt_ids) + list(args.prompt)
         for i, r in enumerate(results):
-            if texts[i] is not None and r.text is not None:  # a text prompt: show it continued
-                print(f"[{i}] {texts[i]}{r.text}  ({r.finish_reason})")
-                continue
             shown = r.text if r.text is not None else ",".join(map(str, r.generated_ids))
             print(f"[{i}] {','.join(map(str, r.prompt_ids))} -> {shown}  ({r.finish_reason})")
         if plan is None:
@@ -473,15 +455,29 @@ def cmd_bench(args) -> dict:
     if plan is not None and args.new_tokens < bench.AFD_MIN_NEW_TOKENS:
         raise Step3Error(f"--new-tokens must be >= {bench.AFD_MIN_NEW_TOKENS} with --afd, got "
                          f"{args.new_tokens}")
-    params, cfg = _load(args, plan)
-    model = None
-    if plan is not None:
-        from step3_jax import afd
+    from step3_jax.launch import process_group
 
-        model = afd.place(params, cfg, plan)
-    out = bench.run(params, cfg, batch=args.batch, prompt_len=args.prompt_len,
-                    new_tokens=args.new_tokens, repeats=args.repeats, flush_mb=args.flush_mb,
-                    seed=args.seed, log=log.info, afd_model=model)
+    group = process_group(args, afd=plan is not None)
+    run = functools.partial(bench.run, batch=args.batch, prompt_len=args.prompt_len,
+                            new_tokens=args.new_tokens, repeats=args.repeats,
+                            flush_mb=args.flush_mb, seed=args.seed, log=log.info)
+    if group is not None:  # attention and FFN groups in separate processes
+        from step3_jax import distributed
+
+        session = distributed.start(args, plan, group)
+        if session.role == "ffn":  # serves until process 0, which reports, stops it
+            session.serve()
+            return None
+        out = session.run(run, None, session.cfg, afd_model=session.model)
+        out["processes"] = session.layout
+    else:
+        params, cfg = _load(args, plan)
+        model = None
+        if plan is not None:
+            from step3_jax import afd
+
+            model = afd.place(params, cfg, plan)
+        out = run(params, cfg, afd_model=model)
     if not args.json:
         print(f"config {out['config']} ({out['dtype']}), batch {out['batch']}, prompt "
               f"{out['prompt_len']}, {out['new_tokens']} new tokens, mesh {out['mesh']}")

@@ -73,26 +73,23 @@ def initialize(group: ProcessGroup, timeout: float) -> None:
 
 
 def _kv_store():
-    """The coordination service's key-value store (``blocking_key_value_get``,
-    ``key_value_set``, ``key_value_delete``). JAX exposes no public API for it: this is
-    ``jax._src.distributed.global_state.client`` (jax 0.4.x-0.10.x)."""
+    """The coordination service's key-value store (``key_value_set``,
+    ``blocking_key_value_get``, ``key_value_delete``). JAX has no public API for it: this is
+    ``jax._src.distributed.global_state.client`` (present from jax 0.4 to at least 0.10.2), the
+    one private API used here."""
     try:
         from jax._src.distributed import global_state
 
         client = global_state.client
     except (ImportError, AttributeError):
-        client = None
-        missing = True
-    else:
-        missing = not all(hasattr(client, m) for m in
-                          ("key_value_set", "blocking_key_value_get", "key_value_delete")) \
-            if client is not None else False
-    if missing:
+        client = ()
+    if client is None:
+        raise Step3Error("jax.distributed is not initialized (give --coordinator)")
+    if not all(hasattr(client, m) for m in
+               ("key_value_set", "blocking_key_value_get", "key_value_delete")):
         raise Step3Error(f"this JAX ({jax.__version__}) has no coordination key-value store at "
                          "jax._src.distributed.global_state.client, which multi-process AFD "
                          "uses to exchange addresses and requests (tested with jax 0.10.2)")
-    if client is None:
-        raise Step3Error("jax.distributed is not initialized (give --coordinator)")
     return client
 
 
@@ -259,7 +256,7 @@ class Transport:
     ``recv(peer, uuid, abstract)`` pulls ``ShapeDtypeStruct``s (the shapes must be known
     beforehand) and returns arrays at once that resolve when the data has arrived. Offer and
     pull may come in either order. Both sides must use the same shard layout: here always one
-    device (:class:`RemoteFfn` gathers and scatters locally).
+    device (each attention device sends its own rows and receives its own rows back).
 
     Watchdog: while pulls are pending, if none completes for ``timeout`` seconds, ``on_timeout``
     is called with a description (default: print a one-line error and end the process).
@@ -491,6 +488,22 @@ class Session:
             self.model.remote.stop(error)
         self.transport.close()
 
+    def run(self, fn, *args, **kwargs):
+        """Process 0: ``fn(*args, **kwargs)`` (generating through the remote FFN), then stop the
+        FFN processes; on failure stop them too, a failed transfer as a one-line error."""
+        try:
+            out = fn(*args, **kwargs)
+        except BaseException as e:
+            self.close(error=f"{type(e).__name__}: {e}")
+            if isinstance(e, RuntimeError):  # jaxlib's XlaRuntimeError: a transfer failed
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                peers = ", ".join(map(str, self.model.remote.ffn_processes))
+                raise Step3Error(f"process 0: a transfer with FFN process {peers} failed "
+                                 f"({first})") from None
+            raise
+        self.close()
+        return out
+
 
 def start(args, plan, group: ProcessGroup) -> Session:
     """Join the run, load this process's weights, connect, and check that every process runs
@@ -548,12 +561,7 @@ def generate(args, plan, group: ProcessGroup, prompts, **knobs):
     if session.role == "ffn":
         session.serve()
         return None
-    try:
-        # No profiler trace: the FFN devices are in another process, the trace would miss them.
-        results, metrics = afd.generate(session.model, prompts, profile=False, **knobs)
-    except BaseException as e:
-        session.close(error=f"{type(e).__name__}: {e}")
-        raise
-    session.close()
+    # No profiler trace: the FFN devices are in another process, a trace here would miss them.
+    results, metrics = session.run(afd.generate, session.model, prompts, profile=False, **knobs)
     metrics["processes"] = session.layout
     return results, metrics, session.cfg

@@ -33,7 +33,7 @@ ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
 DEFAULT_PEER_TIMEOUT = 600.0
-SUPPORTED = ("generate",)
+SUPPORTED = ("generate", "bench")
 STOP_GRACE = 3.0      # seconds between SIGTERM and SIGKILL when stopping the others
 EXIT_GRACE = 90.0     # seconds the others may take to exit after one finished cleanly
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S*")
@@ -42,6 +42,7 @@ _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S*")
 # ----- the process-group flags (generate) ----------------------------------------------------------
 
 def add_process_args(p: argparse.ArgumentParser) -> None:
+    """The multi-process flags of ``generate`` and ``bench``."""
     g = p.add_argument_group(
         "multi-process AFD (attention and FFN groups in separate processes; on one machine "
         "`step3-jax launch` sets these)")
@@ -121,8 +122,8 @@ def _env_int(environ, name: str, flag: str) -> int:
 def add_parser(sub) -> None:
     la = sub.add_parser(
         "launch", help="run a multi-process AFD command as N local processes (loopback)",
-        description="Start N local JAX processes running COMMAND (step3-jax generate with "
-                    "--afd A:F): process 0 holds the attention group, processes 1..N-1 the FFN "
+        description="Start N local JAX processes running COMMAND (step3-jax generate or bench "
+                    "with --afd A:F): process 0 holds the attention group, processes 1..N-1 the FFN "
                     "group. Each gets --coordinator 127.0.0.1:PORT --num-processes N "
                     "--process-id I; on CPU, D emulated devices and gloo collectives. Their "
                     "stderr is streamed with a [rank I] prefix, rank 0's stdout is forwarded. "
