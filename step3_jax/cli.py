@@ -36,10 +36,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", metavar="DIR",
                    help="Hub checkpoint directory (config.json + safetensors). Without it, "
-                        "--config with seeded random weights")
+                        "--config with seeded random weights; with neither, the demo model "
+                        "shipped in the package (step3_jax/demo_model, byte-level tokenizer)")
     g.add_argument("--config", metavar="PRESET|FILE",
-                   help=f"preset name (tiny, bench, step3) or config.json path; default "
-                        f"{DEFAULT_PRESET!r} when no --checkpoint is given")
+                   help="preset name (tiny, bench, step3, demo) or config.json path, with "
+                        "seeded random weights")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="weight and activation dtype (default float32: XLA:CPU runs bfloat16 "
                         "matmuls ~25x slower)")
@@ -260,9 +261,24 @@ def _config(args):
     from step3_jax.config import load_config
 
     if args.checkpoint is None and args.config is None:
-        args.config = DEFAULT_PRESET
+        _default_model(args)
     source = args.config if args.config is not None else checkpoint_dir(args.checkpoint)
     return load_config(source, dtype=args.dtype, moe_impl=args.moe_impl)
+
+
+def _default_model(args) -> None:
+    """Neither --checkpoint nor --config: the shipped demo model (or, in a checkout where it has
+    not been trained, the ``tiny`` preset with random weights)."""
+    from step3_jax import demo
+
+    if not demo.available():
+        args.config = DEFAULT_PRESET
+        return
+    args.checkpoint = str(demo.directory())
+    rec = demo.record()
+    log.info("no --checkpoint: the shipped demo model (%.1fM-parameter Step-3, byte-level, "
+             "trained on Python's standard library; validation perplexity %.3f), %s",
+             rec["parameters"] / 1e6, rec["validation_perplexity"], args.checkpoint)
 
 
 def _afd_plan(args):
@@ -362,7 +378,11 @@ def cmd_generate(args) -> dict:
     if "processes" in metrics:
         out["processes"] = metrics.pop("processes")
     if not args.json:
+        texts = [None] * len(args.prompt_ids) + list(args.prompt)
         for i, r in enumerate(results):
+            if texts[i] is not None and r.text is not None:  # a text prompt: show it continued
+                print(f"[{i}] {texts[i]}{r.text}  ({r.finish_reason})")
+                continue
             shown = r.text if r.text is not None else ",".join(map(str, r.generated_ids))
             print(f"[{i}] {','.join(map(str, r.prompt_ids))} -> {shown}  ({r.finish_reason})")
         if plan is None:
