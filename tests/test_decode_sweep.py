@@ -53,6 +53,24 @@ def test_markdown_table_with_and_without_peer():
     assert lines[3].startswith("| 1024 | 4 |") and lines[3].endswith("| 50% | — | — |")
 
 
+def test_derive_median_and_best():
+    raw = {"context": 128, "batch": 4, "bytes_per_step": 1e9, "roofline_gbs_before": 20.0,
+           "roofline_gbs_after": 10.0, "ours_runs_ms": [100.0, 80.0, 90.0],
+           "peer_steps_ms": [300.0, 310.0, 900.0, 200.0, 220.0, 800.0], "peer_steps_per_run": 3}
+    med = bd.derive(raw, "median")
+    assert med["peak_gbs"] == 15.0 and med["ours_step_ms"] == 90.0
+    assert med["peer_step_ms"] == 305.0  # median of all six steps
+    assert med["ours_tokens_per_s"] == pytest.approx(4 * 1e3 / 90.0)
+    assert med["ours_mbu"] == pytest.approx(1e9 / 0.090 / 15e9)
+    assert med["roofline_tokens_per_s"] == pytest.approx(4 * 15e9 / 1e9)
+    best = bd.derive(raw, "best")
+    assert best["peak_gbs"] == 20.0 and best["ours_step_ms"] == 80.0
+    assert best["peer_step_ms"] == 220.0  # the run (200, 220, 800) has the lower median
+    assert best["ours_over_peer"] == pytest.approx(220.0 / 80.0)
+    assert "peer_step_ms" not in bd.derive({k: v for k, v in raw.items()
+                                            if not k.startswith("peer")}, "best")
+
+
 def test_must_read_bytes(tiny_cfg):
     """KV at the mean length over the decode; routed experts scaled to the measured count."""
     plain = bench.bytes_per_step(tiny_cfg, batch=4, capacity=100 + 4.5)

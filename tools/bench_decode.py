@@ -201,28 +201,49 @@ def measure_point(ours: Ours, peer, prefixes: dict, cfg, *, batch: int, context:
         log(f"  run {r + 1}/{repeats}: ours {ours_ms[-1]:.1f} ms/step"
             + (f", peer {statistics.median(times) * 1e3:.1f} ms/step" if peer is not None else ""))
     roof_after = bench.roofline(10, flush)
-    peak_gbs = (roof_before["gb_per_s"] + roof_after["gb_per_s"]) / 2
     distinct = statistics.mean(routing) if routing else None
     need = must_read_bytes(cfg, batch, context, new_tokens, distinct)
-    ours_step = statistics.median(ours_ms)
     row = {"context": context, "batch": batch, "new_tokens": new_tokens,
            "cache_capacity": prefixes["ours"].capacity, "compile_s": compile_s,
            "roofline_gbs_before": roof_before["gb_per_s"],
-           "roofline_gbs_after": roof_after["gb_per_s"], "peak_gbs": peak_gbs,
-           "bytes_per_step": need["total"], "bytes": need,
-           "roofline_tokens_per_s": batch * peak_gbs * 1e9 / need["total"],
-           "ours_step_ms": ours_step, "ours_runs_ms": ours_ms,
-           "ours_tokens_per_s": batch * 1e3 / ours_step,
-           "ours_mbu": need["total"] / (ours_step / 1e3) / (peak_gbs * 1e9),
+           "roofline_gbs_after": roof_after["gb_per_s"],
+           "bytes_per_step": need["total"], "bytes": need, "ours_runs_ms": ours_ms,
            "loadavg": loadavg()}
     if peer is not None:
-        peer_step = statistics.median(peer_ms)
-        row.update(peer_step_ms=peer_step, peer_steps_ms=peer_ms,
-                   peer_tokens_per_s=batch * 1e3 / peer_step,
-                   peer_mbu=need["total"] / (peer_step / 1e3) / (peak_gbs * 1e9),
-                   ours_over_peer=peer_step / ours_step, peer_steps_per_run=peer_steps,
+        row.update(peer_steps_ms=peer_ms, peer_steps_per_run=peer_steps,
                    rows_tokens_agree=int(np.sum(np.all(
                        ours_tokens[:, :peer_steps] == peer_tokens, axis=1))))
+    return derive(row, "median")
+
+
+def derive(row: dict, estimator: str) -> dict:
+    """Step times, tokens/s, MBU and ratios of a point from its raw per-run timings.
+
+    ``median``: ours = median over runs of (run time / steps), the peer = median over all its
+    timed steps, peak = mean of the rooflines before and after. ``best`` (for a machine other jobs
+    load unevenly): ours = its fastest run, the peer = the run with the lowest median step, peak =
+    the higher roofline; each side's least-disturbed measurement, picked the same way.
+    """
+    if row.get("skipped"):
+        return row
+    row = dict(row, estimator=estimator)
+    before, after = row["roofline_gbs_before"], row["roofline_gbs_after"]
+    best = estimator == "best"
+    row["peak_gbs"] = max(before, after) if best else (before + after) / 2
+    peak, need, batch = row["peak_gbs"] * 1e9, row["bytes_per_step"], row["batch"]
+    ours_step = (min if best else statistics.median)(row["ours_runs_ms"])
+    row.update(roofline_tokens_per_s=batch * peak / need, ours_step_ms=ours_step,
+               ours_tokens_per_s=batch * 1e3 / ours_step,
+               ours_mbu=need / (ours_step / 1e3) / peak)
+    if row.get("peer_steps_ms"):
+        steps, n = row["peer_steps_ms"], row["peer_steps_per_run"]
+        if best:
+            runs = [steps[i: i + n] for i in range(0, len(steps), n)]
+            peer_step = min(statistics.median(r) for r in runs)
+        else:
+            peer_step = statistics.median(steps)
+        row.update(peer_step_ms=peer_step, peer_tokens_per_s=batch * 1e3 / peer_step,
+                   peer_mbu=need / (peer_step / 1e3) / peak, ours_over_peer=peer_step / ours_step)
     return row
 
 
@@ -301,7 +322,8 @@ def markdown(report: dict) -> str:
     s = report["setting"]
     text = (f"Setting: {s['cpu']}, {s['cores']} cores, JAX {s['jax']}, torch {s['torch'] or '—'} "
             f"({s['threads']} threads), {s['date']}; config `{s['config']}`, float32, "
-            f"{s['new_tokens']} new tokens, {s['repeats']} runs each; load average "
+            f"{s['new_tokens']} new tokens, {s['repeats']} runs each "
+            f"({s.get('estimator', 'median')} estimator); load average "
             f"{s['loadavg_at_start']} at the start, {s['loadavg_at_end']} at the end.\n\n")
     text += markdown_table(report["results"])
     for r in report["results"]:
@@ -381,6 +403,9 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-budget", type=float, default=120.0, metavar="SECONDS",
                     help="per point, time at most about this many seconds of peer steps (then "
                          "fewer steps per run, at least 4; the step count is reported); 0: all")
+    ap.add_argument("--estimator", choices=("median", "best"), default="median",
+                    help="median: medians over runs and steps; best: each side's fastest run "
+                         "and the higher roofline (for a machine other jobs load unevenly)")
     ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
                     help="measure nothing: merge these --json reports (e.g. one per context) and "
                          "write their --markdown / --png")
@@ -480,6 +505,8 @@ def main(argv=None) -> int:
                   f"({row['peak_gbs']:.1f} GB/s)")
         del prefixes
     setting["loadavg_at_end"] = loadavg()
+    setting["estimator"] = args.estimator
+    rows = [derive(r, args.estimator) for r in rows]
     report = {"setting": setting, "verification": verification, "prefill_batch1": prefill,
               "results": rows, "targets": targets(rows, args.new_tokens)}
     write_outputs(report, args)
@@ -513,6 +540,9 @@ def render(args) -> int:
         except (OSError, json.JSONDecodeError) as e:
             raise SystemExit(f"{path}: not a bench_decode --json report ({e})")
     report = merge(reports)
+    report["results"] = [derive(r, args.estimator) for r in report["results"]]
+    report["targets"] = targets(report["results"], report["setting"]["new_tokens"])
+    report["setting"]["estimator"] = args.estimator
     write_outputs(report, args)
     if args.json:
         print(json.dumps(report, indent=2))
