@@ -49,11 +49,18 @@ def store_dir(tmp_path_factory, tiny_params, tiny_cfg):
                       weights="float32", progress=False)
 
 
+_REFERENCE: dict = {}
+
+
 def _single_process(params, cfg, transfer, micro_batches):
-    m = afd.place(params, cfg, afd.parse_plan("2:2", None, micro_batches, transfer))
-    results, _ = afd.generate(m, PROMPTS, max_new_tokens=NEW_TOKENS, eos_ids=[-1],
-                              profile=False)
-    return [r.generated_ids for r in results]
+    """Single-process 2:2 AFD's tokens (computed once per setting)."""
+    key = (transfer, micro_batches)
+    if key not in _REFERENCE:
+        m = afd.place(params, cfg, afd.parse_plan("2:2", None, micro_batches, transfer))
+        results, _ = afd.generate(m, PROMPTS, max_new_tokens=NEW_TOKENS, eos_ids=[-1],
+                                  profile=False)
+        _REFERENCE[key] = [r.generated_ids for r in results]
+    return _REFERENCE[key]
 
 
 @pytest.mark.parametrize("source, transfer, micro_batches", [
@@ -89,6 +96,22 @@ def test_two_processes_equal_single_process_afd(hub_dir, store_dir, tiny_params,
     # Logs: both ranks streamed with their prefix; the FFN process served every pass.
     assert "[rank 0]" in err and "[rank 1]" in err
     assert f"served {NEW_TOKENS} passes" in err  # prefill + NEW_TOKENS - 1 decode steps
+
+
+def test_ffn_group_spanning_two_processes(hub_dir, tiny_params, tiny_cfg):
+    """1 attention process + an FFN group over 2 processes of 1 device each (its expert-parallel
+    psum crosses processes through gloo): the same tokens as single-process AFD. With float32
+    transfer AFD's tokens do not depend on the split (tests/test_afd.py: they equal colocated),
+    so the reference is the 2:2 single-process run, exactly."""
+    args = _generate_args(hub_dir, "float32", 3)
+    args[args.index("--afd") + 1] = "1:2"
+    code, out, err = _launch("--processes", "3", "--", *args)
+    assert code == 0, err[-3000:]
+    doc = json.loads(out)
+    assert [r["generated_ids"] for r in doc["results"]] == \
+        _single_process(tiny_params, tiny_cfg, "float32", 3)
+    assert doc["processes"]["ffn"]["processes"] == [1, 2]
+    assert "served" in err and "[rank 2]" in err
 
 
 def test_killed_process_fails_the_launch_in_bounded_time(hub_dir):
@@ -331,3 +354,11 @@ def test_transport_round_trip_and_watchdog():
         t.send(8, [jax.device_put(values[0], devices[0])])  # leave nothing pending
     finally:
         t.close()
+
+
+def test_launch_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "launch", "--help")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: step3-jax launch" in out and "--devices-per-process" in out
