@@ -74,7 +74,7 @@ def initialize(group: ProcessGroup, timeout: float) -> None:
 
 def _kv_store():
     """The coordination service's key-value store (``key_value_set``,
-    ``blocking_key_value_get``, ``key_value_delete``). JAX has no public API for it: this is
+    ``blocking_key_value_get``). JAX has no public API for it: this is
     ``jax._src.distributed.global_state.client`` (present from jax 0.4 to at least 0.10.2), the
     one private API used here."""
     try:
@@ -85,8 +85,7 @@ def _kv_store():
         client = ()
     if client is None:
         raise Step3Error("jax.distributed is not initialized (give --coordinator)")
-    if not all(hasattr(client, m) for m in
-               ("key_value_set", "blocking_key_value_get", "key_value_delete")):
+    if not all(hasattr(client, m) for m in ("key_value_set", "blocking_key_value_get")):
         raise Step3Error(f"this JAX ({jax.__version__}) has no coordination key-value store at "
                          "jax._src.distributed.global_state.client, which multi-process AFD "
                          "uses to exchange addresses and requests (tested with jax 0.10.2)")
@@ -116,12 +115,6 @@ class _Kv:
             raise Step3Error(f"process {self.whoami}: lost the run while waiting for "
                              f"{waiting_for} ({first})") from None
         return json.loads(raw)
-
-    def delete(self, key: str) -> None:
-        try:
-            self.client.key_value_delete(f"{_PREFIX}/{key}")
-        except Exception:  # cleanup only
-            pass
 
 
 # ----- devices and weights -------------------------------------------------------------------------
@@ -429,8 +422,9 @@ def serve_ffn(m, transport: Transport, kv: _Kv, group: ProcessGroup) -> int:
     fp8 = plan.transfer_dtype == "float8_e4m3fn"
     pass_no = 0
     while True:
+        # Headers stay in the store (~100 B each): with several FFN processes none knows when
+        # the others have read one.
         header = kv.get(f"pass/{pass_no + 1}", "a request from the attention process (0)")
-        kv.delete(f"pass/{pass_no + 1}")
         if header.get("stop"):
             if header.get("error"):
                 log.info("process 0 stopped with an error: %s", header["error"])

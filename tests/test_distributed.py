@@ -169,6 +169,33 @@ def test_too_few_devices_is_a_one_line_error_from_every_rank(hub_dir):
     assert "Traceback" not in err
 
 
+def test_processes_with_different_plans_refuse_to_run(hub_dir):
+    """Started by hand (as on a cluster) with different --micro-batches: the FFN process finds
+    the mismatch in the handshake, and both exit 2 with one line naming it."""
+    from step3_jax.launch import child_env, free_port
+
+    port = free_port()
+    procs = []
+    for rank, mbs in ((0, "3"), (1, "2")):
+        argv = [sys.executable, "-m", "step3_jax.cli", "generate", "--checkpoint", str(hub_dir),
+                "--afd", "1:1", "--prompt-ids", "1,2", "--micro-batches", mbs,
+                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+                str(rank), "--peer-timeout", "60"]
+        procs.append(subprocess.Popen(argv, env=child_env(1), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    message = ("its AFD plan differs from process 0's (give every process the same model flags "
+               "and --afd/--ffn-mesh/--micro-batches/--afd-transfer-dtype)")
+    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 2 and out == "", err[-2000:]
+        assert err.strip().splitlines()[-1] == f"step3-jax: error: process 1: {message}"
+
+
 # ----- flags, in process (nothing here may reach jax.distributed.initialize) ---------------------
 
 GEN = ["generate", "--config", "tiny", "--prompt-ids", "1,2", "--peer-timeout", "5"]
