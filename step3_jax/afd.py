@@ -54,6 +54,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from step3_jax import model, sampling
+from step3_jax.cache import layer_shapes
 from step3_jax.config import Step3Config
 from step3_jax.errors import Step3Error
 from step3_jax.generate import FINISH_REASONS, GenerationResult, bucket, check_prompts
@@ -285,15 +286,15 @@ class _Shard:
     index: int                 # position of the device in the attention group
     device: jax.Device
     rows: slice                # rows of the whole (padded) batch
-    k: list | None = None      # per layer [rows, capacity, head_dim]
+    k: list | None = None      # per layer [rows, head_dim, capacity] (cache.layer_shapes)
     v: list | None = None
 
 
 def _new_cache(cfg: Step3Config, shard: _Shard, capacity: int) -> None:
-    shape = (shard.rows.stop - shard.rows.start, capacity, cfg.head_dim)
-    zeros = lambda: jnp.zeros(shape, cfg.dtype, device=shard.device)  # noqa: E731
-    shard.k = [zeros() for _ in range(cfg.num_hidden_layers)]
-    shard.v = [zeros() for _ in range(cfg.num_hidden_layers)]
+    k_shape, v_shape = layer_shapes(cfg, shard.rows.stop - shard.rows.start, capacity)
+    zeros = lambda shape: jnp.zeros(shape, cfg.dtype, device=shard.device)  # noqa: E731
+    shard.k = [zeros(k_shape) for _ in range(cfg.num_hidden_layers)]
+    shard.v = [zeros(v_shape) for _ in range(cfg.num_hidden_layers)]
 
 
 def _slots(lengths: np.ndarray, num_new: np.ndarray, chunk: int, capacity: int) -> np.ndarray:

@@ -30,13 +30,14 @@ def project_qkv(p: Attention, x: jax.Array, positions: jax.Array, cfg: Step3Conf
     return q, k, v
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention of ``q [B, T, n, d]`` over the shared ``k, v [B, S, d]``.
-
-    ``mask [B, T, S]`` is True where query ``t`` may see key ``s``. Scores and softmax in float32.
+def attend(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of ``q [B, T, n, d]`` over the shared keys ``k_t [B, d, S]`` (transposed,
+    as the KV cache stores them: the layout the score matmul reads in place) and values
+    ``v [B, S, d]``. ``mask [B, T, S]`` is True where query ``t`` may see key ``s``. Scores and
+    softmax in float32.
     """
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("btnd,bsd->btns", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("btnd,bds->btns", q, k_t, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, :, None, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     return jnp.einsum("btns,bsd->btnd", probs.astype(v.dtype), v)

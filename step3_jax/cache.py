@@ -1,8 +1,11 @@
 """The functional KV cache: a pytree in, a pytree out.
 
-MFA keeps one K head and one V head per layer, so the cache is, per layer, a K and a V array of
-``[batch, capacity, head_dim]`` (separate arrays, so a layer reads its own without a slicing copy)
-plus each sequence's filled length. Sequences of different lengths share one
+MFA keeps one K head and one V head per layer, so the cache is, per layer, a K array
+``[batch, head_dim, capacity]`` and a V array ``[batch, capacity, head_dim]`` (separate arrays, so
+a layer reads its own without a slicing copy) plus each sequence's filled length. K is stored
+transposed because that is the layout the score matmul ``q · Kᵀ`` reads in place: with K as
+``[batch, capacity, head_dim]`` XLA:CPU transposed every layer's whole K cache into a new buffer
+at every decode step (5x slower attention at batch 16 and context 1024; BENCHMARKS.md). Sequences of different lengths share one
 cache: sequence ``b`` occupies positions ``0 .. lengths[b]-1``. Writes go through
 :func:`write_positions`, which routes any position at or past the capacity to an out-of-bounds
 index dropped by the scatter — never the silent clamp of ``dynamic_update_slice``.
@@ -19,26 +22,36 @@ from step3_jax.config import Step3Config
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [batch, capacity, head_dim]
+    k: tuple[jax.Array, ...]  # per layer [batch, head_dim, capacity]  (keys transposed)
     v: tuple[jax.Array, ...]  # per layer [batch, capacity, head_dim]
     lengths: jax.Array        # [batch] int32: positions filled so far
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[1]
+        return self.v[0].shape[1]
 
     @property
     def batch(self) -> int:
         return self.k[0].shape[0]
 
 
+# Logical axes of one layer's K and V arrays (the sharding rules table maps them to mesh axes).
+K_AXES = ("batch", "head_dim", "cache_len")
+V_AXES = ("batch", "cache_len", "head_dim")
+
+
+def layer_shapes(cfg: Step3Config, batch: int, capacity: int):
+    """The shapes of one layer's K and V arrays."""
+    return (batch, cfg.head_dim, capacity), (batch, capacity, cfg.head_dim)
+
+
 def init_cache(cfg: Step3Config, batch: int, capacity: int, dtype=None) -> KVCache:
     """An empty cache for ``batch`` sequences of up to ``capacity`` positions."""
-    shape = (batch, capacity, cfg.head_dim)
+    k_shape, v_shape = layer_shapes(cfg, batch, capacity)
     dtype = jnp.dtype(dtype or cfg.dtype)
     layers = range(cfg.num_hidden_layers)
-    return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+    return KVCache(k=tuple(jnp.zeros(k_shape, dtype) for _ in layers),
+                   v=tuple(jnp.zeros(v_shape, dtype) for _ in layers),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
 
@@ -54,7 +67,16 @@ def write_positions(lengths: jax.Array, num_new: jax.Array, chunk: int,
     return jnp.where(ok, pos, capacity)
 
 
-def update(cache_arr: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
-    """Scatter ``new [batch, chunk, d]`` into one layer's ``cache_arr`` at ``slots``; drops OOB."""
+def update(v_cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    """Scatter ``new [batch, chunk, d]`` into one layer's V ``[batch, capacity, d]`` at ``slots``
+    (``[batch, chunk]``); out-of-bounds slots are dropped."""
     b = jnp.arange(slots.shape[0])[:, None]
-    return cache_arr.at[b, slots].set(new.astype(cache_arr.dtype), mode="drop")
+    return v_cache.at[b, slots].set(new.astype(v_cache.dtype), mode="drop")
+
+
+def update_keys(k_cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    """Scatter ``new [batch, chunk, d]`` into one layer's transposed K ``[batch, d, capacity]``
+    at ``slots``; out-of-bounds slots are dropped. (The two advanced indices around the slice
+    index ``[batch, chunk]`` first, so the update is ``new`` as it is.)"""
+    b = jnp.arange(slots.shape[0])[:, None]
+    return k_cache.at[b, :, slots].set(new.astype(k_cache.dtype), mode="drop")

@@ -27,7 +27,8 @@ from step3_jax import model, sampling
 from step3_jax.cache import KVCache
 from step3_jax.config import Step3Config
 from step3_jax.errors import Step3Error
-from step3_jax.sharding import CACHE_AXES, make_mesh, named, replicated
+from step3_jax.cache import K_AXES, V_AXES
+from step3_jax.sharding import make_mesh, named, replicated
 from step3_jax.weights import Params
 
 log = logging.getLogger("step3_jax")
@@ -137,10 +138,11 @@ class Generator:
     def _shardings(self):
         mesh = self.mesh
         per_seq, rep = named(mesh, ("batch",)), replicated(mesh)
-        layers = (named(mesh, CACHE_AXES),) * self.cfg.num_hidden_layers
+        k_layers = (named(mesh, K_AXES),) * self.cfg.num_hidden_layers
+        v_layers = (named(mesh, V_AXES),) * self.cfg.num_hidden_layers
         state = _LoopState(step=rep, token=per_seq, done=per_seq, reason=per_seq, n_gen=per_seq,
                            out=named(mesh, ("batch", "seq")),
-                           cache=KVCache(k=layers, v=layers, lengths=per_seq))
+                           cache=KVCache(k=k_layers, v=v_layers, lengths=per_seq))
         knobs = (per_seq, per_seq, rep, rep, rep, rep)  # keys, budget, eos, temp., top-k, top-p
         # The weights stay where they are (placed by ``load`` from the rules table).
         return jax.tree.map(lambda a: a.sharding, self.params), state, knobs

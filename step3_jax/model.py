@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from step3_jax import attention
-from step3_jax.cache import KVCache, init_cache, update, write_positions
+from step3_jax.cache import KVCache, init_cache, update, update_keys, write_positions
 from step3_jax.config import Step3Config
 from step3_jax.layers import linear, rms_norm, swiglu
 from step3_jax.moe import moe
@@ -40,17 +40,17 @@ def attention_block(p: Layer, x, positions, kv, cfg: Step3Config):
         new_kv = None
         if kv is not None:
             k_cache, v_cache, slots, key_len = kv
-            k_cache, v_cache = update(k_cache, slots, k), update(v_cache, slots, v)
+            k_cache, v_cache = update_keys(k_cache, slots, k), update(v_cache, slots, v)
             new_kv = (k_cache, v_cache)
         if kv is not None and key_len is not None:
-            keys, values = k_cache, v_cache
-            key_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), keys.shape[:2])
+            keys_t, values = k_cache, v_cache
+            key_pos = jnp.broadcast_to(jnp.arange(values.shape[1]), values.shape[:2])
             valid = key_pos < key_len[:, None]
         else:  # attention within the chunk itself
-            keys, values, key_pos = k, v, positions
+            keys_t, values, key_pos = jnp.swapaxes(k, 1, 2), v, positions
             valid = jnp.ones(key_pos.shape, bool)
         mask = attention.causal_mask(positions, key_pos, valid)
-        return x + attention.output(p.attn, attention.attend(q, keys, values, mask)), new_kv
+        return x + attention.output(p.attn, attention.attend(q, keys_t, values, mask)), new_kv
 
 
 def ffn_block(ffn: Mlp | Moe, y, cfg: Step3Config, routing=None):

@@ -73,6 +73,7 @@ import time
 import jax
 
 from step3_jax import quant, weights
+from step3_jax.cache import layer_shapes
 from step3_jax.config import Step3Config
 from step3_jax.errors import Step3Error
 from step3_jax.sharding import MESH_AXES, axis_sizes
@@ -569,8 +570,8 @@ def _colocated_programs(cfg, placement, batch, context, devices) -> list[dict]:
 
     import jax.numpy as jnp
 
-    from step3_jax.cache import KVCache
-    from step3_jax.sharding import CACHE_AXES, make_mesh, named, param_shardings, replicated
+    from step3_jax.cache import K_AXES, V_AXES, KVCache
+    from step3_jax.sharding import make_mesh, named, param_shardings, replicated
 
     gen = importlib.import_module("step3_jax.generate")  # the package exports a function of
     mesh = make_mesh(placement.dp, placement.tp, placement.ep, devices=devices)  # that name
@@ -578,10 +579,11 @@ def _colocated_programs(cfg, placement, batch, context, devices) -> list[dict]:
     params = _abstract_layout(weights.abstract_params(cfg, param_shardings(cfg, mesh)), cfg,
                               placement.ep)
     B = -(-batch // placement.dp) * placement.dp     # generate pads the batch to dp
-    per, rep, kv = named(mesh, ("batch",)), replicated(mesh), named(mesh, CACHE_AXES)
+    per, rep = named(mesh, ("batch",)), replicated(mesh)
     layers = range(cfg.num_hidden_layers)
-    cache = KVCache(k=tuple(_sds((B, context, cfg.head_dim), dt, kv) for _ in layers),
-                    v=tuple(_sds((B, context, cfg.head_dim), dt, kv) for _ in layers),
+    k_shape, v_shape = layer_shapes(cfg, B, context)
+    cache = KVCache(k=tuple(_sds(k_shape, dt, named(mesh, K_AXES)) for _ in layers),
+                    v=tuple(_sds(v_shape, dt, named(mesh, V_AXES)) for _ in layers),
                     lengths=_sds((B,), jnp.int32, per))
     state = gen._LoopState(step=_sds((), jnp.int32, rep), token=_sds((B,), jnp.int32, per),
                            done=_sds((B,), jnp.bool_, per), reason=_sds((B,), jnp.int32, per),
@@ -647,7 +649,8 @@ def _afd_programs(cfg, placement, batch, context, devices) -> list[dict]:
         layer = jax.tree.map(lambda s: _sds(s.shape, dt, rep_a), spec, is_leaf=weights.is_spec)
         layer = layer.replace(ffn=afd._RouterOnly(layer.ffn.router) if kind == "MoE" else None)
         h = _sds((rows, 1, H), dt, dp)
-        kv = (_sds((rows, context, d), dt, dp), _sds((rows, context, d), dt, dp),
+        k_shape, v_shape = layer_shapes(cfg, rows, context)
+        kv = (_sds(k_shape, dt, dp), _sds(v_shape, dt, dp),
               _sds((rows, 1), jnp.int32, dp), _sds((rows,), jnp.int32, dp))
         compiled = afd._attention_step.lower(layer, h, h, _sds((rows, 1), jnp.int32, dp), *kv,
                                              cfg=cfg, transfer="float8_e4m3fn").compile()

@@ -240,9 +240,12 @@ def test_attention_step_aliases_the_cache(tiny_params, tiny_cfg):
     """XLA reports the donated K and V caches aliased to the outputs: updated in place."""
     import jax.numpy as jnp
 
+    from step3_jax.cache import layer_shapes
+
     m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("1:1"))
     rows, capacity = 4, 128
-    cache = jax.ShapeDtypeStruct((rows, capacity, tiny_cfg.head_dim), jnp.float32)
+    k_shape, v_shape = layer_shapes(tiny_cfg, rows, capacity)
+    k, v = (jax.ShapeDtypeStruct(s, jnp.float32) for s in (k_shape, v_shape))
     h = jax.ShapeDtypeStruct((rows, 1, tiny_cfg.hidden_size), jnp.float32)
     ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
     compiled = afd._attention_step.lower(

@@ -104,12 +104,15 @@ def test_ragged_batch_equals_one_by_one(tiny_params, tiny_cfg):
 def test_cache_write_past_capacity_is_dropped_not_clamped(tiny_params, tiny_cfg):
     """Pitfall 6: dynamic_update_slice would clamp and overwrite the last slots; we drop."""
     cache = init_cache(tiny_cfg, batch=1, capacity=8)
-    marker = tuple(k.at[:, :7].set(1.0) for k in cache.k)
-    cache = cache.replace(k=marker, lengths=jnp.asarray([7], jnp.int32))
+    k_marker = tuple(k.at[:, :, :7].set(1.0) for k in cache.k)  # K: [batch, d, capacity]
+    v_marker = tuple(v.at[:, :7].set(1.0) for v in cache.v)     # V: [batch, capacity, d]
+    cache = cache.replace(k=k_marker, v=v_marker, lengths=jnp.asarray([7], jnp.int32))
     _, out = _forward(tiny_params, jnp.asarray([[4, 5, 6]]), cache, tiny_cfg)
-    k = np.stack([np.asarray(a) for a in out.k])  # [layers, batch, capacity, d]
-    assert np.all(k[:, :, :7] == 1.0)  # earlier slots untouched
-    assert not np.all(k[:, :, 7] == 0.0)  # the one slot that fits was written
+    k = np.stack([np.asarray(a) for a in out.k]).swapaxes(-1, -2)  # [layers, batch, cap., d]
+    v = np.stack([np.asarray(a) for a in out.v])
+    for arr in (k, v):
+        assert np.all(arr[:, :, :7] == 1.0)  # earlier slots untouched
+        assert not np.all(arr[:, :, 7] == 0.0)  # the one slot that fits was written
     assert int(out.lengths[0]) == 8
 
 
