@@ -251,6 +251,25 @@ def _stop(procs: Sequence[subprocess.Popen], sig=signal.SIGTERM) -> None:
         p.wait()
 
 
+class _Terminated(Exception):
+    """The launcher got SIGTERM."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: get SIGKILL if the launcher dies (Linux ``PR_SET_PDEATHSIG``),
+    so no process outlives a launcher that was killed outright."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def run(args) -> int:
     """Launch, stream, supervise; the exit status of the whole run."""
     command = check_command(args)
@@ -259,14 +278,18 @@ def run(args) -> int:
     env = child_env(args.devices_per_process)
     procs: list[subprocess.Popen] = []
     streams = _Streams()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) \
+        if threading.current_thread() is threading.main_thread() else None
     try:
-        for rank in range(n):
+        for rank in range(n):  # every child started before any reader thread (preexec_fn)
             argv = [sys.executable, "-m", "step3_jax.cli", *command,
                     "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
                     "--process-id", str(rank)]
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, env=env, start_new_session=True)
-            procs.append(p)
+            procs.append(subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=env, start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
+        for rank, p in enumerate(procs):
             streams.follow(p.stderr, rank, verbatim=False)
             streams.follow(p.stdout, rank, verbatim=rank == 0)
         log.info("launched %d processes on 127.0.0.1:%d, %d device(s) each: %s", n, port,
@@ -288,14 +311,18 @@ def run(args) -> int:
                 failed = (stuck[0], None)
                 break
             time.sleep(0.1)
-    except KeyboardInterrupt:
-        _stop(procs, signal.SIGINT)
+    except (KeyboardInterrupt, _Terminated) as e:
+        _stop(procs, signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
         streams.join(5.0)
-        print("step3-jax: interrupted; stopped every process", file=sys.stderr)
-        return 130
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else "terminated"
+        print(f"step3-jax: {what}; stopped every process", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 143
     except BaseException:
         _stop(procs)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if failed is None:
         streams.join(30.0)
         return 0

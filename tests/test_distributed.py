@@ -114,6 +114,15 @@ def test_ffn_group_spanning_two_processes(hub_dir, tiny_params, tiny_cfg):
     assert "served" in err and "[rank 2]" in err
 
 
+def _wait_for(event, proc, timeout=180.0) -> bool:
+    """Wait for ``event`` while ``proc`` runs (False at once if it exits first)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if event.wait(0.2):
+            return True
+    return event.is_set()
+
+
 def test_killed_process_fails_the_launch_in_bounded_time(hub_dir):
     """SIGKILL the FFN process mid-run: the launch stops the attention process and exits
     non-zero naming rank 1 within 60 s (measured: a few seconds; the bound is generous for a
@@ -136,7 +145,7 @@ def test_killed_process_fails_the_launch_in_bounded_time(hub_dir):
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     try:
-        assert loaded.wait(180), "".join(lines)[-3000:]
+        assert _wait_for(loaded, proc), "".join(lines)[-3000:]
         pids = dict(re.findall(r"rank (\d) pid (\d+)", "".join(lines)))
         os.kill(int(pids["1"]), signal.SIGKILL)  # our own grandchild, by its pid
         killed = time.monotonic()
@@ -154,6 +163,45 @@ def test_killed_process_fails_the_launch_in_bounded_time(hub_dir):
     assert proc.stdout.read() == ""  # no partial results
     with pytest.raises(ProcessLookupError):  # the attention process is gone too
         os.kill(int(pids["0"]), 0)
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_sigterm_stops_every_process(hub_dir, sig, code, word):
+    """Ctrl-C (SIGINT) or SIGTERM to the launcher mid-run: every process is stopped (each gets
+    the signal, then SIGKILL after 3 s) and the launcher exits 130 / 143."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    args = _generate_args(hub_dir, "float32", 3)
+    args[args.index("--max-new-tokens") + 1] = "500"
+    proc = subprocess.Popen([sys.executable, "-m", "step3_jax.cli", "launch", "--processes",
+                             "2", "--devices-per-process", "2", "--", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if "[rank 1] step3-jax: process 1: ffn weights loaded" in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert _wait_for(ready, proc), "".join(lines)[-3000:]
+        proc.send_signal(sig)
+        assert proc.wait(timeout=30) == code
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.5)
+    err = "".join(lines)
+    assert f"step3-jax: {word}; stopped every process" in err, err[-2000:]
+    for pid in re.findall(r"rank \d pid (\d+)", err):
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)
 
 
 def test_too_few_devices_is_a_one_line_error_from_every_rank(hub_dir):
