@@ -299,8 +299,8 @@ def run(args) -> int:
         while True:
             codes = [p.poll() for p in procs]
             bad = [(r, c) for r, c in enumerate(codes) if c is not None and c != 0]
-            if bad:
-                failed = bad[0]
+            if bad:  # a process killed by a signal is the likelier cause of the others' exits
+                failed = min(bad, key=lambda rc: (rc[1] > 0, rc[0]))
                 break
             if all(c == 0 for c in codes):
                 break

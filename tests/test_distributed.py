@@ -156,11 +156,14 @@ def test_killed_process_fails_the_launch_in_bounded_time(hub_dir):
             proc.kill()
             proc.wait()
     reader.join(10)
+    out = proc.stdout.read()
+    proc.stdout.close(), proc.stderr.close()
     err = "".join(lines)
     assert code != 0
     assert elapsed < 60
-    assert "step3-jax: error: rank 1 was killed by SIGKILL; stopped rank 0" in err, err[-2000:]
-    assert proc.stdout.read() == ""  # no partial results
+    # "; stopped rank 0" follows unless rank 0 had already failed on its own lost transfers.
+    assert "step3-jax: error: rank 1 was killed by SIGKILL" in err, err[-2000:]
+    assert out == ""  # no partial results
     with pytest.raises(ProcessLookupError):  # the attention process is gone too
         os.kill(int(pids["0"]), 0)
 
@@ -187,7 +190,8 @@ def test_ctrl_c_or_sigterm_stops_every_process(hub_dir, sig, code, word):
             if "[rank 1] step3-jax: process 1: ffn weights loaded" in line:
                 ready.set()
 
-    threading.Thread(target=read, daemon=True).start()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
         assert _wait_for(ready, proc), "".join(lines)[-3000:]
         proc.send_signal(sig)
@@ -196,6 +200,8 @@ def test_ctrl_c_or_sigterm_stops_every_process(hub_dir, sig, code, word):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        reader.join(10)
+        proc.stdout.close(), proc.stderr.close()
     time.sleep(0.5)
     err = "".join(lines)
     assert f"step3-jax: {word}; stopped every process" in err, err[-2000:]
