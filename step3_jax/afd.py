@@ -31,8 +31,10 @@ one device's array.
 the XLA:CPU runtime stamps every HLO op it runs with its device and launch, which gives each
 device's busy intervals from the executing threads themselves. :func:`summarize` turns them
 into per-layer attention / FFN / transfer times, the bubble fraction and how long the two groups
-were busy at once. ``schedule="serial"`` blocks after every op, the control that shows what
-overlap the pipelined schedule buys (BENCHMARKS.md).
+were busy at once. Two control schedules keep the groups from overlapping: ``serial`` blocks the
+host after every op, ``lockstep`` chains each attention launch to the previous FFN result on
+device (no host round trips); comparing them with ``pipelined`` shows what overlap buys
+(BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -222,12 +224,16 @@ def _quantize(y, dtype: str):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "transfer"),
                    donate_argnames=("k_cache", "v_cache"))
-def _attention_step(layer, h, f, positions, k_cache, v_cache, slots, key_len, *, cfg, transfer):
+def _attention_step(layer, h, f, positions, k_cache, v_cache, slots, key_len, after=None, *,
+                    cfg, transfer):
     """Residual add of the previous layer's FFN output, MFA, post-norm, router, quantize.
 
     ``k_cache``/``v_cache``: this layer's cache (donated: updated in place), or None (no cache).
+    ``after``: an array the step must wait for and otherwise ignores (the lockstep schedule).
     """
     x = h + f.astype(h.dtype)
+    if after is not None:
+        x, _ = jax.lax.optimization_barrier((x, after))
     kv = None if k_cache is None else (k_cache, v_cache, slots, key_len)
     with jax.named_scope("afd_attention"):
         h, new_kv = model.attention_block(layer, x, positions, kv, cfg)
@@ -276,7 +282,7 @@ _sample = jax.jit(sampling.sample)  # eager, its lax.cond would compile on every
 
 # ----- the schedule ------------------------------------------------------------------------------
 
-SCHEDULES = ("pipelined", "serial")
+SCHEDULES = ("pipelined", "serial", "lockstep")
 
 
 @dataclasses.dataclass
@@ -310,11 +316,17 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
     """All layers for every micro-batch. ``feeds[j][s]`` holds shard ``mbs[j][s]``'s host inputs:
     ``tokens``, ``positions`` and, with a cache, ``slots`` and ``key_len`` (None in prefill).
     Returns the final ``(h, f)`` per shard; the shards' caches are replaced by the updated ones
-    (the old arrays are donated). Dispatch is labelled for :func:`device_intervals`."""
+    (the old arrays are donated). Dispatch is labelled for :func:`device_intervals`.
+
+    ``schedule``: ``pipelined`` (nothing waits on the host), ``serial`` (the host blocks after
+    every op), or ``lockstep`` (nothing waits on the host, but each attention launch takes the
+    previous F->A result on its device as an input, so the groups take turns on the devices: the
+    control that isolates what overlap buys from what host round trips cost)."""
     cfg, plan = m.cfg, m.plan
     if schedule not in SCHEDULES:
         raise Step3Error(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     sync = jax.block_until_ready if schedule == "serial" else (lambda x: x)
+    last_back = {}  # attention device index -> the latest F->A result there (lockstep)
     to_ffn = NamedSharding(m.ffn_mesh, P())
     ffn_devices = m.ffn_devices
     put = lambda x, d: None if x is None else jax.device_put(x, d)  # noqa: E731
@@ -334,7 +346,9 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
                     h, k, v, sent = sync(_attention_step(
                         m.local[sh.index].layers[i], h, f, x["positions"],
                         sh.k[i] if cached else None, sh.v[i] if cached else None,
-                        x.get("slots"), x.get("key_len"), cfg=cfg, transfer=plan.transfer_dtype))
+                        x.get("slots"), x.get("key_len"),
+                        last_back.get(sh.index) if schedule == "lockstep" else None,
+                        cfg=cfg, transfer=plan.transfer_dtype))
                     if cached:
                         sh.k[i], sh.v[i] = k, v
                     state[j][s] = [h, None]
@@ -351,7 +365,7 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
                 for s, (sh, out) in enumerate(zip(shards, outs)):
                     src = ffn_devices[sh.index % len(ffn_devices)]  # spread the sends
                     piece = next(p.data for p in out.addressable_shards if p.device == src)
-                    state[j][s][1] = sync(jax.device_put(piece, sh.device))
+                    state[j][s][1] = last_back[sh.index] = sync(jax.device_put(piece, sh.device))
     return state
 
 
@@ -455,7 +469,8 @@ def _intersect(xs, ys) -> float:
     return sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in xs for a2, b2 in ys)
 
 
-def summarize(intervals: list[dict], layers: int) -> tuple[dict, list[dict]]:
+def summarize(intervals: list[dict], layers: int,
+              lockstep: bool = False) -> tuple[dict, list[dict]]:
     """Stage metrics of one step from :func:`device_intervals`, and the transfer waits.
 
     * ``attention_ms_per_layer`` / ``ffn_ms_per_layer``: one device's busy time per layer
@@ -468,7 +483,8 @@ def summarize(intervals: list[dict], layers: int) -> tuple[dict, list[dict]]:
     * ``bubble_fraction``: ``1 - (A busy + F busy) / (2 x step)``, a group busy while any of its
       devices runs a stage; ``overlap_ms``: how long both groups were busy at once.
 
-    A stage (group, layer, micro-batch) spans its devices' first start to last end.
+    A stage (group, layer, micro-batch) spans its devices' first start to last end. With
+    ``lockstep`` an attention stage also waits for the FFN stage dispatched before it.
     """
     busy = {g: _union((iv["start"], iv["end"]) for iv in intervals if iv["group"] == g)
             for g in ("attention", "ffn")}
@@ -483,11 +499,14 @@ def summarize(intervals: list[dict], layers: int) -> tuple[dict, list[dict]]:
     waits, transfer, dispatch = [], 0.0, 0.0
     for g, other, kind in (("ffn", "attention", "a2f"), ("attention", "ffn", "f2a")):
         for n, (i, j) in enumerate(order[g]):
-            src = (other, i, j) if g == "ffn" else (other, i - 1, j)
-            if src not in stage:  # the first layer's attention reads the embedding
+            srcs = [(other, i, j)] if g == "ffn" else [(other, i - 1, j)]
+            if g == "attention" and lockstep and n:  # the FFN stage dispatched just before
+                srcs.append((other, *order[g][n - 1]))
+            srcs = [x for x in srcs if x in stage]
+            if not srcs:  # the first layer's attention reads the embedding
                 continue
             st = stage[(g, i, j)]
-            ready = stage[src]["end"]
+            ready = max(stage[x]["end"] for x in srcs)
             if n:
                 ready = max(ready, stage[(g, *order[g][n - 1])]["end"])
             dispatch += max(0.0, st["issued"] - ready)
@@ -538,7 +557,8 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     :func:`device_intervals`; ``keep_timeline`` adds its intervals (seconds). The trace costs
     ~10-100 ms. ``decode_step_ms`` is the median wall time of the later, unprofiled steps
     (None with fewer than 4 new tokens); ``prefill_ms`` includes compiling on a first call.
-    ``schedule="serial"`` blocks after every op (the control for the overlap measurement).
+    ``schedule``: ``"serial"`` and ``"lockstep"`` are the controls for the overlap measurement
+    (see :func:`_stack_pass`).
     """
     cfg, plan = m.cfg, m.plan
     prompts = check_prompts(prompts, cfg)
@@ -648,8 +668,8 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
                        "transfer_dtype": plan.transfer_dtype, "schedule": schedule,
                        "timeline_source": "jax.profiler" if profiled else None}}
     if profiled:
-        stats, waits = summarize(profiled, cfg.num_hidden_layers)
-        metrics["afd"].update(stats)
+        stats, waits = summarize(profiled, cfg.num_hidden_layers, schedule == "lockstep")
+        metrics["afd"].update({k: round(v, 4) for k, v in stats.items()})
         if keep_timeline:
             metrics["afd"]["timeline"] = profiled + waits
     return results, metrics

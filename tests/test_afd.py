@@ -153,17 +153,25 @@ def test_pipelined_schedule_overlaps_the_groups(slow_ffn):
     3 micro-batches, 4 layers and FFN stages ~10x the attention ones, some attention launch must
     run inside some FFN launch unless the host serializes the groups (a host sync per layer, a
     blocking transfer, or XLA:CPU's one-multi-device-program-at-a-time rule hit by the
-    attention side). The serial control measures exactly none."""
+    attention side)."""
     params, cfg = slow_ffn
     m = afd.place(params, cfg, afd.parse_plan("1:1", micro_batches=3))
-    _, metrics = afd.generate(m, PROMPTS, max_new_tokens=4, eos_ids=[], keep_timeline=True)
+    bound = 1e3 * EPS * 2 * cfg.num_hidden_layers * 3  # timestamp rounding per stage boundary
+    got, metrics = afd.generate(m, PROMPTS, max_new_tokens=4, eos_ids=[], keep_timeline=True)
     a = metrics["afd"]
     stage = _check_trace(a["timeline"], m, cfg.num_hidden_layers, 3)
-    assert a["overlap_ms"] > 1e3 * EPS * 2 * cfg.num_hidden_layers * 3
+    assert a["overlap_ms"] > bound
     # ... and the overlap is of the pipelining kind: an attention stage of micro-batch j + 1
     # running while the FFN works on micro-batch j of the same layer.
     assert any(stage[("attention", i, j + 1)][0] < stage[("ffn", i, j)][1]
                for i in range(cfg.num_hidden_layers) for j in range(2))
+    # The lockstep control (each attention launch waits on device for the previous FFN result;
+    # the host still never waits) removes exactly that overlap, and nothing else changes.
+    same, metrics = afd.generate(m, PROMPTS, max_new_tokens=4, eos_ids=[], schedule="lockstep",
+                                 keep_timeline=True)
+    _check_trace(metrics["afd"]["timeline"], m, cfg.num_hidden_layers, 3)
+    assert metrics["afd"]["overlap_ms"] <= bound
+    assert [r.generated_ids for r in same] == [r.generated_ids for r in got]
 
 
 def test_summarize_by_hand():
@@ -189,6 +197,10 @@ def test_summarize_by_hand():
     assert got["dispatch_wait_ms_per_layer"] == pytest.approx(1e3 * 0.1 / 2)
     assert sorted((w["kind"], w["layer"], w["mb"]) for w in waits) == [
         ("a2f", 0, 0), ("a2f", 1, 1), ("f2a", 1, 0), ("f2a", 1, 1)]
+    # Lockstep: A(1,0) also waits for F(0,1) (ends 4.0) and A(1,1) for F(1,0) (5.5), so both
+    # started before they were ready by that count: no F->A wait is left.
+    got, _ = afd.summarize(ivs, layers=2, lockstep=True)
+    assert got["transfer_ms_per_layer"] == pytest.approx(1e3 * (0.5 + 0.1) / 2)
 
 
 def test_no_stage_metrics_under_a_callers_trace(tiny_params, tiny_cfg, tmp_path):
@@ -249,7 +261,7 @@ def test_attention_step_aliases_the_cache(tiny_params, tiny_cfg):
     h = jax.ShapeDtypeStruct((rows, 1, tiny_cfg.hidden_size), jnp.float32)
     ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
     compiled = afd._attention_step.lower(
-        m.local[0].layers[1], h, h, ints(rows, 1), cache, cache, ints(rows, 1), ints(rows),
+        m.local[0].layers[1], h, h, ints(rows, 1), k, v, ints(rows, 1), ints(rows),
         cfg=tiny_cfg, transfer="float8_e4m3fn").compile()
     assert compiled.memory_analysis().alias_size_in_bytes == 2 * rows * capacity * 16 * 4
 

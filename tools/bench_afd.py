@@ -8,16 +8,22 @@ then AFD ``A:F`` with 1..4 micro-batches under two schedules, interleaved run by
 * ``pipelined`` — ``afd.generate``'s schedule: nothing on the host waits for a device within a
   step, so the FFN group can work on micro-batch ``i`` while the attention group works on
   ``i + 1``;
-* ``serial`` — the same programs with a block after every op: the groups can never overlap.
+* ``serial`` — the same programs with a block after every op: the groups can never overlap,
+  and every op pays a host round trip;
+* ``lockstep`` — no host blocking, but each attention launch waits on device for the previous
+  FFN result: the groups can never overlap, and there are no host round trips. ``pipelined``
+  vs ``lockstep`` is what the overlap itself buys.
 
-Per setting: the decode step time (median over the runs of each run's median unprofiled step),
+Per setting: the decode step time (median and minimum over the runs of each run's median
+unprofiled step; the minimum is the least disturbed by other jobs on a shared machine),
+the cores this process kept busy over a whole generate call (CPU time / wall time),
 and from a ``jax.profiler`` trace of one step (``afd.device_intervals``: per-device execution
 events the XLA:CPU runtime records) the per-layer attention / FFN / transfer times, bubble
 fraction and how long both groups were busy at once; the bytes each way per layer beside the
-paper's 2A2F example. If the pipelined step is not faster than the serial one, the overlap the
-trace shows bought nothing (the groups then only shared the same cores).
+paper's 2A2F example. If the pipelined step is not faster than the lockstep one, the overlap
+the trace shows bought nothing (the groups then only shared the same cores).
 
-``--png`` draws both schedules' traced step for the largest micro-batch count, one row per
+``--png`` draws every schedule's traced step for the largest micro-batch count, one row per
 device. ``--single-thread-ops`` sets ``--xla_cpu_multi_thread_eigen=false`` (no intra-op
 threading in XLA's Eigen kernels), so each group's programs use fewer cores at once.
 
@@ -160,8 +166,10 @@ def main(argv=None) -> int:
         got = {s: [] for s in afd.SCHEDULES}
         for _ in range(args.repeats):
             for schedule in afd.SCHEDULES:  # interleaved: drift on a shared machine hits both
+                wall, cpu = time.perf_counter(), time.process_time()
                 _, met = afd.generate(model, prompts, max_new_tokens=args.new_tokens,
                                       eos_ids=[], schedule=schedule, keep_timeline=True)
+                met["cores_used"] = (time.process_time() - cpu) / (time.perf_counter() - wall)
                 got[schedule].append(met)
         for schedule, mets in got.items():
             timed = [x for x in mets if x["afd"].get("timeline_source")]
@@ -171,6 +179,8 @@ def main(argv=None) -> int:
                         "overlap_ms"):
                 row[key] = statistics.median(x["afd"][key] for x in timed) if timed else None
             row["decode_step_ms"] = statistics.median(x["decode_step_ms"] for x in mets)
+            row["decode_step_ms_min"] = min(x["decode_step_ms"] for x in mets)
+            row["cores_used"] = statistics.median(x["cores_used"] for x in mets)
             row["runs_decode_step_ms"] = [x["decode_step_ms"] for x in mets]
             runs.append(row)
             # the run whose traced step is the median one, for the plot
@@ -182,7 +192,8 @@ def main(argv=None) -> int:
                 f"per layer attention {row['attention_ms_per_layer']:.2f} ms, FFN "
                 f"{row['ffn_ms_per_layer']:.2f} ms, transfer {row['transfer_ms_per_layer']:.2f}"
                 f" ms, dispatch wait {row['dispatch_wait_ms_per_layer']:.2f} ms; bubble "
-                f"{row['bubble_fraction']:.2f}; overlap {row['overlap_ms']:.1f} ms")
+                f"{row['bubble_fraction']:.2f}; overlap {row['overlap_ms']:.1f} ms; "
+                f"{row['cores_used']:.2f} cores busy")
         report["placement"] = model.placement
         del model
     report["afd_runs"] = runs
