@@ -352,7 +352,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
     rows = [r for r in rows if not r.get("skipped")]
     contexts = sorted({r["context"] for r in rows})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 3.8), squeeze=False,
+    fig, axes = plt.subplots(1, len(contexts), figsize=(max(7.0, 4.2 * len(contexts)), 4.2),
+                             squeeze=False,
                              sharey=True)
     for ax, ctx in zip(axes[0], contexts):
         pts = sorted((r for r in rows if r["context"] == ctx), key=lambda r: r["batch"])
@@ -561,9 +562,12 @@ def write_outputs(report: dict, args) -> None:
         Path(args.markdown).write_text(text)
         log(f"Markdown written to {args.markdown}")
     if args.png:
+        load = setting.get("loadavg_at_start")
         plot(rows, args.png, f"decode, {setting['config']} preset, float32, "
-                             f"{setting['new_tokens']} new tokens, {setting['cpu']} "
-                             f"({setting['cores']} cores)")
+                             f"{setting['new_tokens']} new tokens, "
+                             f"{setting.get('estimator', 'median')} estimator\n{setting['cpu']} "
+                             f"({setting['cores']} cores), {setting['date']}"
+                             + (f", 1-min load {load[0]:.1f} at the start" if load else ""))
         log(f"plot written to {args.png}")
 
 
