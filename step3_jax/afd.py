@@ -277,7 +277,15 @@ def _logits(attn: Params, h, f, *, cfg):
     return model.logits_from_hidden(attn, h + f.astype(h.dtype), cfg)
 
 
-_sample = jax.jit(sampling.sample)  # eager, its lax.cond would compile on every call
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _next_tokens(attn: Params, hs, fs, at, keys, step, temperature, top_k, top_p, *, cfg):
+    """One attention device's next tokens for all its micro-batches at once: the hidden state
+    at position ``at`` of each row, the LM head (read once per step, not per micro-batch), and
+    sampling with each row's key."""
+    x = jnp.concatenate([h + f.astype(h.dtype) for h, f in zip(hs, fs)])
+    x = jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]
+    logits = model.logits_from_hidden(attn, x, cfg)
+    return sampling.sample(logits, keys, step, temperature, top_k, top_p)
 
 
 # ----- the schedule ------------------------------------------------------------------------------
@@ -584,21 +592,26 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     shards = [sh for shards in mbs for sh in shards]
     base = jax.random.PRNGKey(seed)
     keys = np.asarray(jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch)))
-    keys = [jax.device_put(keys[sh.rows], sh.device) for sh in shards]
     knobs = (np.float32(temperature), np.int32(top_k), np.float32(top_p))
+    # Each attention device samples the rows of all its micro-batches in one program.
+    mine = [[k for k, sh in enumerate(shards) if sh.index == a] for a in range(A)]
+    rows_of = [np.concatenate([np.arange(batch)[shards[k].rows] for k in ks]) for ks in mine]
+    keys = [jax.device_put(keys[rows], devices[a]) for a, rows in enumerate(rows_of)]
 
     def draw(state, step: int, last=None) -> np.ndarray:
-        """Sample every shard's next tokens (all dispatched before any is read)."""
+        """Every row's next token (all dispatched before any is read); ``last``: each row's
+        prompt length (prefill), else position 0 of a one-token step."""
+        flat = [x for xs in state for x in xs]
         drawn = []
-        for sh, key, (h, f) in zip(shards, keys, [x for xs in state for x in xs]):
-            logits = _logits(m.local[sh.index], h, f, cfg=cfg)
-            if last is None:
-                logits = logits[:, 0]
-            else:
-                at = jax.device_put(last[sh.rows] - 1, sh.device)
-                logits = jnp.take_along_axis(logits, at[:, None, None], axis=1)[:, 0]
-            drawn.append(_sample(logits, key, np.int32(step), *knobs))
-        return np.concatenate([np.asarray(t) for t in drawn])
+        for a, (ks, rows) in enumerate(zip(mine, rows_of)):
+            at = np.zeros(len(rows), np.int32) if last is None else last[rows] - 1
+            drawn.append(_next_tokens(m.local[a], tuple(flat[k][0] for k in ks),
+                                      tuple(flat[k][1] for k in ks), at, keys[a],
+                                      np.int32(step), *knobs, cfg=cfg))
+        tokens = np.zeros(batch, np.int32)
+        for rows, t in zip(rows_of, drawn):
+            tokens[rows] = np.asarray(t)
+        return tokens
 
     # Prefill: attention within each prompt chunk, K/V written into a fresh cache per shard.
     feeds = []

@@ -31,6 +31,16 @@ def test_afd_equals_colocated(tiny_params, tiny_cfg, colocated, split, ffn_mesh,
     assert metrics["afd"]["micro_batches"] == micro_batches
 
 
+def test_afd_sampling_equals_colocated(tiny_params, tiny_cfg):
+    """Sampled, not greedy: each row keeps its own key (``fold_in(seed, row)``) and step, whichever
+    attention device and micro-batch it lands on."""
+    knobs = dict(max_new_tokens=5, temperature=1.0, top_k=50, seed=7, eos_ids=[])
+    want, _ = generate(tiny_params, tiny_cfg, PROMPTS, **knobs)
+    m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("2:2", None, 2, "float32"))
+    got, _ = afd.generate(m, PROMPTS, profile=False, **knobs)
+    assert [r.generated_ids for r in got] == [r.generated_ids for r in want]
+
+
 def test_placement_is_disjoint(tiny_params, tiny_cfg):
     m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("3:4", "ep=2,tp=2"))
     attn_devices = set().union(*(a.sharding.device_set for a in jax.tree.leaves(m.attn)))

@@ -23,7 +23,7 @@ fraction and how long both groups were busy at once; the bytes each way per laye
 paper's 2A2F example. If the pipelined step is not faster than the lockstep one, the overlap
 the trace shows bought nothing (the groups then only shared the same cores).
 
-``--png`` draws every schedule's traced step for the largest micro-batch count, one row per
+``--png`` draws every schedule's traced step for one micro-batch count, one row per
 device. ``--single-thread-ops`` sets ``--xla_cpu_multi_thread_eigen=false`` (no intra-op
 threading in XLA's Eigen kernels), so each group's programs use fewer cores at once.
 
@@ -107,7 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-colocated", action="store_true", help="skip the colocated baseline")
     ap.add_argument("--single-thread-ops", action="store_true",
                     help="XLA_FLAGS += --xla_cpu_multi_thread_eigen=false")
-    ap.add_argument("--png", default=None, help="trace plot of the largest micro-batch count")
+    ap.add_argument("--png", default=None, help="trace plot (per device, every schedule)")
+    ap.add_argument("--plot-micro-batches", type=int, default=None,
+                    help="the micro-batch count to plot (default the largest)")
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = ap.parse_args(argv)
 
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
     report["afd_runs"] = runs
     report["paper_2a2f_bytes"] = paper_2a2f_bytes(cfg.moe_top_k)
     report["load_average_after"] = os.getloadavg()[0]
-    top = max(mb for mb, _ in traces) if traces else None
+    top = args.plot_micro_batches or (max(mb for mb, _ in traces) if traces else None)
     if args.png and top is not None:
         panels = [(f"{s}: decode step traced (per-device launches from jax.profiler)",
                    traces[(top, s)]) for s in afd.SCHEDULES if (top, s) in traces]
