@@ -177,6 +177,25 @@ def place(params: Params, cfg: Step3Config, plan: AfdPlan,
     moved or copied.
     """
     attn_mesh, ffn_mesh = group_meshes(plan, devices)
+    attn, local = place_attention(params, attn_mesh)
+    return AfdModel(cfg, plan, attn_mesh, ffn_mesh, attn, place_ffn(params, cfg, plan, devices),
+                    local)
+
+
+def place_attention(params: Params, attn_mesh) -> tuple[Params, tuple]:
+    """The attention side: every weight but the FFNs' (routers kept), replicated on the group,
+    and each device's single-device view of it."""
+    layers = tuple(
+        layer.replace(ffn=_RouterOnly(layer.ffn.router) if isinstance(layer.ffn, Moe) else None)
+        for layer in params.layers)
+    attn = jax.device_put(params.replace(layers=layers), NamedSharding(attn_mesh, P()))
+    return attn, tuple(_on_device(attn, d) for d in attn_mesh.devices.flat)
+
+
+def place_ffn(params: Params, cfg: Step3Config, plan: AfdPlan,
+              devices: Sequence | None = None) -> tuple:
+    """The FFN side: per layer the dense FFN, or the MoE without its router, split over the FFN
+    group by the rules table (per-expert arrays for the CPU loop kernel when ``ep`` is 1)."""
     shardings = afd_shardings(cfg, plan, devices)
     per_expert = resolve_impl(cfg) == "loop" and plan.ffn_ep == 1  # the CPU kernel's layout
     ffn = []
@@ -189,12 +208,7 @@ def place(params: Params, cfg: Step3Config, plan: AfdPlan,
                 s = s.replace(**{k: tuple(drop_first_axis(getattr(s, k)) for _ in getattr(f, k))
                                  for k in ("gate", "up", "down")})
         ffn.append(jax.device_put(f, s))
-    attn_layers = tuple(
-        layer.replace(ffn=_RouterOnly(layer.ffn.router) if isinstance(layer.ffn, Moe) else None)
-        for layer in params.layers)
-    attn = jax.device_put(params.replace(layers=attn_layers), NamedSharding(attn_mesh, P()))
-    local = tuple(_on_device(attn, d) for d in attn_mesh.devices.flat)
-    return AfdModel(cfg, plan, attn_mesh, ffn_mesh, attn, tuple(ffn), local)
+    return tuple(ffn)
 
 
 def _on_device(tree, device):

@@ -188,31 +188,13 @@ def place_part(params, cfg, plan, devices, role: str, remote=None):
     """:func:`afd.place` for one side: an :class:`afd.AfdModel` with only this role's weights
     (``attn`` or ``ffn``; the other empty)."""
     from step3_jax import afd
-    from step3_jax.moe import resolve_impl
-    from step3_jax.sharding import drop_first_axis
-    from step3_jax.weights import Moe, stack_moe, unstack_moe
 
     attn_mesh, ffn_mesh = afd.group_meshes(plan, devices)
     if role == "attention":
-        layers = tuple(layer.replace(ffn=afd._RouterOnly(layer.ffn.router)
-                                     if isinstance(layer.ffn, Moe) else None)
-                       for layer in params.layers)
-        attn = jax.device_put(params.replace(layers=layers), NamedSharding(attn_mesh, P()))
-        local = tuple(afd._on_device(attn, d) for d in attn_mesh.devices.flat)
+        attn, local = afd.place_attention(params, attn_mesh)
         return afd.AfdModel(cfg, plan, attn_mesh, ffn_mesh, attn, (), local=local, remote=remote)
-    shardings = afd.afd_shardings(cfg, plan, devices)
-    per_expert = resolve_impl(cfg) == "loop" and plan.ffn_ep == 1  # as afd.place
-    ffn = []
-    for layer, sh in zip(params.layers, shardings.layers):
-        f, s = layer.ffn, sh.ffn
-        if isinstance(f, Moe):
-            f, s = f.replace(router=None), s.replace(router=None)
-            f = unstack_moe(f) if per_expert else stack_moe(f)
-            if per_expert:
-                s = s.replace(**{k: tuple(drop_first_axis(getattr(s, k)) for _ in getattr(f, k))
-                                 for k in ("gate", "up", "down")})
-        ffn.append(jax.device_put(f, s))
-    return afd.AfdModel(cfg, plan, attn_mesh, ffn_mesh, None, tuple(ffn), remote=remote)
+    return afd.AfdModel(cfg, plan, attn_mesh, ffn_mesh, None,
+                        afd.place_ffn(params, cfg, plan, devices), remote=remote)
 
 
 def part_bytes(params) -> int:
