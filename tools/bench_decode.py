@@ -28,10 +28,13 @@ Before timing, the peer is verified against our model on the same weights (first
 a few greedy steps; ``bench_peer.verify``); a mismatch stops the sweep. Each point also reports
 how many rows' greedy tokens agree between ours and the peer (near-ties may flip late tokens).
 
-Full sweep (bench preset, 4 batches x 3 contexts, 32 new tokens): about 40 minutes on this
-2-core machine when it is quiet; most of it the peer at batch 64 and context 4096.
+Full sweep (bench preset, 4 batches x 3 contexts, 32 new tokens): bounded by ``--peer-budget``
+(seconds of peer steps per point) and by the memory check (a point whose caches would not fit is
+skipped and listed). Measured on this 2-core machine under a load average of 5-12 from other
+jobs: 26 minutes for context 128, 50 for contexts 1024 and 4096 with ``--peer-budget 60`` (about
+an hour and a quarter; the peer's prefill of 4096 tokens alone took 98 s, ours 58 s).
 
-    python tools/bench_decode.py --batches 1,16 --contexts 128            # quick, ~3 min
+    python tools/bench_decode.py --batches 1,16 --contexts 128            # quick
     python tools/bench_decode.py --markdown sweep.md --png docs/decode_sweep.png --json > s.json
 """
 
@@ -386,8 +389,8 @@ def main(argv=None) -> int:
         description="Decode tokens/s of ours, the eager-PyTorch peer and the memory roofline over "
                     "batch x context, measured interleaved in one run. Context = the length of "
                     "the prompt prefilled (once, shared by the batch's rows) before decoding. The "
-                    "full sweep (bench preset, default grid) takes about 40 minutes on a quiet "
-                    "2-core machine.")
+                    "full sweep (bench preset, default grid) took about 75 minutes on this "
+                    "2-core machine under other jobs' load (see the module docstring).")
     ap.add_argument("--config", default="bench", help="preset or config.json (default bench)")
     ap.add_argument("--batches", type=csv_ints, default=[1, 4, 16, 64])
     ap.add_argument("--contexts", type=csv_ints, default=[128, 1024, 4096],
