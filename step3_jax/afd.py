@@ -243,7 +243,7 @@ def _attention_step(layer, h, f, positions, k_cache, v_cache, slots, key_len, af
     """Residual add of the previous layer's FFN output, MFA, post-norm, router, quantize.
 
     ``k_cache``/``v_cache``: this layer's cache (donated: updated in place), or None (no cache).
-    ``after``: an array the step must wait for and otherwise ignores (the lockstep schedule).
+    ``after``: arrays the step must wait for and otherwise ignores (the lockstep schedule).
     """
     x = h + f.astype(h.dtype)
     if after is not None:
@@ -342,13 +342,13 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
 
     ``schedule``: ``pipelined`` (nothing waits on the host), ``serial`` (the host blocks after
     every op), or ``lockstep`` (nothing waits on the host, but each attention launch takes the
-    previous F->A result on its device as an input, so the groups take turns on the devices: the
-    control that isolates what overlap buys from what host round trips cost)."""
+    previous FFN result from every FFN device as an input, so the groups take turns on the
+    devices: the control that isolates what overlap buys from what host round trips cost)."""
     cfg, plan = m.cfg, m.plan
     if schedule not in SCHEDULES:
         raise Step3Error(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     sync = jax.block_until_ready if schedule == "serial" else (lambda x: x)
-    last_back = {}  # attention device index -> the latest F->A result there (lockstep)
+    last_back = {}  # attention device index -> what its next launch waits for (lockstep)
     to_ffn = NamedSharding(m.ffn_mesh, P())
     ffn_devices = m.ffn_devices
     put = lambda x, d: None if x is None else jax.device_put(x, d)  # noqa: E731
@@ -387,7 +387,10 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
                 for s, (sh, out) in enumerate(zip(shards, outs)):
                     src = ffn_devices[sh.index % len(ffn_devices)]  # spread the sends
                     piece = next(p.data for p in out.addressable_shards if p.device == src)
-                    state[j][s][1] = last_back[sh.index] = sync(jax.device_put(piece, sh.device))
+                    state[j][s][1] = sync(jax.device_put(piece, sh.device))
+                    if schedule == "lockstep":  # every FFN device's copy: all of them finished
+                        last_back[sh.index] = [jax.device_put(p.data, sh.device)
+                                               for p in out.addressable_shards]
     return state
 
 

@@ -103,17 +103,20 @@ def _check_trace(intervals, m, layers, micro_batches):
         mine = sorted((iv["layer"], iv["mb"], iv["start"], iv["end"]) for iv in runs
                       if iv["device"] == d)
         assert all(a[3] <= b[2] + EPS for a, b in zip(mine, mine[1:]))
-    stage = {}
+    stage, run = {}, {}
     for iv in runs:
         s = stage.setdefault((iv["group"], iv["layer"], iv["mb"]), [iv["start"], iv["end"]])
         s[0], s[1] = min(s[0], iv["start"]), max(s[1], iv["end"])
-    # Data dependencies: FFN (i, j) starts after every attention device finished (i, j), and
-    # attention (i + 1, j) after the FFN finished (i, j). A mislabelled launch breaks these.
+        run[(iv["device"], iv["layer"], iv["mb"])] = iv
+    # Data dependencies: FFN (i, j) starts on each FFN device after every attention device
+    # finished (i, j); attention (i + 1, j) starts on device a after the FFN device it receives
+    # from (the a-th, round robin) finished (i, j). A mislabelled launch breaks these.
+    senders = {d.id: m.ffn_devices[a % len(ffn)].id for a, d in enumerate(m.attn_devices)}
     for i in range(layers):
         for j in range(micro_batches):
             assert stage[("ffn", i, j)][0] >= stage[("attention", i, j)][1] - EPS
-            if i + 1 < layers:
-                assert stage[("attention", i + 1, j)][0] >= stage[("ffn", i, j)][1] - EPS
+            for d in attn if i + 1 < layers else ():
+                assert run[(d, i + 1, j)]["start"] >= run[(senders[d], i, j)]["end"] - EPS
     return stage
 
 
@@ -165,7 +168,7 @@ def test_pipelined_schedule_overlaps_the_groups(slow_ffn):
     blocking transfer, or XLA:CPU's one-multi-device-program-at-a-time rule hit by the
     attention side)."""
     params, cfg = slow_ffn
-    m = afd.place(params, cfg, afd.parse_plan("1:1", micro_batches=3))
+    m = afd.place(params, cfg, afd.parse_plan("1:2", micro_batches=3))
     bound = 1e3 * EPS * 2 * cfg.num_hidden_layers * 3  # timestamp rounding per stage boundary
     got, metrics = afd.generate(m, PROMPTS, max_new_tokens=4, eos_ids=[], keep_timeline=True)
     a = metrics["afd"]
@@ -175,8 +178,9 @@ def test_pipelined_schedule_overlaps_the_groups(slow_ffn):
     # running while the FFN works on micro-batch j of the same layer.
     assert any(stage[("attention", i, j + 1)][0] < stage[("ffn", i, j)][1]
                for i in range(cfg.num_hidden_layers) for j in range(2))
-    # The lockstep control (each attention launch waits on device for the previous FFN result;
-    # the host still never waits) removes exactly that overlap, and nothing else changes.
+    # The lockstep control (each attention launch waits on device for the previous FFN result
+    # from both FFN devices; the host still never waits) removes exactly that overlap, and
+    # nothing else changes.
     same, metrics = afd.generate(m, PROMPTS, max_new_tokens=4, eos_ids=[], schedule="lockstep",
                                  keep_timeline=True)
     _check_trace(metrics["afd"]["timeline"], m, cfg.num_hidden_layers, 3)
