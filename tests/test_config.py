@@ -83,7 +83,7 @@ def test_unsupported_or_inconsistent_values_are_named(tiny_raw):
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ConfigError, match="bench, step3, tiny"):
+    with pytest.raises(ConfigError, match="bench, demo, step3, tiny"):
         load_config("nope")
 
 

@@ -57,7 +57,7 @@ def test_mfa_matches_reference(tiny_params, tiny_cfg, tiny_raw, hub_state):
         q, k, v = attention.project_qkv(p, jnp.asarray(x)[None], jnp.asarray(pos)[None], tiny_cfg)
         mask = attention.causal_mask(jnp.asarray(pos)[None], jnp.asarray(pos)[None],
                                      jnp.ones((1, 9), bool))
-        got = attention.output(p, attention.attend(q, k, v, mask))[0]
+        got = attention.output(p, attention.attend(q, jnp.swapaxes(k, 1, 2), v, mask))[0]
         want = ref.mfa(x, _short(hub_state, layer, "self_attn"), cfg_ref, pos)
         np.testing.assert_allclose(got, want, atol=ATOL)
 
@@ -69,7 +69,8 @@ def test_attention_scale_is_one_over_sqrt_head_dim():
     k = np.zeros((1, 2, d), np.float32)
     k[0, 1, 0] = 1.0  # scores (0, 1)
     v = np.eye(2, d, dtype=np.float32)[None]
-    o = attention.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.ones((1, 1, 2), bool))
+    k_t = jnp.swapaxes(jnp.asarray(k), 1, 2)  # attend takes the keys as the cache stores them
+    o = attention.attend(jnp.asarray(q), k_t, jnp.asarray(v), jnp.ones((1, 1, 2), bool))
     np.testing.assert_allclose(o[0, 0, 0, :2], [1 / (1 + np.e), np.e / (1 + np.e)], rtol=1e-6)
 
 
