@@ -28,6 +28,9 @@ device. ``--single-thread-ops`` sets ``--xla_cpu_multi_thread_eigen=false`` (no 
 threading in XLA's Eigen kernels), so each group's programs use fewer cores at once.
 
     python tools/bench_afd.py --config bench --png docs/afd_trace.png --json
+
+``--runtime-rules`` instead measures the two XLA:CPU behaviours the schedule is built around
+(see ``step3_jax/afd.py``).
 """
 
 from __future__ import annotations
@@ -89,6 +92,62 @@ def draw(panels: list[tuple[str, list[dict]]], path: str, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def runtime_rules(jax, afd) -> dict:
+    """The two XLA:CPU behaviours ``afd.py``'s schedule is built around, measured here.
+
+    1. Two 2-device programs on disjoint device pairs, dispatched back to back: when does the
+       second start (per-device launches from a trace)? Then two single-device programs.
+    2. How long ``jax.device_put`` takes to return when its source is still being computed
+       (~0.1-0.2 s of matmuls), for each kind of source and target layout.
+    """
+    import numpy as np
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devs = jax.devices()
+    mesh_a, mesh_f = Mesh(np.array(devs[:2]), ("d",)), Mesh(np.array(devs[2:4]), ("d",))
+
+    @jax.jit
+    def work(x):
+        for _ in range(24):
+            x = jnp.tanh(x @ x)
+        return x
+
+    split = lambda mesh: NamedSharding(mesh, P("d"))  # noqa: E731
+    xa = jax.device_put(jnp.ones((2, 384, 384)) / 384, split(mesh_a))
+    xf = jax.device_put(jnp.ones((2, 384, 384)) / 384, split(mesh_f))
+    x0, x2 = (jax.device_put(jnp.ones((384, 384)) / 384, devs[i]) for i in (0, 2))
+    out = {}
+    for name, args in (("two 2-device programs", (xa, xf)), ("two 1-device programs", (x0, x2))):
+        jax.block_until_ready([work(x) for x in args])  # compile
+        _, trace = afd.traced(lambda: [work(x) for x in args])
+        spans = {}
+        for plane in trace.planes:
+            for line in plane.lines:
+                for ev in line.events:
+                    st = dict(ev.stats)
+                    if "device_ordinal" in st and "hlo_module" in st:
+                        d = int(st["device_ordinal"])
+                        a, b = spans.get(d, (ev.start_ns, ev.start_ns))
+                        spans[d] = (min(a, ev.start_ns), max(b, ev.start_ns + ev.duration_ns))
+        t0 = min(a for a, _ in spans.values())
+        out[name] = {f"device {d}": [round((a - t0) / 1e6, 2), round((b - t0) / 1e6, 2)]
+                     for d, (a, b) in sorted(spans.items())}
+    for name, src, dst in (
+            ("sharded on 2 devices -> replicated on 2 others", xa, NamedSharding(mesh_f, P())),
+            ("sharded on 2 devices -> sharded on 2 others", xa, split(mesh_f)),
+            ("1 device -> replicated on 2 others", x0, NamedSharding(mesh_f, P())),
+            ("1 device -> 1 other device", x0, devs[3])):
+        y = work(src)
+        t = time.perf_counter()
+        z = jax.device_put(y, dst)
+        returned = time.perf_counter() - t
+        jax.block_until_ready(z)
+        out[name] = {"returned_ms": round(1e3 * returned, 2),
+                     "ready_ms": round(1e3 * (time.perf_counter() - t), 2)}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="bench", help="preset or config.json (default bench)")
@@ -110,6 +169,9 @@ def main(argv=None) -> int:
     ap.add_argument("--png", default=None, help="trace plot (per device, every schedule)")
     ap.add_argument("--plot-micro-batches", type=int, default=None,
                     help="the micro-batch count to plot (default the largest)")
+    ap.add_argument("--runtime-rules", action="store_true",
+                    help="only measure the two XLA:CPU behaviours the schedule avoids "
+                         "(multi-device programs one at a time; a blocking device_put)")
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = ap.parse_args(argv)
 
@@ -129,6 +191,13 @@ def main(argv=None) -> int:
     from step3_jax.generate import Generator
     from step3_jax.sharding import parse_mesh
 
+    if args.runtime_rules:
+        rules = runtime_rules(jax, afd)
+        for name, got in rules.items():
+            log(f"{name}: {got}")
+        if args.json:
+            print(json.dumps({"jax": jax.__version__, "runtime_rules": rules}, indent=2))
+        return 0
     overrides = {}
     if args.layers:
         n = args.layers
