@@ -66,7 +66,7 @@ def test_training_kernel_is_differentiable_and_blocks_on_cpu(tiny_cfg):
 
 def test_loss_matches_the_reference_cross_entropy(tiny_params, cfg, hub_state, tiny_raw, batch):
     """loss_fn = mean -log p(next token) over the real vocabulary, from the float64 NumPy model.
-    float32 through 4 layers vs float64: ~1e-6 observed on a loss of ~5.5; asserted 1e-4."""
+    float32 through 4 layers vs float64: 4e-7 observed on a loss of 6.1; asserted 1e-4."""
     rows = np.asarray(batch[:3])
     want = np.mean([-ref.log_probs(hub_state, ref.parse_config(tiny_raw), r) for r in rows])
     got = float(_loss(tiny_params, jnp.asarray(rows), cfg))
@@ -102,7 +102,7 @@ def test_blocks_kernel_matches_loop_and_ragged_under_skewed_load(tiny_params, ti
 def test_blocks_kernel_gradients_match_ragged_dot(tiny_params, tiny_cfg):
     """Gradients w.r.t. the input, the router and every expert weight, against ``ragged_dot``'s
     own differentiation rules (an independent implementation). float32, sums of ~100 terms:
-    agreement to ~1e-7 observed; asserted 1e-5 relative to each gradient's scale."""
+    5e-7 observed relative to each gradient's largest entry; asserted 1e-5."""
     p = _moe(tiny_params, 2)
     x = jnp.asarray(np.random.default_rng(6).normal(size=(200, 64)).astype(np.float32))
 
@@ -124,15 +124,15 @@ def test_blocks_kernel_gradients_match_ragged_dot(tiny_params, tiny_cfg):
 # ----- the training step ----------------------------------------------------------------------------
 
 def test_one_step_lowers_the_loss_on_a_fixed_batch(cfg, batch, params0, optimizers, one_device):
-    """One AdamW step at 1e-2 (no warm-up) on a fixed batch: observed 5.54 -> 5.19 nats; a drop
-    of at least 0.05 is asserted (a wrong sign or a zero update would not give it)."""
+    """One AdamW step at 1e-2 (no warm-up) on a fixed batch: observed 5.96 -> 4.29 nats; a drop
+    of at least 0.5 is asserted (a wrong sign or a zero update would not give it)."""
     state = train.init_state(cfg, optimizers["adamw"], params=params0)
     before = float(_loss(params0, batch, cfg))
     state, metrics = one_device["adamw"](state, batch)
     after = float(_loss(state.params, batch, cfg))
     assert abs(float(metrics["loss"]) - before) < 1e-5  # the step reports the pre-update loss
     assert int(state.step) == 1
-    assert after < before - 0.05, (before, after)
+    assert after < before - 0.5, (before, after)
 
 
 def test_gradients_reach_every_weight_router_and_expert(cfg, batch, params0):
@@ -177,7 +177,7 @@ def test_sharded_step_equals_unsharded(cfg, batch, params0, optimizers, one_devi
     shard_map, tensor parallelism, data parallelism) against one device.
 
     Two plain SGD steps: the update is linear in the gradient, so the parameters compare at the
-    gradients' float32 precision (~1e-7 observed, 1e-5 asserted). On the first mesh, also one
+    gradients' float32 precision (2e-7 observed, 1e-5 asserted). On the first mesh, also one
     AdamW step, whose loss and gradient norm must agree (1e-5 relative) and whose state keeps
     the intended shardings; AdamW's first update is about lr * sign(g), which turns float32
     noise on near-zero gradients into lr-sized differences, so its parameters are not compared

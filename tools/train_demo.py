@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "validation text, training record and loss curve.")
     p.add_argument("--config", default="demo", metavar="PRESET|FILE",
                    help="model config (default: the demo preset, configs/demo.json)")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
     p.add_argument("--batch", type=int, default=16, help="sequences per step (default 16)")
     p.add_argument("--seq-len", type=int, default=256,
                    help="tokens per sequence after <|bos|> (default 256; at most the config's "
@@ -118,6 +118,17 @@ def plot_curve(history: dict, record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux ``/proc/cpuinfo``), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -147,6 +158,12 @@ def main(argv=None) -> int:
             raise Step3Error(f"--seq-len {args.seq_len} exceeds the config's "
                              f"max_position_embedding ({cfg.max_position_embedding})")
         mesh = parse_mesh(args.mesh) if args.mesh else None
+        for flag in ("steps", "batch", "seq_len", "val_windows", "eval_windows", "eval_every"):
+            if getattr(args, flag) < 1:
+                raise Step3Error(f"--{flag.replace('_', '-')} must be >= 1, got "
+                                 f"{getattr(args, flag)}")
+        warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+        schedule = train.lr_schedule(steps=args.steps, peak_lr=args.lr, warmup_steps=warmup)
     except Step3Error as e:
         print(f"train_demo: error: {e}", file=sys.stderr)
         return 2
@@ -170,12 +187,6 @@ def main(argv=None) -> int:
              if args.stdlib is None else args.stdlib)
 
     # ----- training -------------------------------------------------------------------------
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    try:
-        schedule = train.lr_schedule(steps=args.steps, peak_lr=args.lr, warmup_steps=warmup)
-    except Step3Error as e:
-        print(f"train_demo: error: {e}", file=sys.stderr)
-        return 2
     optimizer = train.make_optimizer(cfg, steps=args.steps, peak_lr=args.lr,
                                      warmup_steps=warmup, weight_decay=args.weight_decay,
                                      clip_norm=args.clip)
@@ -261,7 +272,7 @@ def main(argv=None) -> int:
             "tokenizer": "byte-level: ids 0-255 bytes, 256 <|bos|>, 257 <|eos|>",
             "python": platform.python_version(), "jax": jax.__version__,
             "optax": optax.__version__, "machine": platform.machine(),
-            "processor": platform.processor() or None, "cpu_count": os.cpu_count(),
+            "processor": cpu_model(), "cpu_count": os.cpu_count(),
             "backend": jax.default_backend(), "train_seconds": round(train_seconds, 1),
             "history": history,
         }
