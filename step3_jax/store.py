@@ -23,8 +23,6 @@ stay bfloat16, as in the paper.
 from __future__ import annotations
 
 import json
-import logging
-import math
 import os
 import shutil
 import tempfile
@@ -40,7 +38,6 @@ from step3_jax.config import Step3Config
 from step3_jax.errors import CheckpointError
 from step3_jax.weights import Params, declare, is_spec, stack_experts
 
-log = logging.getLogger("step3_jax")
 
 MANIFEST = "step3_jax.json"
 FORMAT = "step3-jax/orbax"

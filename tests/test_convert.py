@@ -6,7 +6,6 @@ independently of ``step3_jax.quant``: ``w[r, c] = fp8[r, c] * scale[r // 128, c 
 
 import json
 import shutil
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
