@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import platform
 import statistics
 import time
 
@@ -179,3 +180,38 @@ def _median_afd(runs: list[dict]) -> dict:
     for key in {k for r in timed for k, v in r.items() if isinstance(v, float)}:
         out[key] = statistics.median(r[key] for r in timed)
     return out
+
+
+# ----- shared by the benchmark tools (tools/bench_*.py) --------------------------------------------
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for a benchmark's setting."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages: how busy the shared machine was during a run."""
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
+def csv_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated positive integers."""
+    import argparse
+
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values

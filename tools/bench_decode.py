@@ -44,7 +44,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -58,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import step3_jax  # noqa: E402
 from step3_jax import bench, model  # noqa: E402
+from step3_jax.bench import cpu_model, csv_ints, loadavg  # noqa: E402
 from step3_jax.generate import MIN_CAPACITY, Generator, _decode, _LoopState, bucket  # noqa: E402
 from step3_jax.cache import KVCache  # noqa: E402
 
@@ -69,32 +69,10 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def loadavg():
-    try:
-        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
-    except (OSError, ValueError):
-        return None
 
 
-def csv_ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 # ----- ours: the generate decode loop from a shared-prefix cache ------------------------------------

@@ -32,7 +32,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import sys
 import time
 
@@ -40,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from step3_jax.bench import Flusher, roofline, time_fn
+from step3_jax.bench import Flusher, cpu_model, csv_ints, loadavg, roofline, time_fn
 from step3_jax.config import load_config
 from step3_jax.moe import route, routed_experts
 from step3_jax.weights import Mlp, Moe
@@ -61,32 +60,10 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
-def _loadavg():
-    try:
-        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
-    except (OSError, ValueError):
-        return None
 
 
-def csv_ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def csv_impls(text: str) -> list[str]:
@@ -165,7 +142,7 @@ def main(argv=None) -> int:
             timespec="seconds"),
         "config": args.config, "dtype": "float32", "hidden": H, "experts": args.experts,
         "expert_width": Fe, "top_k": k, "expert_bytes": expert_bytes, "repeats": args.repeats,
-        "flush_mb": args.flush_mb, "loadavg_at_start": _loadavg(),
+        "flush_mb": args.flush_mb, "loadavg_at_start": loadavg(),
     }
     log(f"# MoE expert kernel bench: {setting['cpu']}, {setting['cores']} cores, "
         f"jax {setting['jax']} ({setting['backend']})")
@@ -256,7 +233,7 @@ def main(argv=None) -> int:
     log(f"roofline at the end: {roof_end['gb_per_s']:.1f} GB/s ({100 * drift:+.0f}% vs start)"
         + ("  WARNING: bandwidth moved during the run; rerun on a quiet machine"
            if abs(drift) > 0.15 else ""))
-    setting["loadavg_at_end"] = _loadavg()
+    setting["loadavg_at_end"] = loadavg()
 
     report = {"setting": setting, "roofline": roof, "results": results, "doubling": doubling}
     if args.json:
