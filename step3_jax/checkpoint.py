@@ -299,8 +299,9 @@ def load_tokenizer(directory: str | Path | None):
 
 
 def checkpoint_dir(checkpoint: str | Path) -> Path:
-    """``checkpoint`` as an existing directory, or a one-line error."""
-    directory = Path(checkpoint).expanduser()
+    """``checkpoint`` as an existing directory (absolute: orbax reads only absolute paths), or a
+    one-line error."""
+    directory = Path(checkpoint).expanduser().absolute()
     if not directory.is_dir():
         what = "is not a directory" if directory.exists() else "does not exist"
         raise CheckpointError(f"checkpoint directory {directory} {what}")

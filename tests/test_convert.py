@@ -333,6 +333,20 @@ def test_damaged_store_is_named(tmp_path, store_dir):
         load(damaged, progress=False)
 
 
+def test_export_and_generate_take_a_relative_store_path(capsys, monkeypatch, tmp_path,
+                                                      store_dir):
+    """orbax reads only absolute paths: a relative --checkpoint must still work (it failed with
+    "unreadable orbax checkpoint" before ``checkpoint_dir`` made paths absolute)."""
+    monkeypatch.chdir(store_dir.parent)
+    code, _, err = run_cli(capsys, "export", "--checkpoint", store_dir.name, "--out",
+                           str(tmp_path / "hub"))
+    assert code == 0, err
+    assert (tmp_path / "hub" / "model.safetensors.index.json").is_file()
+    code, _, err = run_cli(capsys, "generate", "--checkpoint", store_dir.name, "--prompt-ids",
+                           "1,2,3", "--max-new-tokens", "2")
+    assert code == 0, err
+
+
 def test_export_refuses_a_hub_directory(capsys, tmp_path, hub_dir):
     code, _, err = run_cli(capsys, "export", "--checkpoint", str(hub_dir), "--out",
                            str(tmp_path / "x"))
