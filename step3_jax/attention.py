@@ -23,7 +23,7 @@ _MASKED = float(jnp.finfo(jnp.float32).min)
 def project_qkv(p: Attention, x: jax.Array, positions: jax.Array, cfg: Step3Config):
     """``x [B, T, H]`` -> rotated ``q [B, T, n, d]``, rotated ``k [B, T, d]`` and ``v [B, T, d]``."""
     q_lr = rms_norm(linear(x, p.q_proj), p.inter_norm, cfg.rms_norm_eps)  # norm over all of Q
-    q = jnp.einsum("btq,qnd->btnd", q_lr, materialize(p.wq, q_lr.dtype))
+    q = linear(q_lr, p.wq)  # wq [n, d, Q]: [B, T, n, d]
     q = rope(q, positions, cfg.rope_theta)
     k = rope(linear(x, p.k_proj), positions, cfg.rope_theta)
     v = linear(x, p.v_proj)
@@ -44,13 +44,13 @@ def attend(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.A
 
 
 def output(p: Attention, o: jax.Array) -> jax.Array:
-    """Heads ``[B, T, n, d]`` back to the model width through ``o_proj [n, d, H]``.
+    """Heads ``[B, T, n, d]`` back to the model width through ``o_proj [H, n, d]``.
 
-    As one ``[B, T, n*d] @ [n*d, H]`` matmul on reshaped (bitcast) operands: the equivalent
-    two-axis einsum made XLA:CPU transpose ``o_proj`` into a fresh ``[d, n, H]`` buffer at every
-    call (an 8 MB copy per layer and decode step on ``bench``; tools/profile_decode.py)."""
-    n, d, hidden = p.o_proj.shape
-    w = materialize(p.o_proj, o.dtype).reshape(n * d, hidden)
+    As one ``[B, T, n*d] x [H, n*d]`` matmul on reshaped (bitcast) operands: a two-axis einsum
+    made XLA:CPU transpose ``o_proj`` into a fresh buffer at every call (an 8 MB copy per layer
+    and decode step on ``bench``; tools/profile_decode.py)."""
+    hidden, n, d = p.o_proj.shape
+    w = materialize(p.o_proj, o.dtype).reshape(hidden, n * d)
     return linear(o.reshape(*o.shape[:-2], n * d), w)
 
 

@@ -91,7 +91,7 @@ def bytes_per_step(cfg: Step3Config, batch: int, capacity: int) -> dict:
         size = math.prod(spec.shape) * itemsize
         if spec.hub == "model.embed_tokens.weight":
             weights += batch * cfg.hidden_size * itemsize
-        elif spec.axes[0] == "experts":
+        elif "expert_mlp" in spec.axes:  # routed experts (not the router)
             experts += size / spec.shape[0] * distinct
         else:
             weights += size

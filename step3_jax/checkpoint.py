@@ -138,9 +138,7 @@ class HubReader:
 
 
 def hub_to_leaf(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:
-    """A Hub tensor -> the weight ``spec`` declares (transpose, reshape, pad the vocabulary)."""
-    if spec.transpose:
-        arr = np.swapaxes(arr, -1, -2)
+    """A Hub tensor -> the weight ``spec`` declares (reshape, pad the vocabulary)."""
     unpadded = tuple(cfg.vocab_size if a == "vocab" else n for a, n in zip(spec.axes, spec.shape))
     arr = arr.reshape(unpadded)
     if unpadded != spec.shape:
@@ -151,9 +149,6 @@ def hub_to_leaf(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarr
 def leaf_to_hub(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:
     """Inverse of :func:`hub_to_leaf`."""
     arr = arr[tuple(slice(0, cfg.vocab_size) if a == "vocab" else slice(None) for a in spec.axes)]
-    if spec.transpose:
-        swapped = spec.hub_shape[:-2] + (spec.hub_shape[-1], spec.hub_shape[-2])
-        return np.ascontiguousarray(np.swapaxes(arr.reshape(swapped), -1, -2))
     return np.ascontiguousarray(arr.reshape(spec.hub_shape))
 
 

@@ -145,8 +145,6 @@ def _hub_tensors(chunk, specs, cfg) -> dict[str, np.ndarray]:
         if isinstance(value, quant.Fp8Weight):
             v = np.asarray(value.values).reshape(quant.matrix_view(spec))
             s = np.asarray(value.scales)
-            if spec.transpose:
-                v, s = np.swapaxes(v, -1, -2), np.swapaxes(s, -1, -2)
             tensors[spec.hub] = np.ascontiguousarray(v)
             tensors[spec.hub + SCALE_SUFFIX] = np.ascontiguousarray(s)
         else:

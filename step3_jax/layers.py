@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from step3_jax.quant import materialize
 
+# Up to this many rows (decode batches; not prefill) XLA:CPU gets the weight-major product below.
+SMALL_ROWS = 256
+
 
 def linear(x: jax.Array, w) -> jax.Array:
-    """``x @ w`` contracting ``x``'s last axis with ``w``'s first; the one matmul entry point.
-    ``w`` is an array or a block-FP8 ``quant.Fp8Weight`` (dequantized to ``x``'s dtype)."""
-    return jnp.tensordot(x, materialize(w, x.dtype), axes=((x.ndim - 1,), (0,)))
+    """``x @ w.T``, the one matmul entry point: contracts ``x``'s last axis with the last axis of
+    ``w [*out, in]`` (the Hub layout) and returns ``[*x.shape[:-1], *out]``. ``w`` is an array
+    or a block-FP8 ``quant.Fp8Weight`` (dequantized to ``x``'s dtype).
+
+    On XLA:CPU with fewer than :data:`SMALL_ROWS` rows the product is formed as ``(w @ xᵀ)ᵀ``,
+    with an optimization barrier before the transpose: XLA would otherwise fold the transpose into
+    the dot's output layout, and that form reads the weight 1.6-2.6x slower at 4-16 rows
+    (BENCHMARKS.md, "Weight layout"). The transpose then copies only the small result.
+    """
+    w = materialize(w, x.dtype)
+    lead, out, k = x.shape[:-1], w.shape[:-1], x.shape[-1]
+    rows = math.prod(lead)
+    if rows < SMALL_ROWS and jax.default_backend() == "cpu":
+        y = jax.lax.dot_general(w.reshape(-1, k), x.reshape(rows, k), (((1,), (1,)), ((), ())))
+        return jax.lax.optimization_barrier(y).T.reshape(*lead, *out)
+    return jnp.tensordot(x, w, axes=((x.ndim - 1,), (w.ndim - 1,)))
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:

@@ -93,7 +93,7 @@ def logits_from_hidden(params: Params, x: jax.Array, cfg: Step3Config) -> jax.Ar
     """Final RMSNorm and the untied LM head; the vocabulary padding is masked to ``-inf``."""
     with jax.named_scope("lm_head"):
         x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-        head = params.embed.T if params.lm_head is None else params.lm_head
+        head = params.embed if params.lm_head is None else params.lm_head  # [V_pad, H]
         logits = linear(x, head).astype(jnp.float32)
         pad = jnp.arange(cfg.padded_vocab) >= cfg.vocab_size
         return jnp.where(pad, -jnp.inf, logits)

@@ -113,13 +113,23 @@ def _experts_loop(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
     return out.astype(y.dtype)
 
 
+# Grouped matmul of expert-sorted rows ``[M, in]`` with stacked ``[G, out, in]`` weights.
+_RAGGED_DIMS = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[0])
+
+
+def _grouped(x, w, counts):
+    return jax.lax.ragged_dot_general(x, w, counts, _RAGGED_DIMS)
+
+
 def _experts_ragged(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
     gate, up, down = (materialize(stack_weight(w) if isinstance(w, (tuple, list)) else w, y.dtype)
                       for w in (p.gate, p.up, p.down))
     tokens, comb, counts = _sort_by_expert(weights, idx, gate.shape[0])
     x = y[tokens]
-    h = jax.nn.silu(jax.lax.ragged_dot(x, gate, counts)) * jax.lax.ragged_dot(x, up, counts)
-    o = jax.lax.ragged_dot(h, down, counts)
+    h = jax.nn.silu(_grouped(x, gate, counts)) * _grouped(x, up, counts)
+    o = _grouped(h, down, counts)
     out = jnp.zeros(y.shape, jnp.float32).at[tokens].add(o.astype(jnp.float32) * comb[:, None])
     return out.astype(y.dtype)
 
@@ -225,12 +235,12 @@ def expert_parallel(y, weights, idx, p: Moe, cfg: Step3Config, mesh) -> jax.Arra
         return Fp8Weight(P(*axes), P(*axes), w.view)
 
     if isinstance(p.gate, (tuple, list)):  # per-expert layout (ep == 1): each split over tp
-        w_specs = (tuple(spec(w, None, tp) for w in p.gate),
-                   tuple(spec(w, None, tp) for w in p.up),
-                   tuple(spec(w, tp, None) for w in p.down))
-    else:
-        w_specs = (spec(p.gate, epa, None, tp), spec(p.up, epa, None, tp),
-                   spec(p.down, epa, tp, None))
+        w_specs = (tuple(spec(w, tp, None) for w in p.gate),
+                   tuple(spec(w, tp, None) for w in p.up),
+                   tuple(spec(w, None, tp) for w in p.down))
+    else:  # gate/up [E, Fe, H], down [E, H, Fe]
+        w_specs = (spec(p.gate, epa, tp, None), spec(p.up, epa, tp, None),
+                   spec(p.down, epa, None, tp))
     local_experts = cfg.moe_num_experts // ep
 
     def local_view(w):

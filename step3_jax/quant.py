@@ -7,8 +7,9 @@ expert axis for stacked experts and ragged edge blocks. Embeddings, LM head, rou
 BF16.
 
 Here a quantized weight is an :class:`Fp8Weight`: the values in the weight's declared layout
-(``weights.WeightSpec.shape``, e.g. ``wq [Q, n, d]``) and the scales over its *matrix view*, the
-Hub matrix with its last two axes swapped (``[..., in/128, out/128]``). :func:`materialize` is
+(``weights.WeightSpec.shape``, e.g. ``wq [n, d, Q]``) and the scales over its *matrix view*, the
+Hub matrix (``[..., out, in]``, scales ``[..., out/128, in/128]``): the declared layout is the Hub
+layout reshaped, so a Hub tensor and its scales are taken as they are. :func:`materialize` is
 the one place the model turns either form into an array for a matmul (``layers.linear`` and the
 attention einsums call it), so layer code never branches on the dtype. On XLA:CPU the matmul
 then runs on the dequantized float32 weight: FP8 saves memory and disk there, not time.
@@ -66,8 +67,8 @@ def is_quantized(spec) -> bool:
 
 
 def matrix_view(spec) -> tuple[int, ...]:
-    """The Hub shape with its last two axes swapped: ``[..., in, out]``."""
-    return spec.hub_shape[:-2] + (spec.hub_shape[-1], spec.hub_shape[-2])
+    """The Hub shape ``[..., out, in]``: the matrix (stack) the scale blocks tile."""
+    return tuple(spec.hub_shape)
 
 
 def scale_grid(view: tuple[int, ...], block: int = BLOCK) -> tuple[int, ...]:
@@ -121,10 +122,8 @@ def quantize_np(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def from_hub(values: np.ndarray, scales: np.ndarray, spec) -> Fp8Weight:
     """A Hub FP8 tensor and its scales as the :class:`Fp8Weight` of ``spec`` (host arrays)."""
-    view = matrix_view(spec)
-    v = np.swapaxes(values, -1, -2) if spec.transpose else values
-    s = np.swapaxes(scales, -1, -2) if spec.transpose else scales
-    return Fp8Weight(np.ascontiguousarray(v).reshape(spec.shape), np.ascontiguousarray(s), view)
+    return Fp8Weight(np.ascontiguousarray(values).reshape(spec.shape),
+                     np.ascontiguousarray(scales), matrix_view(spec))
 
 
 def quantize_leaf(w: np.ndarray, spec) -> Fp8Weight:
@@ -152,7 +151,7 @@ def quantize_params(params, cfg):
 
 def _view_axes(shape: tuple[int, ...], view: tuple[int, ...]) -> list[int]:
     """For each matrix-view axis, the first declared axis merged into it (views only merge
-    adjacent axes: ``wq [Q, n, d]`` -> ``[Q, n*d]``)."""
+    adjacent axes: ``wq [n, d, Q]`` -> ``[n*d, Q]``)."""
     firsts, i = [], 0
     for size in view:
         firsts.append(i)

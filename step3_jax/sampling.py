@@ -42,14 +42,28 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def argmax(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax`` over the last axis (first index of the maximum) as two plain reductions:
+    XLA:CPU runs the fused index-carrying reduce of ``argmax`` 1.7x slower (0.83 vs 0.50 ms on
+    ``[16, 32000]``), and greedy decoding does one per step. NaN-free input assumed (logits)."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == top, ids, logits.shape[-1]), axis=-1)
+
+
 def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax.Array,
            top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """Next tokens ``[B]`` from ``logits [B, V]``; sequence ``b`` draws from ``fold_in(keys[b], step)``."""
+    """Next tokens ``[B]`` from ``logits [B, V]``; sequence ``b`` draws from ``fold_in(keys[b], step)``.
+
+    ``temperature`` is a scalar: at 0 only the argmax runs (drawing the Gumbel noise for a
+    ``[16, 32000]`` step costs ~6.5 ms on XLA:CPU, more than the LM head)."""
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-    scaled = jax.lax.cond((top_k > 0) | (top_p < 1), filter_logits, lambda x, *_: x,
-                          scaled, top_k, top_p)
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-    drawn = jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+
+    def draw(logits):
+        scaled = logits / temperature
+        scaled = jax.lax.cond((top_k > 0) | (top_p < 1), filter_logits, lambda x, *_: x,
+                              scaled, top_k, top_p)
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+        return jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, draw, argmax, logits)

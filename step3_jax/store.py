@@ -41,7 +41,7 @@ from step3_jax.weights import Params, declare, is_spec, stack_experts
 
 MANIFEST = "step3_jax.json"
 FORMAT = "step3-jax/orbax"
-VERSION = 1
+VERSION = 2  # v2: matmul weights in the Hub [out, in] layout (v1 stored them [in, out])
 STORAGE_DTYPES = ("bfloat16", "float32", "fp8")
 _PLACEHOLDER = ...  # marks a leaf left out of a restore (the value of ocp.PLACEHOLDER)
 
@@ -87,6 +87,9 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable manifest ({e})") from None
+    if manifest.get("format") == FORMAT and manifest.get("version") == 1:
+        raise CheckpointError(f"{path}: a v1 store (matmul weights [in, out]); this step3-jax "
+                              f"reads v{VERSION} ([out, in]): convert the Hub checkpoint again")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CheckpointError(f"{path}: not a {FORMAT} v{VERSION} manifest "
                               f"(format={manifest.get('format')!r}, "

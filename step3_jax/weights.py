@@ -5,9 +5,12 @@ else is derived from it: seeded random init (:func:`init_params`), abstract shap
 targets (:func:`abstract_params`), shardings (``sharding.param_shardings``), parameter counts
 (:func:`count_params`) and the Hub checkpoint mapping (``checkpoint.py``).
 
-Layout. Torch stores Linear weights ``[out, in]``; here every matmul weight is ``[in, out]`` so a
-layer is ``x @ w``, and head-structured weights keep their head axis (``wq: [Q, heads, d]``,
-``o_proj: [heads, d, H]``) so tensor parallelism splits heads by name. Each decoder layer owns its
+Layout. Every matmul weight keeps the Hub (torch) layout ``[out, in]`` and a layer is
+``x @ w.T`` (``layers.linear``): on XLA:CPU a small-batch matmul reads an ``[out, in]`` weight
+1.1x (batch 1) to 2.6x (batch 16) faster than the same weight stored ``[in, out]`` (BENCHMARKS.md,
+"Weight layout"). Head-structured weights keep their head axis (``wq: [heads, d, Q]``,
+``o_proj: [H, heads, d]``) so tensor parallelism splits heads by name; the Hub tensor becomes the
+declared weight by a reshape alone. Each decoder layer owns its
 arrays (``Params.layers`` is a tuple of :class:`Layer`): stacking layers along a leading axis and
 scanning would make XLA:CPU copy every layer's slice — all 48 experts of an MoE layer — before
 each matmul (measured 3x slower on dense matvecs, far worse on the MoE; see BENCHMARKS.md).
@@ -30,9 +33,9 @@ from step3_jax.config import Step3Config
 class WeightSpec:
     """One weight: its (padded) shape, logical axes, initializer and where it lives on the Hub.
 
-    ``hub`` is the Hub tensor name and ``hub_shape`` its shape there. The Hub tensor becomes this weight by swapping its last two axes
-    when ``transpose`` (torch ``[out, in]`` to ``[in, out]``), reshaping to the per-layer shape,
-    and zero-padding the ``vocab`` axis (``checkpoint.from_hub`` / ``checkpoint.to_hub``).
+    ``hub`` is the Hub tensor name and ``hub_shape`` its shape there. The Hub tensor becomes this
+    weight by reshaping to the per-layer shape and zero-padding the ``vocab`` axis
+    (``checkpoint.hub_to_leaf`` / ``checkpoint.leaf_to_hub``).
     """
 
     shape: tuple[int, ...]
@@ -40,7 +43,6 @@ class WeightSpec:
     init: str  # "normal" (std = scale / sqrt(fan_in)) or "ones"
     hub: str
     hub_shape: tuple[int, ...]  # one layer's tensor as stored on the Hub (torch layout)
-    transpose: bool = False
     fan_in: int = 1
     scale: float = 1.0
 
@@ -49,19 +51,19 @@ class WeightSpec:
 
 @struct.dataclass
 class Attention:
-    q_proj: jax.Array      # [H, Q]         low-rank query
-    k_proj: jax.Array      # [H, d]         the one shared K head
-    v_proj: jax.Array      # [H, d]         the one shared V head
+    q_proj: jax.Array      # [Q, H]         low-rank query
+    k_proj: jax.Array      # [d, H]         the one shared K head
+    v_proj: jax.Array      # [d, H]         the one shared V head
     inter_norm: jax.Array  # [Q]            RMSNorm over the whole low-rank query
-    wq: jax.Array          # [Q, n, d]      expansion to n heads
-    o_proj: jax.Array      # [n, d, H]
+    wq: jax.Array          # [n, d, Q]      expansion to n heads
+    o_proj: jax.Array      # [H, n, d]
 
 
 @struct.dataclass
 class Mlp:
-    gate: jax.Array  # [H, F]
-    up: jax.Array    # [H, F]
-    down: jax.Array  # [F, H]
+    gate: jax.Array  # [F, H]
+    up: jax.Array    # [F, H]
+    down: jax.Array  # [H, F]
 
 
 @struct.dataclass
@@ -74,10 +76,10 @@ class Moe:
     stacked array before a matmul reads it.
     """
 
-    router: jax.Array  # [H, E]
-    gate: jax.Array    # [E, H, Fe]  (or a tuple of E [H, Fe] arrays)
-    up: jax.Array      # [E, H, Fe]  (or a tuple of E [H, Fe] arrays)
-    down: jax.Array    # [E, Fe, H]  (or a tuple of E [Fe, H] arrays)
+    router: jax.Array  # [E, H]
+    gate: jax.Array    # [E, Fe, H]  (or a tuple of E [Fe, H] arrays)
+    up: jax.Array      # [E, Fe, H]  (or a tuple of E [Fe, H] arrays)
+    down: jax.Array    # [E, H, Fe]  (or a tuple of E [H, Fe] arrays)
     shared: Mlp        # the always-on shared expert, width share_expert_dim
 
 
@@ -96,22 +98,19 @@ class Params:
     embed: jax.Array           # [V_pad, H]
     layers: tuple[Layer, ...]  # num_hidden_layers of them
     final_norm: jax.Array      # [H]
-    lm_head: jax.Array | None  # [H, V_pad]; None when tie_word_embeddings
+    lm_head: jax.Array | None  # [V_pad, H]; None when tie_word_embeddings
 
 
 # ----- the declaration ------------------------------------------------------------------------------
 
 def _mlp(hidden: int, width: int, axis: str, prefix: str) -> Mlp:
     return Mlp(
-        gate=WeightSpec((hidden, width), ("embed", axis), "normal",
-                        f"{prefix}.gate_proj.weight", (width, hidden), transpose=True,
-                        fan_in=hidden),
-        up=WeightSpec((hidden, width), ("embed", axis), "normal",
-                      f"{prefix}.up_proj.weight", (width, hidden), transpose=True,
-                      fan_in=hidden),
-        down=WeightSpec((width, hidden), (axis, "embed"), "normal",
-                        f"{prefix}.down_proj.weight", (hidden, width), transpose=True,
-                        fan_in=width),
+        gate=WeightSpec((width, hidden), (axis, "embed"), "normal",
+                        f"{prefix}.gate_proj.weight", (width, hidden), fan_in=hidden),
+        up=WeightSpec((width, hidden), (axis, "embed"), "normal",
+                      f"{prefix}.up_proj.weight", (width, hidden), fan_in=hidden),
+        down=WeightSpec((hidden, width), ("embed", axis), "normal",
+                        f"{prefix}.down_proj.weight", (hidden, width), fan_in=width),
     )
 
 
@@ -119,35 +118,30 @@ def _layer(cfg: Step3Config, i: int) -> Layer:
     H, Q, nh, d = cfg.hidden_size, cfg.share_q_dim, cfg.num_attention_heads, cfg.head_dim
     lay = f"model.layers.{i}"
     attn = Attention(
-        q_proj=WeightSpec((H, Q), ("embed", "q_lora"), "normal",
-                          f"{lay}.self_attn.q_proj.weight", (Q, H), transpose=True, fan_in=H),
-        k_proj=WeightSpec((H, d), ("embed", "head_dim"), "normal",
-                          f"{lay}.self_attn.k_proj.weight", (d, H), transpose=True, fan_in=H),
-        v_proj=WeightSpec((H, d), ("embed", "head_dim"), "normal",
-                          f"{lay}.self_attn.v_proj.weight", (d, H), transpose=True, fan_in=H),
+        q_proj=WeightSpec((Q, H), ("q_lora", "embed"), "normal",
+                          f"{lay}.self_attn.q_proj.weight", (Q, H), fan_in=H),
+        k_proj=WeightSpec((d, H), ("head_dim", "embed"), "normal",
+                          f"{lay}.self_attn.k_proj.weight", (d, H), fan_in=H),
+        v_proj=WeightSpec((d, H), ("head_dim", "embed"), "normal",
+                          f"{lay}.self_attn.v_proj.weight", (d, H), fan_in=H),
         inter_norm=WeightSpec((Q,), ("q_lora",), "ones",
                               f"{lay}.self_attn.inter_norm.weight", (Q,)),
-        wq=WeightSpec((Q, nh, d), ("q_lora", "heads", "head_dim"), "normal",
-                      f"{lay}.self_attn.wq.weight", (nh * d, Q), transpose=True, fan_in=Q),
-        o_proj=WeightSpec((nh, d, H), ("heads", "head_dim", "embed"), "normal",
-                          f"{lay}.self_attn.o_proj.weight", (H, nh * d), transpose=True,
-                          fan_in=nh * d),
+        wq=WeightSpec((nh, d, Q), ("heads", "head_dim", "q_lora"), "normal",
+                      f"{lay}.self_attn.wq.weight", (nh * d, Q), fan_in=Q),
+        o_proj=WeightSpec((H, nh, d), ("embed", "heads", "head_dim"), "normal",
+                          f"{lay}.self_attn.o_proj.weight", (H, nh * d), fan_in=nh * d),
     )
     if cfg.is_moe(i):
         E, Fe = cfg.moe_num_experts, cfg.moe_intermediate_size
         ffn = Moe(
-            router=WeightSpec((H, E), ("embed", "experts"), "normal",
-                              f"{lay}.moe.gate.weight", (E, H), transpose=True, fan_in=H,
-                              scale=2.0),
-            gate=WeightSpec((E, H, Fe), ("experts", "embed", "expert_mlp"),
-                            "normal", f"{lay}.moe.gate_proj.weight", (E, Fe, H), transpose=True,
-                            fan_in=H),
-            up=WeightSpec((E, H, Fe), ("experts", "embed", "expert_mlp"),
-                          "normal", f"{lay}.moe.up_proj.weight", (E, Fe, H), transpose=True,
-                          fan_in=H),
-            down=WeightSpec((E, Fe, H), ("experts", "expert_mlp", "embed"),
-                            "normal", f"{lay}.moe.down_proj.weight", (E, H, Fe), transpose=True,
-                            fan_in=Fe),
+            router=WeightSpec((E, H), ("experts", "embed"), "normal",
+                              f"{lay}.moe.gate.weight", (E, H), fan_in=H, scale=2.0),
+            gate=WeightSpec((E, Fe, H), ("experts", "expert_mlp", "embed"),
+                            "normal", f"{lay}.moe.gate_proj.weight", (E, Fe, H), fan_in=H),
+            up=WeightSpec((E, Fe, H), ("experts", "expert_mlp", "embed"),
+                          "normal", f"{lay}.moe.up_proj.weight", (E, Fe, H), fan_in=H),
+            down=WeightSpec((E, H, Fe), ("experts", "embed", "expert_mlp"),
+                            "normal", f"{lay}.moe.down_proj.weight", (E, H, Fe), fan_in=Fe),
             shared=_mlp(H, cfg.share_expert_dim, "shared_mlp", f"{lay}.share_expert"),
         )
     else:
@@ -171,8 +165,8 @@ def declare(cfg: Step3Config) -> Params:
         layers=tuple(_layer(cfg, i) for i in range(cfg.num_hidden_layers)),
         final_norm=WeightSpec((H,), ("embed",), "ones", "model.norm.weight", (H,)),
         lm_head=None if cfg.tie_word_embeddings else WeightSpec(
-            (H, V), ("embed", "vocab"), "normal", "lm_head.weight", (cfg.vocab_size, H),
-            transpose=True, fan_in=H),
+            (V, H), ("vocab", "embed"), "normal", "lm_head.weight", (cfg.vocab_size, H),
+            fan_in=H),
     )
 
 
@@ -248,7 +242,7 @@ def count_params(cfg: Step3Config) -> dict[str, int]:
         total += size
         if spec.hub == "model.embed_tokens.weight":
             continue
-        if "experts" in spec.axes and spec.axes[-1] != "experts":  # expert FFNs, not the router
+        if "expert_mlp" in spec.axes:  # routed expert FFNs (the router has no expert_mlp axis)
             activated += size * cfg.moe_top_k // cfg.moe_num_experts
         else:
             activated += size

@@ -37,8 +37,8 @@ def test_load_returns_the_kernel_layout(hub_dir, tiny_params):
     loop, _ = load(hub_dir, progress=False, moe_impl="loop")
     ragged, _ = load(hub_dir, progress=False, moe_impl="ragged")
     assert isinstance(loop.layers[1].ffn.gate, tuple) and len(loop.layers[1].ffn.gate) == 8
-    assert loop.layers[1].ffn.gate[3].shape == (64, 32)
-    assert ragged.layers[1].ffn.gate.shape == (8, 64, 32)
+    assert loop.layers[1].ffn.gate[3].shape == (32, 64)  # [Fe, H]
+    assert ragged.layers[1].ffn.gate.shape == (8, 32, 64)
     assert _leaves_equal(unstack_experts(tiny_params), loop)
 
 
@@ -147,5 +147,5 @@ def test_sharded_loading_into_the_per_expert_layout(hub_dir, tiny_params):
                        mesh=mesh)
     assert _leaves_equal(stack_experts(params), tiny_params)
     gate = params.layers[1].ffn.gate[0]
-    assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "tp")  # expert_mlp over tp
+    assert gate.sharding.spec == jax.sharding.PartitionSpec("tp", None)  # expert_mlp over tp
     assert len(gate.sharding.device_set) == 2

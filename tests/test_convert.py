@@ -205,10 +205,10 @@ def test_restore_onto_a_mesh_places_every_weight_and_matches(store_dir, tiny_par
     mesh = parse_mesh("dp=2,tp=2,ep=2")
     params, cfg = load(store_dir, mesh=mesh, progress=False)
     wq = params.layers[0].attn.wq
-    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)
-    assert len(wq.addressable_shards) == 8 and wq.addressable_shards[0].data.shape == (32, 2, 16)
+    assert wq.sharding.spec == jax.sharding.PartitionSpec("tp", None, None)
+    assert len(wq.addressable_shards) == 8 and wq.addressable_shards[0].data.shape == (2, 16, 32)
     gate = params.layers[cfg.moe_layers[0]].ffn.gate
-    assert gate.addressable_shards[0].data.shape == (4, 64, 16)  # 8 experts / ep, 32 / tp
+    assert gate.addressable_shards[0].data.shape == (4, 16, 64)  # 8 experts / ep, 32 / tp
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     sharded, _ = generate(params, cfg, prompts, max_new_tokens=6)
     plain, _ = generate(tiny_params, tiny_cfg, prompts, max_new_tokens=6)

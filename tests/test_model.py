@@ -41,7 +41,7 @@ def test_vocab_padding_is_masked(tiny_params, tiny_cfg):
 def test_lm_head_is_untied(tiny_params):
     """Pitfall 5: lm_head is its own tensor, not the embedding transposed."""
     assert tiny_params.lm_head is not None
-    assert not np.allclose(np.asarray(tiny_params.lm_head), np.asarray(tiny_params.embed).T)
+    assert not np.allclose(np.asarray(tiny_params.lm_head), np.asarray(tiny_params.embed))
 
 
 def test_prefill_then_decode_equals_full_forward(tiny_params, tiny_cfg):

@@ -95,3 +95,16 @@ def test_generate_sampling_is_seeded(tiny_params, tiny_cfg):
     b, _ = generate(tiny_params, tiny_cfg, [[1, 2, 3]], seed=7, **kwargs)
     c, _ = generate(tiny_params, tiny_cfg, [[1, 2, 3]], seed=8, **kwargs)
     assert a[0].generated_ids == b[0].generated_ids != c[0].generated_ids
+
+
+def test_argmax_is_numpy_argmax_with_ties_and_masked_padding():
+    """The two-reduction argmax picks the first maximum, like ``np.argmax``, also with ``-inf``
+    (the vocabulary padding) and exact ties."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 257)).astype(np.float32)
+    x[1, [7, 200]] = 9.0           # a tie: the first index wins
+    x[2, 250:] = -np.inf           # padding columns
+    x[3, :] = -np.inf
+    x[3, 5] = 0.0
+    x[4] = np.round(x[4])          # many ties
+    np.testing.assert_array_equal(jax.jit(sampling.argmax)(jnp.asarray(x)), np.argmax(x, -1))

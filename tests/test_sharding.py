@@ -35,10 +35,10 @@ def test_sharded_generation_equals_unsharded(hub_dir, reference_run, mesh):
 def test_weights_are_placed_by_the_rules_table(hub_dir):
     params, _ = load(hub_dir, progress=False, mesh=parse_mesh("dp=2,tp=2,ep=2"))
     moe = params.layers[1].ffn
-    assert moe.gate.sharding.spec == jax.sharding.PartitionSpec("ep", None, "tp")
+    assert moe.gate.sharding.spec == jax.sharding.PartitionSpec("ep", "tp", None)  # [E, Fe, H]
     assert len(moe.gate.sharding.device_set) == 8
     attn = params.layers[0].attn
-    assert attn.wq.sharding.spec == jax.sharding.PartitionSpec(None, "tp", None)  # by heads
+    assert attn.wq.sharding.spec == jax.sharding.PartitionSpec("tp", None, None)  # by heads
     assert set(attn.q_proj.sharding.spec) <= {None}  # inter_norm spans all of Q: replicated
 
 

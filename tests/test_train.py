@@ -209,7 +209,7 @@ def test_params_from_a_checkpoint_layout_train(cfg, batch, params0, optimizers, 
     sgd = optimizers["sgd"]
     per_expert = unstack_experts(params0)
     state = train.init_state(cfg, sgd, params=per_expert)
-    assert state.params.layers[1].ffn.gate.shape == (8, 64, 32)
+    assert state.params.layers[1].ffn.gate.shape == (8, 32, 64)
     a, _ = one_device["sgd"](train.init_state(cfg, sgd, params=params0), batch)
     b, _ = one_device["sgd"](state, batch)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):

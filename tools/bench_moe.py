@@ -75,20 +75,20 @@ def csv_impls(text: str) -> list[str]:
 
 
 def make_moe(key, hidden: int, experts: int, width: int, shared_width: int) -> Moe:
-    """Random ``Moe`` params at the declared shapes ([in, out], experts stacked on axis 0)."""
+    """Random ``Moe`` params at the declared shapes ([out, in], experts stacked on axis 0)."""
     k = jax.random.split(key, 7)
 
     def normal(key, shape, fan_in, scale=1.0):
         return (scale / math.sqrt(fan_in)) * jax.random.normal(key, shape, jnp.float32)
 
     return Moe(
-        router=normal(k[0], (hidden, experts), hidden, scale=2.0),
-        gate=normal(k[1], (experts, hidden, width), hidden),
-        up=normal(k[2], (experts, hidden, width), hidden),
-        down=normal(k[3], (experts, width, hidden), width),
-        shared=Mlp(gate=normal(k[4], (hidden, shared_width), hidden),
-                   up=normal(k[5], (hidden, shared_width), hidden),
-                   down=normal(k[6], (shared_width, hidden), shared_width)),
+        router=normal(k[0], (experts, hidden), hidden, scale=2.0),
+        gate=normal(k[1], (experts, width, hidden), hidden),
+        up=normal(k[2], (experts, width, hidden), hidden),
+        down=normal(k[3], (experts, hidden, width), width),
+        shared=Mlp(gate=normal(k[4], (shared_width, hidden), hidden),
+                   up=normal(k[5], (shared_width, hidden), hidden),
+                   down=normal(k[6], (hidden, shared_width), shared_width)),
     )
 
 

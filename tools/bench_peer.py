@@ -190,9 +190,6 @@ class Peer:
 def _hub_view(arr: np.ndarray, spec, cfg) -> np.ndarray:
     """``checkpoint.leaf_to_hub`` without its final copy: the Hub shape as a view of ``arr``."""
     arr = arr[tuple(slice(0, cfg.vocab_size) if a == "vocab" else slice(None) for a in spec.axes)]
-    if spec.transpose:
-        swapped = spec.hub_shape[:-2] + (spec.hub_shape[-1], spec.hub_shape[-2])
-        return np.swapaxes(arr.reshape(swapped), -1, -2)
     return arr.reshape(spec.hub_shape)
 
 
@@ -201,10 +198,9 @@ def hub_tensors(params, cfg) -> dict:
 
     Names, shapes and values are ``step3_jax.checkpoint.to_hub``'s (each weight's declaration gives
     its Hub name and transform). They are zero-copy views of our arrays, so a benchmark holds one
-    copy of the weights, not two (this 24 GB machine is shared): a ``[out, in]`` Linear weight is
-    stored ``[in, out]`` (transposed strides), and ``F.linear`` runs the same GEMM with the other
-    transpose flag over the same bytes (measured: equal time). A stacked ``[E, out, in]`` expert
-    tensor is a list of per-expert views, which ``weight[e]`` indexes exactly as it indexes the
+    copy of the weights, not two (this 24 GB machine is shared). Our weights are declared in the
+    Hub ``[out, in]`` layout, so each view is a contiguous ``[out, in]`` tensor, as the Hub
+    remote code's ``nn.Linear`` holds it. A stacked ``[E, out, in]`` expert tensor is a list of per-expert views, which ``weight[e]`` indexes exactly as it indexes the
     Hub's stacked parameter.
     """
     import warnings
@@ -220,7 +216,7 @@ def hub_tensors(params, cfg) -> dict:
     with warnings.catch_warnings():  # JAX's host arrays are read-only; the peer never writes
         warnings.simplefilter("ignore", UserWarning)
         for spec, value in pairs:
-            if isinstance(value, (tuple, list)) or spec.axes[0] == "experts":
+            if isinstance(value, (tuple, list)) or "expert_mlp" in spec.axes:
                 one = dataclasses.replace(spec, shape=spec.shape[1:], axes=spec.axes[1:],
                                           hub_shape=spec.hub_shape[1:])
                 experts = value if isinstance(value, (tuple, list)) else np.asarray(value)
