@@ -333,6 +333,19 @@ def test_damaged_store_is_named(tmp_path, store_dir):
         load(damaged, progress=False)
 
 
+def test_a_v1_store_is_refused_with_what_to_do(capsys, tmp_path, store_dir):
+    """Stores written before the [out, in] layout (manifest v1) hold transposed matrices: loading
+    one must fail with a one-line error saying so, not restore wrong-shaped weights."""
+    old = tmp_path / "v1"
+    shutil.copytree(store_dir, old)
+    manifest = json.loads((old / "step3_jax.json").read_text())
+    (old / "step3_jax.json").write_text(json.dumps({**manifest, "version": 1}))
+    code, out, err = run_cli(capsys, "generate", "--checkpoint", str(old), "--prompt-ids", "1,2")
+    assert code == 2 and out == ""
+    assert "a v1 store" in err and "convert the Hub checkpoint again" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_export_and_generate_take_a_relative_store_path(capsys, monkeypatch, tmp_path,
                                                       store_dir):
     """orbax reads only absolute paths: a relative --checkpoint must still work (it failed with
