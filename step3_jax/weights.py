@@ -6,9 +6,9 @@ targets (:func:`abstract_params`), shardings (``sharding.param_shardings``), par
 (:func:`count_params`) and the Hub checkpoint mapping (``checkpoint.py``).
 
 Layout. Every matmul weight keeps the Hub (torch) layout ``[out, in]`` and a layer is
-``x @ w.T`` (``layers.linear``): on XLA:CPU a small-batch matmul reads an ``[out, in]`` weight
-1.1x (batch 1) to 2.6x (batch 16) faster than the same weight stored ``[in, out]`` (BENCHMARKS.md,
-"Weight layout"). Head-structured weights keep their head axis (``wq: [heads, d, Q]``,
+``x @ w.T`` (``layers.linear``): on XLA:CPU a decode-sized matmul reads an ``[out, in]`` weight
+up to 1.35x (batch 1) and 2.8x (batch 16) faster than the same weight stored ``[in, out]``
+(BENCHMARKS.md, "Weight layout"). Head-structured weights keep their head axis (``wq: [heads, d, Q]``,
 ``o_proj: [H, heads, d]``) so tensor parallelism splits heads by name; the Hub tensor becomes the
 declared weight by a reshape alone. Each decoder layer owns its
 arrays (``Params.layers`` is a tuple of :class:`Layer`): stacking layers along a leading axis and
