@@ -71,7 +71,19 @@ def update(v_cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
     """Scatter ``new [batch, chunk, d]`` into one layer's V ``[batch, capacity, d]`` at ``slots``
     (``[batch, chunk]``); out-of-bounds slots are dropped."""
     b = jnp.arange(slots.shape[0])[:, None]
+    if slots.size == 1:  # XLA:CPU turns a one-update scatter into a copying select + DUS
+        b, slots, new = _with_dropped_update(b, slots, new, v_cache.shape[1])
     return v_cache.at[b, slots].set(new.astype(v_cache.dtype), mode="drop")
+
+
+def _with_dropped_update(b, slots, new, capacity):
+    """A second, out-of-bounds (so dropped) update beside a single one. With one update XLA
+    rewrites the scatter as a select and a dynamic-update-slice that read the old cache, and copy
+    insertion then copies the layer's whole K and V cache four times per decode step (batch 1;
+    tests/test_model.py::test_decode_loop_never_copies_the_kv_cache, BENCHMARKS.md)."""
+    dropped = jnp.full_like(slots, capacity)
+    return (jnp.concatenate([b, b], axis=1), jnp.concatenate([slots, dropped], axis=1),
+            jnp.concatenate([new, new], axis=1))
 
 
 def update_keys(k_cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
@@ -79,4 +91,6 @@ def update_keys(k_cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Arr
     at ``slots``; out-of-bounds slots are dropped. (The two advanced indices around the slice
     index ``[batch, chunk]`` first, so the update is ``new`` as it is.)"""
     b = jnp.arange(slots.shape[0])[:, None]
+    if slots.size == 1:
+        b, slots, new = _with_dropped_update(b, slots, new, k_cache.shape[2])
     return k_cache.at[b, :, slots].set(new.astype(k_cache.dtype), mode="drop")

@@ -159,3 +159,22 @@ def test_tensor_parallel_weights_generate_the_same_tokens(hub_dir, tiny_params, 
     sharded, _ = generate(params, cfg, PROMPTS, max_new_tokens=6, eos_ids=[])
     single, _ = generate(tiny_params, tiny_cfg, PROMPTS, max_new_tokens=6, eos_ids=[])
     assert [r.generated_ids for r in sharded] == [r.generated_ids for r in single]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_loop_never_copies_the_kv_cache(tiny_params, tiny_cfg, batch):
+    """The cache is updated in place: no op of the compiled decode loop copies a whole K or V
+    cache. (At batch 1 XLA:CPU rewrote the one-update scatter into a select + dynamic-update-slice
+    that read the old cache, and copied every layer's K and V four times per step: 35.0 vs
+    29.4 ms per step on ``bench`` at context 1024.)"""
+    import re
+
+    from step3_jax.cache import layer_shapes
+
+    gen = Generator(tiny_params, tiny_cfg)
+    _, metrics = gen([list(range(1, 6))] * batch, max_new_tokens=3)
+    (executable,) = [v for k, v in gen._compiled.items() if k[0] == "decode"]
+    shapes = {f"f32[{','.join(map(str, s))}]"
+              for s in layer_shapes(tiny_cfg, batch, metrics["cache_capacity"])}
+    copied = re.findall(r"= (f32\[[\d,]+\])\{[\d,]+\} copy\(", executable.as_text())
+    assert shapes and not shapes & set(copied)
