@@ -45,10 +45,12 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 def argmax(logits: jax.Array) -> jax.Array:
     """``jnp.argmax`` over the last axis (first index of the maximum) as two plain reductions:
     XLA:CPU runs the fused index-carrying reduce of ``argmax`` 1.7x slower (0.83 vs 0.50 ms on
-    ``[16, 32000]``), and greedy decoding does one per step. NaN-free input assumed (logits)."""
-    top = jnp.max(logits, axis=-1, keepdims=True)
+    ``[16, 32000]``), and greedy decoding does one per step. A NaN counts as the maximum, as in
+    ``jnp.argmax`` (its first index is returned), so the result is always a valid index."""
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if the row holds one
     ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-    return jnp.min(jnp.where(logits == top, ids, logits.shape[-1]), axis=-1)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, ids, logits.shape[-1]), axis=-1)
 
 
 def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax.Array,

@@ -99,7 +99,7 @@ def test_generate_sampling_is_seeded(tiny_params, tiny_cfg):
 
 def test_argmax_is_numpy_argmax_with_ties_and_masked_padding():
     """The two-reduction argmax picks the first maximum, like ``np.argmax``, also with ``-inf``
-    (the vocabulary padding) and exact ties."""
+    (the vocabulary padding), exact ties and NaN."""
     rng = np.random.default_rng(3)
     x = rng.normal(size=(6, 257)).astype(np.float32)
     x[1, [7, 200]] = 9.0           # a tie: the first index wins
@@ -107,4 +107,5 @@ def test_argmax_is_numpy_argmax_with_ties_and_masked_padding():
     x[3, :] = -np.inf
     x[3, 5] = 0.0
     x[4] = np.round(x[4])          # many ties
+    x[5, [9, 30]] = np.nan         # NaN counts as the maximum, first one wins (as jnp.argmax)
     np.testing.assert_array_equal(jax.jit(sampling.argmax)(jnp.asarray(x)), np.argmax(x, -1))
