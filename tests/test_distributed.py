@@ -123,16 +123,17 @@ def _wait_for(event, proc, timeout=180.0) -> bool:
     return event.is_set()
 
 
-def test_killed_process_fails_the_launch_in_bounded_time(hub_dir):
-    """SIGKILL the FFN process mid-run: the launch stops the attention process and exits
-    non-zero naming rank 1 within 60 s (measured: a few seconds; the bound is generous for a
-    loaded CI machine), instead of hanging on transfers that will never arrive."""
+def _long_launch(hub_dir, **popen_kw):
+    """A 2-process AFD launch generating far longer than a test waits, its stderr followed on a
+    thread: ``(proc, lines, reader, loaded)``, ``loaded`` set once the FFN process (rank 1) has
+    its weights."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     args = _generate_args(hub_dir, "float32", 3)
-    args[args.index("--max-new-tokens") + 1] = "500"  # far longer than the test waits
+    args[args.index("--max-new-tokens") + 1] = "500"
     proc = subprocess.Popen([sys.executable, "-m", "step3_jax.cli", "launch", "--processes",
                              "2", "--devices-per-process", "2", "--", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **popen_kw)
     lines: list[str] = []
     loaded = threading.Event()
 
@@ -144,6 +145,14 @@ def test_killed_process_fails_the_launch_in_bounded_time(hub_dir):
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    return proc, lines, reader, loaded
+
+
+def test_killed_process_fails_the_launch_in_bounded_time(hub_dir):
+    """SIGKILL the FFN process mid-run: the launch stops the attention process and exits
+    non-zero naming rank 1 within 60 s (measured: a few seconds; the bound is generous for a
+    loaded CI machine), instead of hanging on transfers that will never arrive."""
+    proc, lines, reader, loaded = _long_launch(hub_dir)
     try:
         assert _wait_for(loaded, proc), "".join(lines)[-3000:]
         pids = dict(re.findall(r"rank (\d) pid (\d+)", "".join(lines)))
@@ -173,27 +182,10 @@ def test_killed_process_fails_the_launch_in_bounded_time(hub_dir):
 def test_ctrl_c_or_sigterm_stops_every_process(hub_dir, sig, code, word):
     """Ctrl-C (SIGINT) or SIGTERM to the launcher mid-run: every process is stopped (each gets
     the signal, then SIGKILL after 3 s) and the launcher exits 130 / 143."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    args = _generate_args(hub_dir, "float32", 3)
-    args[args.index("--max-new-tokens") + 1] = "500"
-    proc = subprocess.Popen([sys.executable, "-m", "step3_jax.cli", "launch", "--processes",
-                             "2", "--devices-per-process", "2", "--", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read():
-        for line in proc.stderr:
-            lines.append(line)
-            if "[rank 1] step3-jax: process 1: ffn weights loaded" in line:
-                ready.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    proc, lines, reader, loaded = _long_launch(
+        hub_dir, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        assert _wait_for(ready, proc), "".join(lines)[-3000:]
+        assert _wait_for(loaded, proc), "".join(lines)[-3000:]
         proc.send_signal(sig)
         assert proc.wait(timeout=30) == code
     finally:
