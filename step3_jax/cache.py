@@ -5,10 +5,11 @@ MFA keeps one K head and one V head per layer, so the cache is, per layer, a K a
 a layer reads its own without a slicing copy) plus each sequence's filled length. K is stored
 transposed because that is the layout the score matmul ``q · Kᵀ`` reads in place: with K as
 ``[batch, capacity, head_dim]`` XLA:CPU transposed every layer's whole K cache into a new buffer
-at every decode step (5x slower attention at batch 16 and context 1024; BENCHMARKS.md). Sequences of different lengths share one
-cache: sequence ``b`` occupies positions ``0 .. lengths[b]-1``. Writes go through
-:func:`write_positions`, which routes any position at or past the capacity to an out-of-bounds
-index dropped by the scatter — never the silent clamp of ``dynamic_update_slice``.
+at every decode step (5x slower attention at batch 16 and context 1024; BENCHMARKS.md).
+Sequences of different lengths share one cache: sequence ``b`` occupies positions
+``0 .. lengths[b]-1``. Writes go through :func:`write_positions`, which routes any position at
+or past the capacity to an out-of-bounds index dropped by the scatter — never the silent clamp of
+``dynamic_update_slice``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class KVCache:
 
 
 # Logical axes of one layer's K and V arrays (the sharding rules table maps them to mesh axes).
+# MFA's single K/V head cannot be split by heads, so the cache is split by batch (data-parallel
+# attention).
 K_AXES = ("batch", "head_dim", "cache_len")
 V_AXES = ("batch", "cache_len", "head_dim")
 

@@ -24,10 +24,9 @@ from flax import struct
 from jax.sharding import Mesh
 
 from step3_jax import model, sampling
-from step3_jax.cache import KVCache
+from step3_jax.cache import K_AXES, V_AXES, KVCache
 from step3_jax.config import Step3Config
 from step3_jax.errors import Step3Error
-from step3_jax.cache import K_AXES, V_AXES
 from step3_jax.sharding import make_mesh, named, replicated
 from step3_jax.weights import Params
 

@@ -12,8 +12,8 @@ The arithmetic always works; it needs no devices and allocates nothing:
 
   - ``fp8``: the matmul weights (attention projections, routed and shared experts, dense FFNs)
     take 1 byte per value plus one float32 scale per 128x128 block of their matrix (the Hub's
-    ``[out, in]``, which is also the declared layout; one grid per stacked expert). A device holds the scale blocks of its
-    shard, or all of them when its split does not divide the block grid. The embedding, LM head,
+    ``[out, in]``, which is also the declared layout; one grid per stacked expert). A device
+    holds the scale blocks of its shard, or all of them when its split does not divide the block grid. The embedding, LM head,
     router and norms stay BF16, as in the paper and the Hub FP8 checkpoint.
   - ``bf16``: 2 bytes everywhere. ``float32``: 4 bytes, which is what the CPU program holds.
 * **KV cache**: sequences per device x context x ``kv_elements_per_token`` x bytes per value. An

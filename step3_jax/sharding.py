@@ -1,8 +1,8 @@
 """Meshes and the one rules table from logical axes to mesh axes.
 
 Layer code never names a mesh axis: weights carry logical axes (``weights.declare``), the KV cache
-and activations too (``cache.K_AXES``, ``cache.V_AXES``), and :data:`DEFAULT_RULES` says which mesh axis each
-logical axis is split over. Mesh axes are named after the paper's device groups: ``dp`` (data-
+and activations too (``cache.K_AXES``, ``cache.V_AXES``), and :data:`DEFAULT_RULES` says which
+mesh axis each logical axis is split over. Mesh axes are named after the paper's device groups: ``dp`` (data-
 parallel attention instances), ``tp`` (tensor parallel), ``ep`` (expert parallel). A rule whose
 mesh axis is absent from the mesh, or of size 1, simply replicates.
 """
@@ -35,9 +35,6 @@ DEFAULT_RULES: Mapping[str, str | None] = {
     "cache_len": None,
     "seq": None,
 }
-
-# The KV cache's axes (cache.K_AXES / V_AXES): MFA's single K/V head cannot be split by heads,
-# so the cache is split by batch (data-parallel attention).
 
 
 def make_mesh(dp: int = 1, tp: int = 1, ep: int = 1, devices: Sequence | None = None) -> Mesh:

@@ -38,7 +38,6 @@ from step3_jax.config import Step3Config
 from step3_jax.errors import CheckpointError
 from step3_jax.weights import Params, declare, is_spec, stack_experts
 
-
 MANIFEST = "step3_jax.json"
 FORMAT = "step3-jax/orbax"
 VERSION = 2  # v2: matmul weights in the Hub [out, in] layout (v1 stored them [in, out])

@@ -69,12 +69,6 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-
-
-
-
-
-
 # ----- ours: the generate decode loop from a shared-prefix cache ------------------------------------
 
 class Ours:
@@ -334,8 +328,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     rows = [r for r in rows if not r.get("skipped")]
     contexts = sorted({r["context"] for r in rows})
     fig, axes = plt.subplots(1, len(contexts), figsize=(max(7.0, 4.2 * len(contexts)), 4.2),
-                             squeeze=False,
-                             sharey=True)
+                             squeeze=False, sharey=True)
     for ax, ctx in zip(axes[0], contexts):
         pts = sorted((r for r in rows if r["context"] == ctx), key=lambda r: r["batch"])
         b = [r["batch"] for r in pts]

@@ -60,12 +60,6 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-
-
-
-
-
-
 def csv_impls(text: str) -> list[str]:
     values = [x.strip() for x in text.split(",") if x.strip()]
     bad = [v for v in values if v not in IMPLS]

@@ -26,7 +26,7 @@ JAX and CPU reproduces the recorded figures (checked: a second run gave bit-iden
 Elsewhere the float32 summation order differs and training amplifies it: expect the figures
 within a few percent, not bit for bit.
 
-    python tools/train_demo.py                                  # ~15 min; the shipped model
+    python tools/train_demo.py                                  # ~16 min; the shipped model
     python tools/train_demo.py --steps 50 --out /tmp/demo --plot /tmp/loss.png   # a smoke run
 """
 
