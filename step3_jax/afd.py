@@ -337,8 +337,11 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
                 schedule: str = "pipelined"):
     """All layers for every micro-batch. ``feeds[j][s]`` holds shard ``mbs[j][s]``'s host inputs:
     ``tokens``, ``positions`` and, with a cache, ``slots`` and ``key_len`` (None in prefill).
-    Returns the final ``(h, f)`` per shard; the shards' caches are replaced by the updated ones
-    (the old arrays are donated). Dispatch is labelled for :func:`device_intervals`.
+    Returns ``(state, tail)``: the final ``(h, f)`` per shard, and per micro-batch the last
+    layer's FFN outputs (one per shard) on the whole FFN group (empty with a remote FFN). Each
+    shard copies its ``f`` from one FFN device, so when ``state`` is ready another FFN device may
+    still be finishing: wait on ``tail`` too before tracing the next pass. The shards' caches are replaced by the updated
+    ones (the old arrays are donated). Dispatch is labelled for :func:`device_intervals`.
 
     ``schedule``: ``pipelined`` (nothing waits on the host), ``serial`` (the host blocks after
     every op), or ``lockstep`` (nothing waits on the host, but each attention launch takes the
@@ -358,6 +361,7 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
              for shards, xs in zip(mbs, ins)]
     if m.remote is not None:  # the FFN process(es) learn this pass's shapes (distributed.py)
         m.remote.begin_pass([[x["tokens"].shape for x in xs] for xs in feeds])
+    tail = []
     for i in range(cfg.num_hidden_layers):
         for j, shards in enumerate(mbs):  # micro-batch j's FFN overlaps micro-batch j+1's MFA
             pieces = []
@@ -383,6 +387,8 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
                 pieces = [sync(jax.device_put(p, to_ffn)) for p in pieces]
             with jax.profiler.TraceAnnotation(f"afd/ffn/{i}/{j}"), jax.set_mesh(m.ffn_mesh):
                 outs = sync(_ffn_step(m.ffn[i], tuple(pieces), cfg=cfg))
+            if i == cfg.num_hidden_layers - 1:
+                tail.append(outs)
             with jax.profiler.TraceAnnotation(f"afd/f2a/{i}/{j}"):
                 for s, (sh, out) in enumerate(zip(shards, outs)):
                     src = ffn_devices[sh.index % len(ffn_devices)]  # spread the sends
@@ -391,7 +397,7 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
                     if schedule == "lockstep":  # every FFN device's copy: all of them finished
                         last_back[sh.index] = [jax.device_put(p.data, sh.device)
                                                for p in out.addressable_shards]
-    return state
+    return state, tail
 
 
 # ----- the measurement: per-device execution intervals from a profiler trace ---------------------
@@ -563,7 +569,7 @@ def score(m: AfdModel, ids: Sequence[int]) -> list[float]:
     tokens[0, : len(ids)] = ids
     positions = np.arange(tokens.shape[1], dtype=np.int32)[None]
     shard = _Shard(0, m.attn_devices[0], slice(0, 1))
-    [[(h, f)]] = _stack_pass(m, [[shard]], [[{"tokens": tokens, "positions": positions}]])
+    [[(h, f)]], _ = _stack_pass(m, [[shard]], [[{"tokens": tokens, "positions": positions}]])
     logp = jax.nn.log_softmax(_logits(m.local[0], h, f, cfg=m.cfg)[0], axis=-1)
     return [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
 
@@ -639,7 +645,7 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
                                                    (r, chunk)).copy(),
                       "slots": _slots(np.zeros(r, np.int32), lengths[sh.rows], chunk, capacity)})
     started = time.perf_counter()
-    state = _stack_pass(m, mbs, _by_mb(feeds, A), schedule)
+    state, tail = _stack_pass(m, mbs, _by_mb(feeds, A), schedule)
     next_tok = draw(state, 0, last=lengths)
     prefill_s = time.perf_counter() - started
     cur = lengths.copy()
@@ -670,11 +676,12 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
                   "slots": _slots(cur[sh.rows], feed[sh.rows], 1, capacity),
                   "key_len": np.minimum(cur[sh.rows] + feed[sh.rows], capacity)}
                  for sh in shards]
-        if step == profile_step:
-            state, trace = traced(_stack_pass, m, mbs, _by_mb(feeds, A), schedule)
+        if step == profile_step:  # the trace must hold this pass's launches and no others
+            jax.block_until_ready(tail)
+            (state, tail), trace = traced(_stack_pass, m, mbs, _by_mb(feeds, A), schedule)
             profiled = trace and device_intervals(trace, m, plan.micro_batches)
         else:
-            state = _stack_pass(m, mbs, _by_mb(feeds, A), schedule)
+            state, tail = _stack_pass(m, mbs, _by_mb(feeds, A), schedule)
         cur = np.minimum(cur + feed, capacity)
         next_tok = np.where(done, next_tok, draw(state, step))
         if step > 1 and step != profile_step:

@@ -262,6 +262,29 @@ def test_kv_cache_is_donated_and_stays_on_the_attention_group(tiny_params, tiny_
                     "key_len": five + 1})  # a decode step
 
 
+def test_pass_tail_covers_every_ffn_device(tiny_params, tiny_cfg):
+    """Each row copies its FFN result from one FFN device, so when the rows' state is ready the
+    other FFN devices may still be finishing the last layer (that launch once landed in the next
+    step's trace: 13 launches where 12 were expected). ``tail`` is what to wait on: the last
+    layer's outputs (per micro-batch, one per shard) on every FFN device; the rows' ``f`` are
+    copies of them."""
+    m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("2:2", micro_batches=2))
+    r = 2
+    mbs = [[afd._Shard(a, m.attn_devices[a], slice((2 * j + a) * r, (2 * j + a + 1) * r))
+            for a in range(2)] for j in range(2)]
+    tokens = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
+    feeds = [[{"tokens": tokens[sh.rows], "positions": np.tile(np.arange(3), (r, 1))}
+              for sh in shards] for shards in mbs]
+    state, tail = afd._stack_pass(m, mbs, feeds, "pipelined")
+    assert len(tail) == len(mbs)
+    assert all(o.sharding.device_set == set(m.ffn_devices) for outs in tail for o in outs)
+    for j, shards in enumerate(mbs):
+        for s, sh in enumerate(shards):
+            src = m.ffn_devices[sh.index % 2]
+            sent = next(p.data for p in tail[j][s].addressable_shards if p.device == src)
+            np.testing.assert_array_equal(state[j][s][1], sent)  # a copy: exactly equal
+
+
 def test_attention_step_aliases_the_cache(tiny_params, tiny_cfg):
     """XLA reports the donated K and V caches aliased to the outputs: updated in place."""
     import jax.numpy as jnp
