@@ -32,7 +32,7 @@ The arithmetic always works; it needs no devices and allocates nothing:
     - attention: every ``[b, heads, S]`` array the MFA code defines, which are the scores,
       masked scores and exponentials (float32) and the probabilities (activation dtype), plus
       its per-token vectors (low-rank query, heads, output, k, v, o_proj output). XLA:CPU
-      materializes all four score arrays. A fused attention kernel would materialize none.
+      materializes two to four of the score arrays; a fused attention kernel, none.
     - the MoE layer, by kernel:
       - ``ragged`` (GPU/TPU, the deployment): the token-expert pairs' gathered inputs, gate/up
         and down outputs, plus the float32 combine buffer and the shared expert's hidden
@@ -40,8 +40,9 @@ The arithmetic always works; it needs no devices and allocates nothing:
       - ``loop`` (XLA:CPU): one slot of rows, plus the copy XLA:CPU makes of one expert's
         weights when the experts are stacked (``ep > 1``).
     - the dense FFN's hidden activations;
-  - or the *LM head and sampling*, if bigger than any layer: float32 logits, the scaled
-    logits and the Gumbel noise over the padded vocabulary.
+  - or the *LM head and sampling*, if bigger than any layer: over the padded vocabulary in
+    float32, the logits, the scaled logits, top-k/top-p filtering's four arrays and the Gumbel
+    noise. With AFD an attention device samples all its micro-batches at once (``m x b`` rows).
 
   Not counted: small index arrays (routing ids, positions, sort permutations), XLA's fusion
   intermediates below the sizes above, the runtime's workspace, and anything a serving system
@@ -51,7 +52,8 @@ The compiled check (:func:`compiled_check`) lowers the real programs with abstra
 ``jax.ShapeDtypeStruct`` inputs carrying their shardings, on that many emulated CPU devices (so
 nothing is allocated), and reads ``compiled.memory_analysis()``. Colocated, that is the whole
 decode loop (``generate._decode``). With AFD, it is each program the decode step dispatches: the
-attention step of a dense and of an MoE layer, the FFN step of each, and the LM head. Each
+attention step of a dense and of an MoE layer, the FFN step of each, and the LM head with
+sampling (``afd._next_tokens``, on one attention device, as ``afd.generate`` runs it). Each
 program's argument bytes are set beside the arithmetic's (the weights of what it takes, its KV,
 its inputs) and its temporaries beside the activation estimate. The comparison is like with
 like: float32 weights, KV and activations and the ``loop`` kernel, which is what the CPU program
@@ -304,9 +306,10 @@ def dense_layer_bytes(cfg: Step3Config, tokens: int, *, tp: int, act: int) -> in
 
 
 def head_bytes(cfg: Step3Config, b: int, act: int) -> int:
-    """The normed hidden state, then float32 logits, scaled logits and Gumbel noise over the
-    padded vocabulary."""
-    return b * cfg.hidden_size * act + 3 * b * cfg.padded_vocab * 4
+    """The normed hidden state, then over the padded vocabulary in float32: the logits, the
+    scaled logits, top-k/top-p filtering's sorted copy, probabilities, running sum and filtered
+    logits, and the Gumbel noise (``sampling.sample`` with a filter on: its largest case)."""
+    return b * cfg.hidden_size * act + 7 * b * cfg.padded_vocab * 4
 
 
 def activations(cfg: Step3Config, placement: Placement, batch: int, context: int, *,
@@ -332,7 +335,7 @@ def activations(cfg: Step3Config, placement: Placement, batch: int, context: int
     attn = {
         "attention_layer": attention_layer_bytes(cfg, b, cfg.num_attention_heads, context, act)
         + router_bytes(cfg, b) + transfer,
-        "lm_head_and_sampling": head_bytes(cfg, b, act),
+        "lm_head_and_sampling": head_bytes(cfg, m * b, act),  # all micro-batches at once
     }
     inputs = rows * (H + 4 + 8 * cfg.moe_top_k) + rows * H * act  # received, dequantized
     ffn = {
@@ -614,7 +617,7 @@ def _colocated_programs(cfg, placement, batch, context, devices) -> list[dict]:
 
 def _afd_programs(cfg, placement, batch, context, devices) -> list[dict]:
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
     from step3_jax import afd
     from step3_jax.sharding import make_mesh, param_shardings
@@ -677,16 +680,25 @@ def _afd_programs(cfg, placement, batch, context, devices) -> list[dict]:
         temps = acts["ffn"]["moe_layer" if kind == "MoE" else "dense_layer"] + rows * H * item
         out.append(_program(f"FFN step ({kind} layer {i})", "ffn", compiled, args, temps))
 
+    # The LM head and sampling: one program per attention device over all its micro-batches'
+    # rows, on that device alone, as afd.generate runs it.
+    one = SingleDeviceSharding(devices[0])
     head = decl.replace(layers=())
-    head = jax.tree.map(lambda s: _sds(s.shape, dt, rep_a), head, is_leaf=weights.is_spec)
-    h = _sds((rows, 1, H), dt, dp)
-    compiled = afd._logits.lower(head, h, h, cfg=cfg).compile()
+    head = jax.tree.map(lambda s: _sds(s.shape, dt, one), head, is_leaf=weights.is_spec)
+    hs = tuple(_sds((b, 1, H), dt, one) for _ in range(m))
+    key = jax.random.key_data(jax.random.PRNGKey(0))
+    keys = _sds((m * b,) + key.shape, key.dtype, one)
+    knobs = [_sds((), t, one) for t in (jnp.int32, jnp.float32, jnp.int32, jnp.float32)]
+    compiled = afd._next_tokens.lower(head, hs, hs, _sds((m * b,), jnp.int32, one), keys,
+                                      *knobs, cfg=cfg).compile()
     lm = [s for s in items if s.category in ("lm_head",) or s.spec.hub == "model.norm.weight"]
     if cfg.tie_word_embeddings:
         lm = [s for s in items if s.category == "embedding" or s.spec.hub == "model.norm.weight"]
-    args = sum(s.bytes("float32")[0] for s in lm) + 2 * b * H * item
-    temps = b * H * item + b * cfg.padded_vocab * 4  # normed hidden, logits (no sampling here)
-    out.append(_program("LM head (afd._logits)", "attention", compiled, args, temps))
+    args = (sum(s.bytes("float32")[0] for s in lm) + 2 * m * b * H * item
+            + m * b * (4 + key.size * key.dtype.itemsize) + 4 * 4)  # at, keys; step and knobs
+    temps = head_bytes(cfg, m * b, item)
+    out.append(_program("LM head and sampling (afd._next_tokens)", "attention", compiled, args,
+                        temps))
     return out
 
 
@@ -796,14 +808,15 @@ def format_plan(doc: dict) -> str:
     elif "skipped" in c:
         lines += ["", f"compiled check skipped: {c['skipped']}"]
     else:
+        w = max(len(p["program"]) for p in c["programs"])
         lines += ["", f"compiled check ({c['devices']} emulated {c['backend']} devices, "
                       f"{c['dtype']} weights/KV/activations, {c['moe_kernel']} MoE kernel, "
                       f"{c['seconds']:.1f} s): bytes per device, compiled / plan",
-                  f"{'program':<36}{'arguments':>22}{'ratio':>7}{'temps':>22}{'ratio':>7}"]
+                  f"{'program':<{w}}{'arguments':>22}{'ratio':>7}{'temps':>22}{'ratio':>7}"]
         for p in c["programs"]:
             comp, pl = p["compiled"], p["plan"]
             lines.append(
-                f"{p['program']:<36}"
+                f"{p['program']:<{w}}"
                 f"{_gb(comp['arguments']) + ' / ' + _gb(pl['arguments']):>22}"
                 f"{p['arguments_ratio']:>7.3f}"
                 f"{_gb(comp['temps']) + ' / ' + _gb(pl['temps']):>22}"
