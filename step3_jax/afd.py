@@ -59,7 +59,8 @@ from step3_jax import model, sampling
 from step3_jax.cache import layer_shapes
 from step3_jax.config import Step3Config
 from step3_jax.errors import Step3Error
-from step3_jax.generate import FINISH_REASONS, GenerationResult, bucket, check_prompts
+from step3_jax.generate import (FINISH_REASONS, MIN_PREFILL_BUCKET, GenerationResult, bucket,
+                                check_prompts, shape_buckets)
 from step3_jax.layers import rms_norm
 from step3_jax.moe import resolve_impl, route
 from step3_jax.sharding import axis_sizes, drop_first_axis, make_mesh, param_shardings
@@ -565,7 +566,7 @@ def score(m: AfdModel, ids: Sequence[int]) -> list[float]:
     """``log p(ids[i] | ids[:i])`` through the disaggregated data path (one sequence, on the
     first attention device)."""
     (ids,) = check_prompts([ids], m.cfg)
-    tokens = np.zeros((1, bucket(len(ids), 16)), np.int32)
+    tokens = np.zeros((1, bucket(len(ids), MIN_PREFILL_BUCKET)), np.int32)
     tokens[0, : len(ids)] = ids
     positions = np.arange(tokens.shape[1], dtype=np.int32)[None]
     shard = _Shard(0, m.attn_devices[0], slice(0, 1))
@@ -602,8 +603,7 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     batch = rows_per_mb * plan.micro_batches
     rows = prompts + [[0]] * (batch - n)
     longest = max(len(p) for p in prompts)
-    capacity = min(bucket(longest + max_new_tokens - 1, 64), cfg.max_position_embedding)
-    chunk = min(bucket(longest, 16), capacity)
+    chunk, capacity = shape_buckets(longest, max_new_tokens, cfg)
     tokens = np.zeros((batch, chunk), np.int32)
     for b, p in enumerate(rows):
         tokens[b, : len(p)] = p

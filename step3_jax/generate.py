@@ -1,12 +1,13 @@
 """Batched generation: bucketed prefill, then one jitted on-device decode loop; and scoring.
 
 ``generate`` takes prompts of different lengths as one ragged batch. Prompts are right-padded to a
-power-of-two bucket and prefilled together; each sequence then decodes from its own position.
+length bucket (:func:`bucket`) and prefilled together; each sequence then decodes from its own
+position.
 The decode loop is a single ``lax.while_loop`` inside one ``jit`` with explicit in/out shardings
 and the KV cache donated; it stops each sequence on EOS, on the token budget, or cleanly at the
 cache's capacity, and stops altogether when every sequence has. Lengths, the budget and the
-sampling knobs are runtime arrays: a new prompt length inside a bucket, a new budget or new
-sampling settings do not recompile.
+sampling knobs are runtime arrays: a new prompt length inside a bucket, new sampling settings or
+a new budget that keeps the cache capacity (:func:`shape_buckets`) do not recompile.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ log = logging.getLogger("step3_jax")
 FINISH_REASONS = ("running", "eos", "length", "capacity")
 MIN_PREFILL_BUCKET = 16
 MIN_CAPACITY = 64
+BUCKET_STEP = 256
 
 
 @dataclasses.dataclass
@@ -46,8 +48,24 @@ class GenerationResult:
 
 
 def bucket(n: int, minimum: int) -> int:
-    """The power of two >= ``max(n, minimum)``: prefill lengths and capacities compile per bucket."""
-    return 1 << (max(n, minimum) - 1).bit_length()
+    """The compiled length for ``n`` positions (at least ``minimum``): prefill lengths and cache
+    capacities compile per bucket. The power of two ``p >= n`` up to 256; above, ``n`` rounded up
+    to a multiple of ``max(256, p / 16)``: under 256 positions or 12.5% of padding, 8 buckets per
+    doubling from 4096 on. Decode attention reads the cache's whole capacity, and a power of two
+    read up to twice the context (8192 slots for 4096 + 32 tokens; BENCHMARKS.md)."""
+    n = max(n, minimum)
+    p = 1 << (n - 1).bit_length()
+    step = max(BUCKET_STEP, p // 16)
+    return min(p, -(-n // step) * step)
+
+
+def shape_buckets(longest: int, max_new_tokens: int, cfg: Step3Config) -> tuple[int, int]:
+    """``(prefill chunk, cache capacity)`` for a batch whose longest prompt has ``longest``
+    tokens. The capacity follows the prompt's bucket, not its length, so every prompt length
+    inside a bucket reuses one decode loop (for the same ``max_new_tokens``)."""
+    chunk = bucket(longest, MIN_PREFILL_BUCKET)
+    capacity = min(bucket(chunk + max_new_tokens - 1, MIN_CAPACITY), cfg.max_position_embedding)
+    return min(chunk, capacity), capacity
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], cfg: Step3Config) -> list[list[int]]:
@@ -175,12 +193,10 @@ class Generator:
         if max_new_tokens < 1:
             raise Step3Error(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         longest = max(len(p) for p in prompts)
-        need = longest + max_new_tokens - 1  # the last sampled token is never fed back
-        capacity = min(bucket(need, MIN_CAPACITY), cfg.max_position_embedding)
-        if need > capacity:
+        chunk, capacity = shape_buckets(longest, max_new_tokens, cfg)
+        if longest + max_new_tokens - 1 > capacity:  # the last sampled token is never fed back
             log.warning("prompt + %d new tokens exceeds the context (%d): sequences stop at the "
                         "context's end", max_new_tokens, cfg.max_position_embedding)
-        chunk = min(bucket(longest, MIN_PREFILL_BUCKET), capacity)
         # Data parallelism splits the batch: pad it to a multiple of dp with one-token rows whose
         # budget of one token ends them at the prefill.
         dp = self.mesh.shape.get("dp", 1)

@@ -148,6 +148,28 @@ def test_no_recompile_inside_a_bucket(tiny_params, tiny_cfg):
     assert len(gen._compiled) == 2  # one prefill and one decode executable
 
 
+def test_buckets_bound_the_padding():
+    """Up to 256 a power of two; above, under 256 positions or 12.5% of padding (the decode
+    attention reads the whole capacity: a power of two read 2x the context at 4096 + 32)."""
+    from step3_jax.config import load_config
+    from step3_jax.generate import bucket, shape_buckets
+
+    sizes = [bucket(n, 16) for n in range(1, 20_000)]
+    for n, b in enumerate(sizes, start=1):
+        if n <= 256:
+            assert b >= n and b & (b - 1) == 0, n
+        else:
+            assert n <= b < n + max(256, n / 8), n
+    assert sizes == sorted(sizes)
+    assert len(set(sizes[4096:8192])) == 8  # 8 buckets per doubling from 4096 on
+    cfg = load_config("bench")
+    assert shape_buckets(4096, 32, cfg) == (4096, 4608)
+    assert shape_buckets(128, 32, cfg) == (128, 256)
+    # Every prompt length inside a bucket gets the same capacity: one decode loop for all of them.
+    assert {shape_buckets(n, 32, cfg) for n in range(1025, 1281)} == {(1280, 1536)}
+    assert shape_buckets(8000, 500, cfg) == (8192, 8192)  # capped at the context
+
+
 def test_tensor_parallel_weights_generate_the_same_tokens(hub_dir, tiny_params, tiny_cfg):
     """Weights placed by the rules table on a tp=2 mesh: the decode loop follows their mesh."""
     from step3_jax.checkpoint import load

@@ -19,8 +19,8 @@ them). Distinct prompts would need ``B x context`` prefill tokens — 262k token
 tensor at batch 64, context 4096, hours on two cores — and decode the same way.
 
 Bytes per step (what the batch *must* read): ``step3_jax.bench.bytes_per_step`` with the KV cache
-at its mean length over the decode (``context + (new_tokens + 1) / 2`` positions, not our cache's
-power-of-two capacity) and the routed experts at the distinct count the peer measured (the
+at its mean length over the decode (``context + (new_tokens + 1) / 2`` positions, not the
+capacity our attention reads: ``generate.shape_buckets``, up to 12.5% more) and the routed experts at the distinct count the peer measured (the
 uniform-routing expectation when the peer is off). Roofline tokens/s = batch x peak bandwidth /
 bytes per step; MBU = bytes per step / step time / peak bandwidth.
 
@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step3_jax  # noqa: E402
 from step3_jax import bench, model  # noqa: E402
 from step3_jax.bench import cpu_model, csv_ints, loadavg  # noqa: E402
-from step3_jax.generate import MIN_CAPACITY, Generator, _decode, _LoopState, bucket  # noqa: E402
+from step3_jax.generate import Generator, _decode, _LoopState, shape_buckets  # noqa: E402
 from step3_jax.cache import KVCache  # noqa: E402
 
 TARGETS = {"mbu_batch1": 0.70, "roofline_batch16": 0.60, "peer_speedup": 1.5}
@@ -445,8 +445,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed + 1)
     for context in args.contexts:
         prompt = rng.integers(2, cfg.vocab_size, size=context)
-        capacity = bucket(context + args.new_tokens, MIN_CAPACITY)
-        capacity = min(capacity, cfg.max_position_embedding)
+        _, capacity = shape_buckets(context, args.new_tokens, cfg)  # what generate allocates
         log(f"context {context}: prefilling the shared prompt (cache capacity {capacity})")
         ours_cache, ours_s = ours.prefix(prompt, capacity)
         prefixes = {"ours": ours_cache}
