@@ -341,8 +341,9 @@ def _stack_pass(m: AfdModel, mbs: list[list[_Shard]], feeds: list[list[dict]],
     Returns ``(state, tail)``: the final ``(h, f)`` per shard, and per micro-batch the last
     layer's FFN outputs (one per shard) on the whole FFN group (empty with a remote FFN). Each
     shard copies its ``f`` from one FFN device, so when ``state`` is ready another FFN device may
-    still be finishing: wait on ``tail`` too before tracing the next pass. The shards' caches are replaced by the updated
-    ones (the old arrays are donated). Dispatch is labelled for :func:`device_intervals`.
+    still be finishing: wait on ``tail`` too before tracing the next pass. The shards' caches are
+    replaced by the updated ones (the old arrays are donated). Dispatch is labelled for
+    :func:`device_intervals`.
 
     ``schedule``: ``pipelined`` (nothing waits on the host), ``serial`` (the host blocks after
     every op), or ``lockstep`` (nothing waits on the host, but each attention launch takes the
