@@ -16,14 +16,14 @@ from safetensors.numpy import save_file  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import reference as ref  # noqa: E402
 
-from step3_jax.config import from_hub_dict, presets_dir  # noqa: E402
+from step3_jax.model.config import from_hub_dict, presets_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(capsys, *argv):
     """``step3-jax ARGV`` in-process: ``(exit code, stdout, stderr)``."""
-    from step3_jax import cli
+    from step3_jax.cli import app as cli
 
     code = cli.main(list(argv))
     out, err = capsys.readouterr()
@@ -75,6 +75,6 @@ def hub_dir(tmp_path_factory, tiny_raw, hub_state) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_params(hub_dir, tiny_cfg):
-    from step3_jax.checkpoint import load_hub
+    from step3_jax.checkpoint.hub import load_hub
 
     return load_hub(hub_dir, tiny_cfg, progress=False)

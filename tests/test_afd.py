@@ -5,10 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from step3_jax import afd
+from step3_jax.runtime import afd
 from step3_jax.errors import Step3Error
-from step3_jax.generate import generate, score
-from step3_jax.weights import Moe
+from step3_jax.runtime.generate import generate, score
+from step3_jax.model.weights import Moe
 
 PROMPTS = [[3, 17, 42], [5, 6, 7, 8, 9, 10, 11], [200, 1, 99, 2, 3], [9], [8, 8]]  # batch 5
 
@@ -155,7 +155,7 @@ def test_serial_schedule_measures_no_overlap(tiny_params, tiny_cfg):
 def slow_ffn():
     """tiny with an FFN 64x wider (experts, shared expert and dense FFN of width 2048): the FFN
     stage takes ~1 ms per micro-batch on this machine, attention ~0.1 ms."""
-    from step3_jax.checkpoint import load
+    from step3_jax.checkpoint.hub import load
 
     return load(config="tiny", progress=False, moe_intermediate_size=2048,
                 share_expert_dim=2048, intermediate_size=2048)
@@ -289,7 +289,7 @@ def test_attention_step_aliases_the_cache(tiny_params, tiny_cfg):
     """XLA reports the donated K and V caches aliased to the outputs: updated in place."""
     import jax.numpy as jnp
 
-    from step3_jax.cache import layer_shapes
+    from step3_jax.model.cache import layer_shapes
 
     m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("1:1"))
     rows, capacity = 4, 128
@@ -317,8 +317,9 @@ COLOCATED_BENCH_KEYS = {"config", "dtype", "batch", "prompt_len", "new_tokens", 
 def test_bench_cli_afd_json(capsys):
     import json
 
-    from step3_jax import bench, cli
-    from step3_jax.config import load_config
+    from step3_jax.runtime import bench
+    from step3_jax.cli import app as cli
+    from step3_jax.model.config import load_config
 
     code = cli.main(["bench", "--config", "tiny", "--afd", "2:2", "--micro-batches", "2",
                      "--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "1",
@@ -352,7 +353,7 @@ def test_bench_cli_afd_json(capsys):
     (["--afd", "5:4"], "--afd 5:4 needs 9 devices, only 8 available"),
 ])
 def test_bench_cli_afd_errors(capsys, argv, message):
-    from step3_jax import cli
+    from step3_jax.cli import app as cli
 
     code = cli.main(["bench", "--config", "tiny", "--flush-mb", "0", *argv])
     err = capsys.readouterr().err

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from step3_jax import bench, cli
-from step3_jax.config import load_config
+from step3_jax.runtime import bench
+from step3_jax.cli import app as cli
+from step3_jax.model.config import load_config
 
 
 def test_expected_distinct_experts():

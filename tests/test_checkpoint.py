@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import write_hub_checkpoint
 
-from step3_jax.checkpoint import load, load_hub, to_hub
+from step3_jax.checkpoint.hub import load, load_hub, to_hub
 from step3_jax.errors import CheckpointError
-from step3_jax.weights import stack_experts, unstack_experts
+from step3_jax.model.weights import stack_experts, unstack_experts
 
 
 def _leaves_equal(a, b):
@@ -140,7 +140,7 @@ def test_sharded_loading_into_the_per_expert_layout(hub_dir, tiny_params):
     """Placement comes from the rules table; expert slices keep the rest of their spec."""
     import jax
 
-    from step3_jax.sharding import make_mesh
+    from step3_jax.model.sharding import make_mesh
 
     mesh = make_mesh(tp=2)
     params, cfg = load(hub_dir, progress=False, moe_impl="loop",

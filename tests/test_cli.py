@@ -12,8 +12,8 @@ import sys
 import pytest
 from conftest import run_cli
 
-from step3_jax import cli
-from step3_jax.generate import generate, score
+from step3_jax.cli import app as cli
+from step3_jax.runtime.generate import generate, score
 
 
 @pytest.fixture(scope="module")

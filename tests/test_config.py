@@ -7,9 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from step3_jax.config import from_hub_dict, load_config
+from step3_jax.model.config import from_hub_dict, load_config
 from step3_jax.errors import ConfigError
-from step3_jax.weights import Mlp, Moe, count_params, declare
+from step3_jax.model.weights import Mlp, Moe, count_params, declare
 
 
 def test_step3_parameter_counts_match_the_model_card():
@@ -88,7 +88,7 @@ def test_unknown_preset_lists_the_presets():
 
 
 def test_abstract_params_match_initialized_params(tiny_cfg):
-    from step3_jax.weights import abstract_params, init_params
+    from step3_jax.model.weights import abstract_params, init_params
 
     real = init_params(tiny_cfg, seed=3)
     abstract = abstract_params(tiny_cfg)

@@ -15,14 +15,16 @@ import pytest
 from conftest import run_cli, write_hub_checkpoint
 from safetensors.numpy import load_file
 
-from step3_jax import afd, quant, store
-from step3_jax.checkpoint import HubReader, load
-from step3_jax.convert import convert, export
+from step3_jax.runtime import afd
+from step3_jax.model import quant
+from step3_jax.checkpoint import store
+from step3_jax.checkpoint.hub import HubReader, load
+from step3_jax.checkpoint.convert import convert, export
 from step3_jax.errors import CheckpointError
-from step3_jax.generate import generate
-from step3_jax.model import forward
-from step3_jax.sharding import parse_mesh
-from step3_jax.weights import stack_experts
+from step3_jax.runtime.generate import generate
+from step3_jax.model.decoder import forward
+from step3_jax.model.sharding import parse_mesh
+from step3_jax.model.weights import stack_experts
 
 TOKENS = jnp.array([[1, 5, 9, 2, 7, 3]])
 

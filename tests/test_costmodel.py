@@ -12,10 +12,12 @@ import sys
 import pytest
 from conftest import run_cli
 
-from step3_jax import cli, costmodel, estimate as est
-from step3_jax.config import load_config, presets_dir
-from step3_jax.paper_tables import HARDWARE, MODEL_NAMES
-from step3_jax.weights import count_params
+from step3_jax.cli import app as cli
+from step3_jax.analysis import costmodel
+from step3_jax.analysis import estimate as est
+from step3_jax.model.config import load_config, presets_dir
+from step3_jax.analysis.paper_tables import HARDWARE, MODEL_NAMES
+from step3_jax.model.weights import count_params
 
 # paper.md §3 targets: KV @8K, attn @8K, KV @32K, attn @32K, linear, FFN (bytes; FLOPs).
 PAPER_TABLES_2_3 = {

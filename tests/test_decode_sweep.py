@@ -16,7 +16,7 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_decode as bd  # noqa: E402
 
-from step3_jax import bench, generate  # noqa: E402
+from step3_jax.runtime import bench, generate  # noqa: E402
 
 
 def _row(context, batch, mbu, ratio=None):
@@ -145,8 +145,8 @@ def peer_setup():
 def test_peer_weights_are_to_hub(peer_setup):
     """The peer's tensors (zero-copy views of ours) are ``checkpoint.to_hub``'s, in both expert
     layouts; stacked experts come as per-expert views."""
-    from step3_jax.checkpoint import to_hub
-    from step3_jax.weights import stack_experts
+    from step3_jax.checkpoint.hub import to_hub
+    from step3_jax.model.weights import stack_experts
 
     bp, params, cfg, _ = peer_setup
     hub = to_hub(params, cfg)

@@ -18,9 +18,13 @@ import jax
 import numpy as np
 import pytest
 
-from step3_jax import afd, checkpoint, distributed, launch, store
+from step3_jax.runtime import afd
+from step3_jax.checkpoint import hub as checkpoint
+from step3_jax.runtime import distributed
+from step3_jax.runtime import launch
+from step3_jax.checkpoint import store
 from step3_jax.errors import Step3Error
-from step3_jax.weights import Moe
+from step3_jax.model.weights import Moe
 
 from conftest import run_cli
 
@@ -218,7 +222,7 @@ def test_too_few_devices_is_a_one_line_error_from_every_rank(hub_dir):
 def test_processes_with_different_plans_refuse_to_run(hub_dir):
     """Started by hand (as on a cluster) with different --micro-batches: the FFN process finds
     the mismatch in the handshake, and both exit 2 with one line naming it."""
-    from step3_jax.launch import child_env, free_port
+    from step3_jax.runtime.launch import child_env, free_port
 
     port = free_port()
     procs = []
@@ -366,7 +370,7 @@ def test_random_part_has_the_whole_models_values(tiny_cfg):
     """Random weights of a subset: leaf ``j`` drawn from ``fold_in(PRNGKey(seed), j)`` as in the
     whole-model init, the rest absent. Checked against that formula eagerly on three leaves (an
     expert stack, an attention weight, a norm): a jitted init of a whole part costs ~10 s here."""
-    from step3_jax.weights import _init_leaf, declare, init_params, is_spec
+    from step3_jax.model.weights import _init_leaf, declare, init_params, is_spec
 
     specs, treedef = jax.tree.flatten(declare(tiny_cfg), is_leaf=is_spec)
     ffn = jax.tree.leaves(distributed.part(tiny_cfg, "ffn"))

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import reference as ref
-from step3_jax import attention
-from step3_jax.layers import rms_norm, rope, swiglu
-from step3_jax.moe import route, routed_experts, slot_rows
+from step3_jax.model import attention
+from step3_jax.model.layers import rms_norm, rope, swiglu
+from step3_jax.model.moe import route, routed_experts, slot_rows
 
 ATOL = 1e-4
 

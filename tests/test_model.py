@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 
 import reference as ref
-from step3_jax import model
-from step3_jax.cache import init_cache
+from step3_jax.model import decoder
+from step3_jax.model.cache import init_cache
 from step3_jax.errors import Step3Error
-from step3_jax.generate import Generator, generate
+from step3_jax.runtime.generate import Generator, generate
 
 # float32 vs the float64 reference through 4 layers: observed ~2e-6 on logits of size ~3.
 ATOL = 2e-4
 PROMPTS = [[3, 17, 42], [5, 6, 7, 8, 9, 10, 11], [200, 1, 99, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
                                                     13, 14, 15, 16, 17]]
-_forward = jax.jit(model.forward, static_argnums=3)
+_forward = jax.jit(decoder.forward, static_argnums=3)
 
 
 def full_logits(params, cfg, ids):
@@ -53,7 +53,7 @@ def test_prefill_then_decode_equals_full_forward(tiny_params, tiny_cfg):
     tokens = np.zeros((3, chunk), np.int32)
     for b, (s, n) in enumerate(zip(seqs, prompt_lens)):
         tokens[b, :n] = s[:n]
-    logits, cache = jax.jit(model.prefill, static_argnums=(3, 4))(
+    logits, cache = jax.jit(decoder.prefill, static_argnums=(3, 4))(
         tiny_params, jnp.asarray(tokens), jnp.asarray(prompt_lens, jnp.int32), 32, tiny_cfg)
     for b, s in enumerate(seqs):
         want = full_logits(tiny_params, tiny_cfg, s)
@@ -151,8 +151,8 @@ def test_no_recompile_inside_a_bucket(tiny_params, tiny_cfg):
 def test_buckets_bound_the_padding():
     """Up to 256 a power of two; above, under 256 positions or 12.5% of padding (the decode
     attention reads the whole capacity: a power of two read 2x the context at 4096 + 32)."""
-    from step3_jax.config import load_config
-    from step3_jax.generate import bucket, shape_buckets
+    from step3_jax.model.config import load_config
+    from step3_jax.runtime.generate import bucket, shape_buckets
 
     sizes = [bucket(n, 16) for n in range(1, 20_000)]
     for n, b in enumerate(sizes, start=1):
@@ -172,8 +172,8 @@ def test_buckets_bound_the_padding():
 
 def test_tensor_parallel_weights_generate_the_same_tokens(hub_dir, tiny_params, tiny_cfg):
     """Weights placed by the rules table on a tp=2 mesh: the decode loop follows their mesh."""
-    from step3_jax.checkpoint import load
-    from step3_jax.sharding import make_mesh
+    from step3_jax.checkpoint.hub import load
+    from step3_jax.model.sharding import make_mesh
 
     mesh = make_mesh(tp=2)
     params, cfg = load(hub_dir, progress=False,
@@ -191,7 +191,7 @@ def test_decode_loop_never_copies_the_kv_cache(tiny_params, tiny_cfg, batch):
     29.4 ms per step on ``bench`` at context 1024.)"""
     import re
 
-    from step3_jax.cache import layer_shapes
+    from step3_jax.model.cache import layer_shapes
 
     gen = Generator(tiny_params, tiny_cfg)
     _, metrics = gen([list(range(1, 6))] * batch, max_new_tokens=3)

@@ -10,8 +10,8 @@ import json
 import pytest
 from conftest import run_cli
 
-from step3_jax import plan
-from step3_jax.config import load_config
+from step3_jax.analysis import plan
+from step3_jax.model.config import load_config
 from step3_jax.errors import Step3Error
 
 # tiny, per layer: q_proj 64x32, k_proj and v_proj 64x16, wq 32x4x16, o_proj 4x16x64

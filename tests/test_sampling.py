@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from step3_jax import sampling
+from step3_jax.runtime import sampling
 from step3_jax.errors import Step3Error
-from step3_jax.generate import generate
+from step3_jax.runtime.generate import generate
 
 V = 100
 _sample = jax.jit(sampling.sample)

@@ -12,11 +12,13 @@ import pytest
 from conftest import run_cli
 
 import reference as ref
-from step3_jax import data, demo, train
+from step3_jax.training import data
+from step3_jax.training import demo
+from step3_jax.training import train
 from step3_jax.errors import Step3Error
-from step3_jax.moe import route, routed_experts
-from step3_jax.sharding import make_mesh
-from step3_jax.weights import Moe, init_params, unstack_experts
+from step3_jax.model.moe import route, routed_experts
+from step3_jax.model.sharding import make_mesh
+from step3_jax.model.weights import Moe, init_params, unstack_experts
 
 
 @pytest.fixture(scope="module")
@@ -289,7 +291,7 @@ def test_shipped_demo_loads_and_its_validation_perplexity_matches_the_record():
     nll, ppl = demo.validation_perplexity(params, cfg, demo.directory(), val["seq_len"])
     assert ppl == pytest.approx(rec["validation_perplexity"], rel=1e-3)
     assert math.exp(nll) == pytest.approx(ppl)
-    from step3_jax.store import stored_bytes
+    from step3_jax.checkpoint.store import stored_bytes
 
     assert stored_bytes(demo.directory()) < 20e6
 

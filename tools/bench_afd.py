@@ -185,11 +185,11 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from step3_jax import afd
-    from step3_jax.checkpoint import load
-    from step3_jax.config import load_config
-    from step3_jax.generate import Generator
-    from step3_jax.sharding import parse_mesh
+    from step3_jax.runtime import afd
+    from step3_jax.checkpoint.hub import load
+    from step3_jax.model.config import load_config
+    from step3_jax.runtime.generate import Generator
+    from step3_jax.model.sharding import parse_mesh
 
     if args.runtime_rules:
         rules = runtime_rules(jax, afd)

@@ -35,8 +35,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from step3_jax.config import load_config
-from step3_jax.weights import declare, is_spec
+from step3_jax.model.config import load_config
+from step3_jax.model.weights import declare, is_spec
 
 
 def synthetic_config(gb: float) -> dict:
@@ -64,7 +64,7 @@ def synthetic_config(gb: float) -> dict:
 
 def write_checkpoint(directory: Path, raw: dict, seed: int = 0) -> int:
     """One shard per layer (plus embedding/head), random bf16 tensors; returns bytes written."""
-    from step3_jax.config import from_hub_dict
+    from step3_jax.model.config import from_hub_dict
 
     cfg = from_hub_dict(raw)
     decl = declare(cfg)

@@ -56,10 +56,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import step3_jax  # noqa: E402
-from step3_jax import bench, model  # noqa: E402
-from step3_jax.bench import cpu_model, csv_ints, loadavg  # noqa: E402
-from step3_jax.generate import Generator, _decode, _LoopState, shape_buckets  # noqa: E402
-from step3_jax.cache import KVCache  # noqa: E402
+from step3_jax.model import decoder  # noqa: E402
+from step3_jax.runtime import bench  # noqa: E402
+from step3_jax.runtime.bench import cpu_model, csv_ints, loadavg  # noqa: E402
+from step3_jax.runtime.generate import Generator, _decode, _LoopState, shape_buckets  # noqa: E402
+from step3_jax.model.cache import KVCache  # noqa: E402
 
 TARGETS = {"mbu_batch1": 0.70, "roofline_batch16": 0.60, "peer_speedup": 1.5}
 TARGET_CONTEXT, TARGET_NEW_TOKENS = 128, 32
@@ -81,7 +82,7 @@ class Ours:
     def __init__(self, params, cfg):
         self.params, self.cfg = params, cfg
         self.gen = Generator(params, cfg)
-        self._prefill = jax.jit(model.prefill, static_argnames=("capacity", "cfg"))
+        self._prefill = jax.jit(decoder.prefill, static_argnames=("capacity", "cfg"))
 
     def prefix(self, prompt: np.ndarray, capacity: int):
         """The batch-1 cache of ``prompt`` and the prefill's time (after a compiling call)."""

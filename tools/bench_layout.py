@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from step3_jax.bench import ROOFLINE_N, Flusher, cpu_model, csv_ints, roofline, time_fn
-from step3_jax.config import load_config
-from step3_jax.layers import linear
+from step3_jax.runtime.bench import ROOFLINE_N, Flusher, cpu_model, csv_ints, roofline, time_fn
+from step3_jax.model.config import load_config
+from step3_jax.model.layers import linear
 
 FORMS = ("in_out", "out_in", "out_in_folded")
 

@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from step3_jax.bench import Flusher, cpu_model, csv_ints, loadavg, roofline, time_fn
-from step3_jax.config import load_config
-from step3_jax.moe import route, routed_experts
-from step3_jax.weights import Mlp, Moe
+from step3_jax.runtime.bench import Flusher, cpu_model, csv_ints, loadavg, roofline, time_fn
+from step3_jax.model.config import load_config
+from step3_jax.model.moe import route, routed_experts
+from step3_jax.model.weights import Mlp, Moe
 
 # "loop" runs on the per-expert layout the model loads on CPU (weights.unstack_experts);
 # "loop_stacked" is the same kernel on stacked [E, ...] experts, to show what the layout buys.

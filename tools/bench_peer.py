@@ -207,7 +207,7 @@ def hub_tensors(params, cfg) -> dict:
 
     import jax
 
-    from step3_jax.weights import declare, is_spec
+    from step3_jax.model.weights import declare, is_spec
 
     pairs = []
     jax.tree.map(lambda spec, value: pairs.append((spec, value)), declare(cfg), params,
@@ -278,7 +278,8 @@ def verify(peer: Peer, params, cfg, prompts, new_tokens: int = 4, tol: float = L
     import jax
     import jax.numpy as jnp
 
-    from step3_jax import forward, generate
+    from step3_jax import forward
+    from step3_jax.runtime import generate
 
     prompts = np.asarray(prompts, np.int64)
     batch, plen = prompts.shape
@@ -396,7 +397,7 @@ def main(argv=None) -> int:
     import jax
 
     import step3_jax
-    from step3_jax.bench import Flusher
+    from step3_jax.runtime.bench import Flusher
 
     params, cfg = step3_jax.load(config=args.config, seed=args.seed, progress=False)
     if args.prompt_len + args.new_tokens > cfg.max_position_embedding:

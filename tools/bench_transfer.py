@@ -80,8 +80,8 @@ def cross_process(rank: int, port: int, cfg, tokens_list, repeats):
     """Rank 0 times the round trips and prints them as JSON; rank 1 echoes."""
     import jax
 
-    from step3_jax import distributed
-    from step3_jax.launch import ProcessGroup
+    from step3_jax.runtime import distributed
+    from step3_jax.runtime.launch import ProcessGroup
 
     group = ProcessGroup(f"127.0.0.1:{port}", 2, rank)
     distributed.initialize(group, 120)
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     if not tokens_list or min(tokens_list) < 1 or args.repeats < 1:
         p.error("--tokens and --repeats must be positive")
     if args.rank is not None or args.in_process:
-        from step3_jax.config import load_config
+        from step3_jax.model.config import load_config
 
         cfg = load_config(args.config)
         if args.in_process:
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
             cross_process(args.rank, args.port, cfg, tokens_list, args.repeats)
         return 0
 
-    from step3_jax.launch import child_env, free_port
+    from step3_jax.runtime.launch import child_env, free_port
 
     common = [sys.executable, __file__, "--config", args.config, "--tokens", args.tokens,
               "--repeats", str(args.repeats)]

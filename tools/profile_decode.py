@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 import step3_jax as s3
-from step3_jax.generate import Generator
+from step3_jax.runtime.generate import Generator
 
 SCOPES = ("mfa", "moe_router", "moe_experts", "shared_expert", "dense_ffn", "lm_head")
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name="([^"]*)"')

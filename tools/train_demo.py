@@ -144,11 +144,14 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     import step3_jax
-    from step3_jax import data, demo, store, train
-    from step3_jax.config import load_config
+    from step3_jax.training import data
+    from step3_jax.training import demo
+    from step3_jax.checkpoint import store
+    from step3_jax.training import train
+    from step3_jax.model.config import load_config
     from step3_jax.errors import Step3Error
-    from step3_jax.sharding import parse_mesh
-    from step3_jax.weights import count_params
+    from step3_jax.model.sharding import parse_mesh
+    from step3_jax.model.weights import count_params
 
     try:
         cfg = train.training_config(load_config(args.config))

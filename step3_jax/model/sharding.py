@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from step3_jax.errors import Step3Error
-from step3_jax.weights import declare, is_spec
+from step3_jax.model.weights import declare, is_spec
 
 MESH_AXES = ("dp", "tp", "ep")
 

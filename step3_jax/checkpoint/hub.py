@@ -28,12 +28,13 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from step3_jax import quant, store
-from step3_jax.config import Step3Config, load_config
+from step3_jax.model import quant
+from step3_jax.checkpoint import store
+from step3_jax.model.config import Step3Config, load_config
 from step3_jax.errors import CheckpointError
-from step3_jax.moe import resolve_impl
-from step3_jax.sharding import drop_first_axis
-from step3_jax.weights import (Moe, Params, WeightSpec, declare, init_params, is_spec,
+from step3_jax.model.moe import resolve_impl
+from step3_jax.model.sharding import drop_first_axis
+from step3_jax.model.weights import (Moe, Params, WeightSpec, declare, init_params, is_spec,
                                stack_experts, unstack_experts)
 
 log = logging.getLogger("step3_jax")
@@ -322,8 +323,8 @@ def load(checkpoint: str | Path | None = None, config: str | Path | None = None,
     structure); weights marked False are neither read nor created and come back as None (a
     process of a multi-process AFD run loads only what its devices hold).
     """
-    from step3_jax.sharding import param_shardings
-    from step3_jax.weights import unstack_moe
+    from step3_jax.model.sharding import param_shardings
+    from step3_jax.model.weights import unstack_moe
 
     if mesh is not None and shardings is not None:
         raise ValueError("give mesh or shardings, not both")

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from step3_jax.config import Step3Config
+from step3_jax.model.config import Step3Config
 from step3_jax.errors import Step3Error
-from step3_jax.weights import declare, is_spec
+from step3_jax.model.weights import declare, is_spec
 
 ROOFLINE_N = 8192
 
@@ -69,7 +69,7 @@ def roofline(repeats: int, flush: Flusher, seed: int = 0) -> dict:
     of the two weight layouts, ``x @ w`` on ``[in, out]`` and ``layers.linear`` on ``[out, in]``
     (the model's), so the roofline is the best this machine reads, not the layout we happen to
     use (``[out, in]`` measured 1.1-1.2x faster here; tools/bench_layout.py)."""
-    from step3_jax.layers import linear
+    from step3_jax.model.layers import linear
 
     kx, kw = jax.random.split(jax.random.PRNGKey(seed))
     x = jax.random.normal(kx, (1, ROOFLINE_N), jnp.float32)
@@ -130,7 +130,7 @@ def run(params, cfg: Step3Config, *, batch: int, prompt_len: int, new_tokens: in
     is the same model-level figure as colocated: AFD's micro-batches each re-read the experts
     they touch, so its real traffic is higher.
     """
-    from step3_jax.generate import Generator
+    from step3_jax.runtime.generate import Generator
 
     log = log or (lambda *a: None)
     if afd_model is not None and new_tokens < AFD_MIN_NEW_TOKENS:
@@ -144,7 +144,7 @@ def run(params, cfg: Step3Config, *, batch: int, prompt_len: int, new_tokens: in
     if afd_model is None:
         gen = Generator(params, cfg)
     else:
-        from step3_jax import afd
+        from step3_jax.runtime import afd
 
         gen = functools.partial(afd.generate, afd_model, schedule=schedule)
     log(f"compiling and warming up (batch {batch}, prompt {prompt_len}, {new_tokens} new tokens)")

@@ -34,9 +34,9 @@ import numpy as np
 from flax import serialization
 from tqdm.auto import tqdm
 
-from step3_jax.config import Step3Config
+from step3_jax.model.config import Step3Config
 from step3_jax.errors import CheckpointError
-from step3_jax.weights import Params, declare, is_spec, stack_experts
+from step3_jax.model.weights import Params, declare, is_spec, stack_experts
 
 MANIFEST = "step3_jax.json"
 FORMAT = "step3-jax/orbax"
@@ -168,7 +168,7 @@ def save(params: Params, cfg: Step3Config, directory: str | Path, *, weights: st
     """
     weights = weights or str(jnp.dtype(cfg.dtype))
     if weights == "fp8":
-        from step3_jax import quant
+        from step3_jax.model import quant
 
         params = quant.quantize_params(params, cfg)
     dtype = None if weights == "fp8" else jnp.dtype(weights)
@@ -190,7 +190,7 @@ def save(params: Params, cfg: Step3Config, directory: str | Path, *, weights: st
 def _abstract_chunk(name: str, cfg: Step3Config, weights: str, shardings):
     """The restore target of one chunk: ShapeDtypeStructs in the stored structure, cast to the
     compute dtype, with their shardings."""
-    from step3_jax import quant
+    from step3_jax.model import quant
 
     specs = chunk_of(declare(cfg), name)
     compute = jnp.dtype(cfg.dtype)

@@ -24,12 +24,13 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from step3_jax import model, sampling
-from step3_jax.cache import K_AXES, V_AXES, KVCache
-from step3_jax.config import Step3Config
+from step3_jax.model import decoder
+from step3_jax.runtime import sampling
+from step3_jax.model.cache import K_AXES, V_AXES, KVCache
+from step3_jax.model.config import Step3Config
 from step3_jax.errors import Step3Error
-from step3_jax.sharding import make_mesh, named, replicated
-from step3_jax.weights import Params
+from step3_jax.model.sharding import make_mesh, named, replicated
+from step3_jax.model.weights import Params
 
 log = logging.getLogger("step3_jax")
 
@@ -117,7 +118,7 @@ def _record(state: _LoopState, token, budget, eos_ids) -> _LoopState:
 def _prefill(params, tokens, lengths, keys, budget, eos_ids, temperature, top_k, top_p, *,
              cfg: Step3Config, capacity: int) -> _LoopState:
     """Prefill right-padded prompts into a fresh cache and sample each sequence's first token."""
-    logits, cache = model.prefill(params, tokens, lengths, capacity, cfg)
+    logits, cache = decoder.prefill(params, tokens, lengths, capacity, cfg)
     first = sampling.sample(logits, keys, jnp.int32(0), temperature, top_k, top_p)
     batch = tokens.shape[0]
     state = _LoopState(step=jnp.int32(0), token=first, done=jnp.zeros((batch,), bool),
@@ -131,7 +132,7 @@ def _decode(params, state: _LoopState, keys, budget, eos_ids, temperature, top_k
     """Decode until every sequence is done: one ``lax.while_loop`` over single-token steps."""
 
     def body(state: _LoopState) -> _LoopState:
-        logits, cache = model.forward(params, state.token[:, None], state.cache, cfg,
+        logits, cache = decoder.forward(params, state.token[:, None], state.cache, cfg,
                                       num_new=(~state.done).astype(jnp.int32))
         token = sampling.sample(logits[:, 0], keys, state.step + 1, temperature, top_k, top_p)
         token = jnp.where(state.done, state.token, token)
@@ -269,7 +270,7 @@ def generate(params: Params, cfg: Step3Config, prompts: Sequence[Sequence[int]],
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _token_logprobs(params, ids, cfg):
-    logits, _ = model.forward(params, ids, None, cfg)
+    logits, _ = decoder.forward(params, ids, None, cfg)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
 

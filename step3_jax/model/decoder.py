@@ -19,12 +19,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from step3_jax import attention
-from step3_jax.cache import KVCache, init_cache, update, update_keys, write_positions
-from step3_jax.config import Step3Config
-from step3_jax.layers import linear, rms_norm, swiglu
-from step3_jax.moe import moe
-from step3_jax.weights import Layer, Mlp, Moe, Params
+from step3_jax.model import attention
+from step3_jax.model.cache import KVCache, init_cache, update, update_keys, write_positions
+from step3_jax.model.config import Step3Config
+from step3_jax.model.layers import linear, rms_norm, swiglu
+from step3_jax.model.moe import moe
+from step3_jax.model.weights import Layer, Mlp, Moe, Params
 
 
 def attention_block(p: Layer, x, positions, kv, cfg: Step3Config):

@@ -183,9 +183,9 @@ def from_hub_dict(raw: dict, *, where: str = "config.json", **overrides) -> Step
 
 def presets_dir() -> Path:
     """``configs/``: beside the package in a wheel install, at the repository root in a checkout."""
-    here = Path(__file__).resolve().parent
-    installed = here / "configs"
-    return installed if installed.is_dir() else here.parent / "configs"
+    package = Path(__file__).resolve().parent.parent  # step3_jax/
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
 
 
 def preset_names() -> list[str]:

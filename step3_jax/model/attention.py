@@ -10,10 +10,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from step3_jax.config import Step3Config
-from step3_jax.layers import linear, rms_norm, rope
-from step3_jax.quant import materialize
-from step3_jax.weights import Attention
+from step3_jax.model.config import Step3Config
+from step3_jax.model.layers import linear, rms_norm, rope
+from step3_jax.model.quant import materialize
+from step3_jax.model.weights import Attention
 
 # Masked scores: the most negative float32, not -inf, so a row with no visible key (a padding
 # slot) yields a finite uniform average instead of NaN.

@@ -164,7 +164,7 @@ def check_command(args) -> list[str]:
     for flag in ("--coordinator", "--num-processes", "--process-id"):
         if any(a == flag or a.startswith(flag + "=") for a in command):
             raise Step3Error(f"{flag} is set by launch for each process; drop it from the command")
-    from step3_jax.cli import build_parser
+    from step3_jax.cli.app import build_parser
 
     child = build_parser().parse_args(command)  # a bad flag: argparse's usage error, exit 2
     if not child.afd:

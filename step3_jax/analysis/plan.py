@@ -74,11 +74,12 @@ import time
 
 import jax
 
-from step3_jax import quant, weights
-from step3_jax.cache import layer_shapes
-from step3_jax.config import Step3Config
+from step3_jax.model import quant
+from step3_jax.model import weights
+from step3_jax.model.cache import layer_shapes
+from step3_jax.model.config import Step3Config
 from step3_jax.errors import Step3Error
-from step3_jax.sharding import MESH_AXES, axis_sizes
+from step3_jax.model.sharding import MESH_AXES, axis_sizes
 
 BYTES = {"fp8": 1, "bf16": 2, "float32": 4}
 GPUS_PER_SERVER = 8  # the paper's servers: 2A2F = 16 attention + 16 FFN devices
@@ -150,7 +151,7 @@ def parse_placement(afd: str | None = None, mesh: str | None = None, ffn_mesh: s
     servers = re.fullmatch(r"\s*(\d+)\s*[aA]\s*(\d+)\s*[fF]\s*", afd)
     if servers:
         afd = f"{int(servers.group(1)) * GPUS_PER_SERVER}:{int(servers.group(2)) * GPUS_PER_SERVER}"
-    from step3_jax.afd import parse_plan
+    from step3_jax.runtime.afd import parse_plan
 
     p = parse_plan(afd, ffn_mesh, micro_batches)
     return Placement(afd=True, attention=p.attention, ffn_ep=p.ffn_ep, ffn_tp=p.ffn_tp,
@@ -218,7 +219,7 @@ def _abstract_mesh(dp=1, tp=1, ep=1):
 def shards(cfg: Step3Config, placement: Placement) -> tuple[Shard, ...]:
     """Every weight's per-device shard under ``placement`` (derived from the declaration and the
     rules table; a split that does not divide its axis is a one-line error)."""
-    from step3_jax.sharding import param_shardings
+    from step3_jax.model.sharding import param_shardings
 
     decl = weights.declare(cfg)
     if placement.afd:
@@ -290,7 +291,7 @@ def moe_layer_bytes(cfg: Step3Config, tokens: int, *, ep: int, tp: int, act: int
         pairs = tokens * k
         routed = pairs * (2 * H + 2 * fe) * act
     else:                                       # XLA:CPU loop: one slot of rows at a time
-        from step3_jax.moe import slot_rows
+        from step3_jax.model.moe import slot_rows
 
         rows = slot_rows(tokens, cfg)
         routed = rows * (2 * H + 2 * fe) * act
@@ -483,7 +484,7 @@ COMPILED_CHECK_MODES = ("auto", "on", "off")
 
 
 def _skip_reason(cfg: Step3Config, placement: Placement) -> str | None:
-    from step3_jax.moe import resolve_impl
+    from step3_jax.model.moe import resolve_impl
 
     branches = len(cfg.moe_layers) * cfg.moe_num_experts
     if (not placement.afd and placement.ep == 1 and resolve_impl(cfg.replace(dtype="float32"))
@@ -538,7 +539,7 @@ def _abstract_layout(tree, cfg: Step3Config, ep: int):
     ``ep == 1``, as ``checkpoint.load`` hands them over)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from step3_jax.moe import resolve_impl
+    from step3_jax.model.moe import resolve_impl
 
     if not (resolve_impl(cfg) == "loop" and ep == 1):
         return tree
@@ -573,10 +574,10 @@ def _colocated_programs(cfg, placement, batch, context, devices) -> list[dict]:
 
     import jax.numpy as jnp
 
-    from step3_jax.cache import K_AXES, V_AXES, KVCache
-    from step3_jax.sharding import make_mesh, named, param_shardings, replicated
+    from step3_jax.model.cache import K_AXES, V_AXES, KVCache
+    from step3_jax.model.sharding import make_mesh, named, param_shardings, replicated
 
-    gen = importlib.import_module("step3_jax.generate")  # the package exports a function of
+    gen = importlib.import_module("step3_jax.runtime.generate")  # the package exports a function of
     mesh = make_mesh(placement.dp, placement.tp, placement.ep, devices=devices)  # that name
     dt = jnp.dtype(cfg.dtype)
     params = _abstract_layout(weights.abstract_params(cfg, param_shardings(cfg, mesh)), cfg,
@@ -619,8 +620,8 @@ def _afd_programs(cfg, placement, batch, context, devices) -> list[dict]:
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-    from step3_jax import afd
-    from step3_jax.sharding import make_mesh, param_shardings
+    from step3_jax.runtime import afd
+    from step3_jax.model.sharding import make_mesh, param_shardings
 
     A = placement.attention
     F = placement.ffn_ep * placement.ffn_tp
@@ -730,7 +731,7 @@ def compiled_check_subprocess(cfg: Step3Config, placement: Placement, *, batch: 
     env["JAX_PLATFORMS"] = "cpu"
     request = json.dumps({"config": _config_json(cfg), "placement": dataclasses.asdict(placement),
                           "batch": batch, "context": context})
-    proc = subprocess.run([sys.executable, "-m", "step3_jax.plan"], input=request, env=env,
+    proc = subprocess.run([sys.executable, "-m", "step3_jax.analysis.plan"], input=request, env=env,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]

@@ -30,11 +30,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from step3_jax.config import Step3Config
-from step3_jax.layers import linear, swiglu
+from step3_jax.model.config import Step3Config
+from step3_jax.model.layers import linear, swiglu
 from step3_jax.errors import ConfigError
-from step3_jax.quant import BLOCK, Fp8Weight, materialize
-from step3_jax.weights import Moe, stack_weight
+from step3_jax.model.quant import BLOCK, Fp8Weight, materialize
+from step3_jax.model.weights import Moe, stack_weight
 
 
 def route(y: jax.Array, router: jax.Array, cfg: Step3Config):

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eos-id", type=int, action="append", default=None, metavar="ID",
                    help="stop token id (repeatable); default: the config's eos_token_id")
     _afd_args(gen)
-    from step3_jax import launch
+    from step3_jax.runtime import launch
 
     launch.add_process_args(gen)
     _common(gen)
@@ -257,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args):
     """The config alone (cheap): flags and ids are checked against it before weights load."""
-    from step3_jax.checkpoint import checkpoint_dir
-    from step3_jax.config import load_config
+    from step3_jax.checkpoint.hub import checkpoint_dir
+    from step3_jax.model.config import load_config
 
     if args.checkpoint is None and args.config is None:
         _default_model(args)
@@ -269,7 +269,7 @@ def _config(args):
 def _default_model(args) -> None:
     """Neither --checkpoint nor --config: the shipped demo model (or, in a checkout where it has
     not been trained, the ``tiny`` preset with random weights)."""
-    from step3_jax import demo
+    from step3_jax.training import demo
 
     if not demo.available():
         args.config = DEFAULT_PRESET
@@ -287,23 +287,23 @@ def _afd_plan(args):
         return None
     if args.mesh:
         raise Step3Error("--afd and --mesh are exclusive (use --ffn-mesh for the FFN group)")
-    from step3_jax import afd
+    from step3_jax.runtime import afd
 
     return afd.parse_plan(args.afd, args.ffn_mesh, args.micro_batches, args.afd_transfer_dtype)
 
 
 def _load(args, plan=None):
     """The weights, each read straight onto its device(s): by ``--mesh``, or by the AFD groups."""
-    from step3_jax.checkpoint import load
+    from step3_jax.checkpoint.hub import load
 
     if args.checkpoint is None:
         log.info("no --checkpoint: config %r with seeded random weights (seed %d)", args.config,
                  args.seed)
-    from step3_jax.sharding import parse_mesh
+    from step3_jax.model.sharding import parse_mesh
 
     placement = {}
     if plan is not None:
-        from step3_jax import afd
+        from step3_jax.runtime import afd
 
         placement = {"shardings": afd.afd_shardings(_config(args), plan),
                      "expert_parallel": plan.ffn_ep}
@@ -314,7 +314,7 @@ def _load(args, plan=None):
 
 
 def _tokenizer(args, what: str):
-    from step3_jax.checkpoint import load_tokenizer
+    from step3_jax.checkpoint.hub import load_tokenizer
 
     tok = load_tokenizer(args.checkpoint)
     if tok is None:
@@ -325,11 +325,11 @@ def _tokenizer(args, what: str):
 
 
 def cmd_generate(args) -> dict:
-    from step3_jax.generate import generate
+    from step3_jax.runtime.generate import generate
 
-    from step3_jax import sampling
-    from step3_jax.checkpoint import load_tokenizer
-    from step3_jax.generate import check_prompts
+    from step3_jax.runtime import sampling
+    from step3_jax.checkpoint.hub import load_tokenizer
+    from step3_jax.runtime.generate import check_prompts
 
     prompts = list(args.prompt_ids)
     if not prompts and not args.prompt:
@@ -338,7 +338,7 @@ def cmd_generate(args) -> dict:
         raise Step3Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling.check(args.temperature, args.top_k, args.top_p)
     if args.mesh:
-        from step3_jax.sharding import parse_mesh
+        from step3_jax.model.sharding import parse_mesh
 
         parse_mesh(args.mesh)  # a bad mesh fails before any weight loads
     cfg = _config(args)
@@ -346,20 +346,20 @@ def cmd_generate(args) -> dict:
     prompts += [tok.encode(text).ids for text in args.prompt]
     check_prompts(prompts, cfg)
     plan = _afd_plan(args)
-    from step3_jax.launch import process_group
+    from step3_jax.runtime.launch import process_group
 
     group = process_group(args, afd=plan is not None)
     knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id)
     if group is not None:  # attention and FFN groups in separate processes
-        from step3_jax import distributed
+        from step3_jax.runtime import distributed
 
         ran = distributed.generate(args, plan, group, prompts, **knobs)
         if ran is None:  # an FFN process: the attention process (0) prints the results
             return None
         results, metrics, cfg = ran
     elif plan is not None:
-        from step3_jax import afd
+        from step3_jax.runtime import afd
 
         params, cfg = _load(args, plan)
         results, metrics = afd.generate(afd.place(params, cfg, plan), prompts, **knobs)
@@ -398,11 +398,11 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_score(args) -> dict:
-    from step3_jax.generate import score
+    from step3_jax.runtime.generate import score
 
     if (args.ids is None) == (args.text is None):
         raise Step3Error("give exactly one of --ids 1,2,3 or --text TEXT")
-    from step3_jax.generate import check_prompts
+    from step3_jax.runtime.generate import check_prompts
 
     cfg = _config(args)
     ids = args.ids if args.ids is not None else _tokenizer(args, "--text").encode(args.text).ids
@@ -412,7 +412,7 @@ def cmd_score(args) -> dict:
     plan = _afd_plan(args)
     params, cfg = _load(args, plan)
     if plan is not None:
-        from step3_jax import afd
+        from step3_jax.runtime import afd
 
         logprobs = afd.score(afd.place(params, cfg, plan), ids)
     else:
@@ -427,8 +427,8 @@ def cmd_score(args) -> dict:
 
 
 def cmd_info(args) -> dict:
-    from step3_jax.config import load_config
-    from step3_jax.weights import count_params
+    from step3_jax.model.config import load_config
+    from step3_jax.model.weights import count_params
 
     cfg = load_config(args.checkpoint or args.config)
     counts = count_params(cfg)
@@ -460,7 +460,7 @@ def cmd_info(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
-    from step3_jax import bench
+    from step3_jax.runtime import bench
 
     for flag in ("batch", "prompt_len", "new_tokens", "repeats"):
         if getattr(args, flag) < 1:
@@ -475,14 +475,14 @@ def cmd_bench(args) -> dict:
     if plan is not None and args.new_tokens < bench.AFD_MIN_NEW_TOKENS:
         raise Step3Error(f"--new-tokens must be >= {bench.AFD_MIN_NEW_TOKENS} with --afd, got "
                          f"{args.new_tokens}")
-    from step3_jax.launch import process_group
+    from step3_jax.runtime.launch import process_group
 
     group = process_group(args, afd=plan is not None)
     run = functools.partial(bench.run, batch=args.batch, prompt_len=args.prompt_len,
                             new_tokens=args.new_tokens, repeats=args.repeats,
                             flush_mb=args.flush_mb, seed=args.seed, log=log.info)
     if group is not None:  # attention and FFN groups in separate processes
-        from step3_jax import distributed
+        from step3_jax.runtime import distributed
 
         session = distributed.start(args, plan, group)
         if session.role == "ffn":  # serves until process 0, which reports, stops it
@@ -494,7 +494,7 @@ def cmd_bench(args) -> dict:
         params, cfg = _load(args, plan)
         model = None
         if plan is not None:
-            from step3_jax import afd
+            from step3_jax.runtime import afd
 
             model = afd.place(params, cfg, plan)
         out = run(params, cfg, afd_model=model)
@@ -523,7 +523,7 @@ def cmd_bench(args) -> dict:
 
 
 def cmd_cost(args) -> dict:
-    from step3_jax import costmodel
+    from step3_jax.analysis import costmodel
 
     out = costmodel.report(args.context)
     if args.plot:
@@ -535,8 +535,8 @@ def cmd_cost(args) -> dict:
 
 
 def cmd_estimate(args) -> dict:
-    from step3_jax.config import load_config
-    from step3_jax.estimate import estimate, format_estimate
+    from step3_jax.model.config import load_config
+    from step3_jax.analysis.estimate import estimate, format_estimate
 
     out = estimate(hardware=args.hardware, afd=args.afd, batch=args.batch, context=args.context,
                    micro_batches=args.micro_batches, attention_dtype=args.attention_dtype,
@@ -547,8 +547,8 @@ def cmd_estimate(args) -> dict:
 
 
 def cmd_plan(args) -> dict:
-    from step3_jax import plan
-    from step3_jax.config import load_config
+    from step3_jax.analysis import plan
+    from step3_jax.model.config import load_config
 
     if args.micro_batches is not None and not args.afd:
         raise Step3Error("--micro-batches needs --afd")
@@ -564,7 +564,7 @@ def cmd_plan(args) -> dict:
 
 
 def cmd_convert(args) -> dict:
-    from step3_jax.convert import convert
+    from step3_jax.checkpoint.convert import convert
 
     out = convert(args.hf, args.out, weights=args.dtype, force=args.force,
                   progress=not args.quiet)
@@ -576,7 +576,7 @@ def cmd_convert(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from step3_jax.convert import export
+    from step3_jax.checkpoint.convert import export
 
     out = export(args.checkpoint, args.out, force=args.force, progress=not args.quiet)
     if not args.json:
@@ -586,7 +586,7 @@ def cmd_export(args) -> dict:
 
 
 def cmd_launch(args) -> int:
-    from step3_jax import launch
+    from step3_jax.runtime import launch
 
     return launch.run(args)
 

@@ -21,7 +21,7 @@ VALIDATION = "validation.txt"
 
 def directory() -> Path:
     """Where the shipped demo checkpoint lives (inside the installed package)."""
-    return Path(__file__).resolve().parent / "demo_model"
+    return Path(__file__).resolve().parent.parent / "demo_model"
 
 
 def available(path: str | Path | None = None) -> bool:
@@ -42,8 +42,8 @@ def validation_samples(path: str | Path, seq_len: int):
     """``(samples [n, 1 + seq_len], lengths [n])``: ``validation.txt`` read back through the
     checkpoint's own ``tokenizer.json`` (so the shipped tokenizer is part of what is measured)
     and split at its ``<|bos|>`` markers (``data.text_samples``)."""
-    from step3_jax import data
-    from step3_jax.checkpoint import load_tokenizer
+    from step3_jax.training import data
+    from step3_jax.checkpoint.hub import load_tokenizer
 
     path = Path(path)
     tok = load_tokenizer(path)
@@ -57,7 +57,7 @@ def validation_perplexity(params, cfg, path: str | Path, seq_len: int,
     """``(mean NLL in nats per token, perplexity)`` of ``params`` on the validation samples."""
     import math
 
-    from step3_jax import train
+    from step3_jax.training import train
 
     samples, lengths = validation_samples(path, seq_len)
     nll = train.mean_nll(params, samples, cfg, lengths, batch)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from step3_jax.config import Step3Config
+from step3_jax.model.config import Step3Config
 
 
 @struct.dataclass

@@ -136,7 +136,7 @@ def quantize_leaf(w: np.ndarray, spec) -> Fp8Weight:
 def quantize_params(params, cfg):
     """Every quantizable weight of ``params`` (canonical stacked layout) as an :class:`Fp8Weight`
     (host arrays); the rest as bfloat16 host arrays."""
-    from step3_jax.weights import declare, is_spec, stack_experts
+    from step3_jax.model.weights import declare, is_spec, stack_experts
 
     def one(spec, value):
         if isinstance(value, Fp8Weight):

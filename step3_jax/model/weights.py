@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from step3_jax.config import Step3Config
+from step3_jax.model.config import Step3Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +283,7 @@ def stack_weight(w):
     """One expert weight's per-expert tuple as the stacked ``[E, ...]`` array (or FP8 node)."""
     if not isinstance(w, tuple):
         return w
-    from step3_jax.quant import Fp8Weight
+    from step3_jax.model.quant import Fp8Weight
 
     if isinstance(w[0], Fp8Weight):
         return Fp8Weight(jnp.stack([x.values for x in w]), jnp.stack([x.scales for x in w]),

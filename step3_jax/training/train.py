@@ -2,7 +2,7 @@
 
 * :func:`loss_fn` ``(params, batch, cfg)`` — mean next-token cross-entropy (nats per token) of
   ``batch [B, T+1]`` over the *real* vocabulary (the ``-inf`` padding logits are sliced off
-  before the softmax), from the same ``model.forward`` inference runs.
+  before the softmax), from the same ``decoder.forward`` inference runs.
 * :func:`train_step` ``(state, batch, cfg, optimizer) -> (state, metrics)`` — pure: gradients,
   then the optax update. :func:`jit_train_step` compiles it with in/out shardings from the same
   rules table as inference (``sharding.param_shardings``; AdamW's moments follow their weight,
@@ -33,11 +33,11 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from step3_jax import model
-from step3_jax.config import Step3Config
+from step3_jax.model import decoder
+from step3_jax.model.config import Step3Config
 from step3_jax.errors import Step3Error
-from step3_jax.sharding import make_mesh, named, param_shardings, replicated
-from step3_jax.weights import Params, declare, init_params, map_specs, stack_experts
+from step3_jax.model.sharding import make_mesh, named, param_shardings, replicated
+from step3_jax.model.weights import Params, declare, init_params, map_specs, stack_experts
 
 
 @struct.dataclass
@@ -82,7 +82,7 @@ def make_optimizer(cfg: Step3Config, *, steps: int, peak_lr: float = 3e-3,
 
 def token_nll(params: Params, batch: jax.Array, cfg: Step3Config) -> jax.Array:
     """``[B, T]`` negative log-likelihood of ``batch[:, 1:]`` given its prefixes (nats)."""
-    logits, _ = model.forward(params, batch[:, :-1], None, cfg)
+    logits, _ = decoder.forward(params, batch[:, :-1], None, cfg)
     logits = logits[..., : cfg.vocab_size]  # drop the -inf vocabulary padding
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
 

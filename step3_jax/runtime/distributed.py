@@ -43,7 +43,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from step3_jax.errors import Step3Error
-from step3_jax.launch import ProcessGroup
+from step3_jax.runtime.launch import ProcessGroup
 
 log = logging.getLogger("step3_jax")
 
@@ -147,7 +147,7 @@ def ffn_part(cfg):
     """A params-shaped tree of bools: True for the weights the FFN group holds (routed experts,
     shared expert, dense FFN), False for the attention group's (embedding, norms, MFA, router,
     LM head)."""
-    from step3_jax.weights import Moe, declare, is_spec
+    from step3_jax.model.weights import Moe, declare, is_spec
 
     decl = declare(cfg)
     to = lambda value: (lambda tree: jax.tree.map(lambda _: value, tree, is_leaf=is_spec))  # noqa
@@ -170,10 +170,10 @@ def load_part(args, plan, devices, role: str):
     """This process's weights only (``--checkpoint``: Hub tensors or orbax arrays of the part
     alone; random weights: the part's leaves, identical to a whole-model init), each straight
     onto its AFD sharding; placed as :func:`afd.place` places them."""
-    from step3_jax import afd
-    from step3_jax.checkpoint import load
-    from step3_jax.config import load_config
-    from step3_jax.checkpoint import checkpoint_dir
+    from step3_jax.runtime import afd
+    from step3_jax.checkpoint.hub import load
+    from step3_jax.model.config import load_config
+    from step3_jax.checkpoint.hub import checkpoint_dir
 
     source = args.config if args.config is not None else checkpoint_dir(args.checkpoint)
     cfg = load_config(source, dtype=args.dtype, moe_impl=args.moe_impl)
@@ -187,7 +187,7 @@ def load_part(args, plan, devices, role: str):
 def place_part(params, cfg, plan, devices, role: str, remote=None):
     """:func:`afd.place` for one side: an :class:`afd.AfdModel` with only this role's weights
     (``attn`` or ``ffn``; the other empty)."""
-    from step3_jax import afd
+    from step3_jax.runtime import afd
 
     attn_mesh, ffn_mesh = afd.group_meshes(plan, devices)
     if role == "attention":
@@ -395,7 +395,7 @@ def serve_ffn(m, transport: Transport, kv: _Kv, group: ProcessGroup) -> int:
     pull every attention shard's inputs, run ``afd._ffn_step`` on the FFN mesh and offer each
     shard's rows of the output back. All work of a pass is dispatched without waiting, so it
     runs as the inputs arrive. Returns the passes served."""
-    from step3_jax import afd
+    from step3_jax.runtime import afd
 
     cfg, plan, mesh = m.cfg, m.plan, m.ffn_mesh
     me = group.process_id
@@ -531,7 +531,7 @@ def generate(args, plan, group: ProcessGroup, prompts, **knobs):
     """``step3-jax generate`` in one process of a multi-process AFD run: process 0 generates
     (``afd.generate`` with the FFN remote) and returns ``(results, metrics, cfg)``, metrics with
     the process layout; an FFN process serves until process 0 stops it and returns None."""
-    from step3_jax import afd
+    from step3_jax.runtime import afd
 
     session = start(args, plan, group)
     if session.role == "ffn":

@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from step3_jax.quant import materialize
+from step3_jax.model.quant import materialize
 
 # Up to this many rows (decode batches; not prefill) XLA:CPU gets the weight-major product below.
 SMALL_ROWS = 256

@@ -55,16 +55,17 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from step3_jax import model, sampling
-from step3_jax.cache import layer_shapes
-from step3_jax.config import Step3Config
+from step3_jax.model import decoder
+from step3_jax.runtime import sampling
+from step3_jax.model.cache import layer_shapes
+from step3_jax.model.config import Step3Config
 from step3_jax.errors import Step3Error
-from step3_jax.generate import (FINISH_REASONS, MIN_PREFILL_BUCKET, GenerationResult, bucket,
+from step3_jax.runtime.generate import (FINISH_REASONS, MIN_PREFILL_BUCKET, GenerationResult, bucket,
                                 check_prompts, shape_buckets)
-from step3_jax.layers import rms_norm
-from step3_jax.moe import resolve_impl, route
-from step3_jax.sharding import axis_sizes, drop_first_axis, make_mesh, param_shardings
-from step3_jax.weights import Moe, Params, stack_moe, unstack_moe
+from step3_jax.model.layers import rms_norm
+from step3_jax.model.moe import resolve_impl, route
+from step3_jax.model.sharding import axis_sizes, drop_first_axis, make_mesh, param_shardings
+from step3_jax.model.weights import Moe, Params, stack_moe, unstack_moe
 
 TRANSFER_DTYPES = ("float8_e4m3fn", "bfloat16", "float32")
 _FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
@@ -251,7 +252,7 @@ def _attention_step(layer, h, f, positions, k_cache, v_cache, slots, key_len, af
         x, _ = jax.lax.optimization_barrier((x, after))
     kv = None if k_cache is None else (k_cache, v_cache, slots, key_len)
     with jax.named_scope("afd_attention"):
-        h, new_kv = model.attention_block(layer, x, positions, kv, cfg)
+        h, new_kv = decoder.attention_block(layer, x, positions, kv, cfg)
         y = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
         routing = route(y, layer.ffn.router, cfg) if layer.ffn is not None else None
     with jax.named_scope("afd_send"):
@@ -276,7 +277,7 @@ def _ffn_step(ffn, pieces, *, cfg):
     if pieces[0][2] is not None:
         routing = tuple(jnp.concatenate([r[i] for _, _, r in pieces]) for i in (0, 1))
     with jax.named_scope("afd_ffn"):
-        out = model.ffn_block(ffn, y, cfg, routing)
+        out = decoder.ffn_block(ffn, y, cfg, routing)
     out = jax.lax.with_sharding_constraint(out, P())  # every FFN device can send any rows back
     return tuple(jnp.split(out, np.cumsum(rows)[:-1].tolist()))
 
@@ -289,7 +290,7 @@ def _embed(embed, tokens):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _logits(attn: Params, h, f, *, cfg):
-    return model.logits_from_hidden(attn, h + f.astype(h.dtype), cfg)
+    return decoder.logits_from_hidden(attn, h + f.astype(h.dtype), cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -299,7 +300,7 @@ def _next_tokens(attn: Params, hs, fs, at, keys, step, temperature, top_k, top_p
     sampling with each row's key."""
     x = jnp.concatenate([h + f.astype(h.dtype) for h, f in zip(hs, fs)])
     x = jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]
-    logits = model.logits_from_hidden(attn, x, cfg)
+    logits = decoder.logits_from_hidden(attn, x, cfg)
     return sampling.sample(logits, keys, step, temperature, top_k, top_p)
 
 
