@@ -7,12 +7,12 @@ The public API:
 * :func:`generate` — batched ragged-prompt generation with a jitted on-device decode loop.
 """
 
-from step3_jax.model.config import Step3Config, load_config
+from step3_jax.checkpoint.loader import load
 from step3_jax.errors import CheckpointError, ConfigError, Step3Error
-from step3_jax.model.decoder import forward
 from step3_jax.model.cache import KVCache, init_cache
+from step3_jax.model.config import Step3Config, load_config
+from step3_jax.model.decoder import forward
 from step3_jax.runtime.generate import GenerationResult, Generator, generate, score
-from step3_jax.checkpoint.hub import load
 
 __all__ = [
     "Step3Config",

@@ -14,9 +14,9 @@ import pytest  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-import reference as ref  # noqa: E402
-
 from step3_jax.model.config import from_hub_dict, presets_dir  # noqa: E402
+
+import reference as ref  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,10 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from step3_jax.runtime import afd
 from step3_jax.errors import Step3Error
-from step3_jax.runtime.generate import generate, score
 from step3_jax.model.weights import Moe
+from step3_jax.runtime import afd, afd_schedule, afd_trace
+from step3_jax.runtime.generate import generate, score
 
 PROMPTS = [[3, 17, 42], [5, 6, 7, 8, 9, 10, 11], [200, 1, 99, 2, 3], [9], [8, 8]]  # batch 5
 
@@ -155,7 +155,7 @@ def test_serial_schedule_measures_no_overlap(tiny_params, tiny_cfg):
 def slow_ffn():
     """tiny with an FFN 64x wider (experts, shared expert and dense FFN of width 2048): the FFN
     stage takes ~1 ms per micro-batch on this machine, attention ~0.1 ms."""
-    from step3_jax.checkpoint.hub import load
+    from step3_jax.checkpoint.loader import load
 
     return load(config="tiny", progress=False, moe_intermediate_size=2048,
                 share_expert_dim=2048, intermediate_size=2048)
@@ -198,7 +198,7 @@ def test_summarize_by_hand():
            iv("attention", 0, 1, 0, 3.5, 4.5, 0.2), iv("attention", 0, 1, 1, 5.0, 6.0, 0.3),
            iv("ffn", 1, 0, 0, 1.5, 3.0, 0.05), iv("ffn", 1, 0, 1, 3.0, 4.0, 0.15),
            iv("ffn", 1, 1, 0, 4.5, 5.5, 0.25), iv("ffn", 1, 1, 1, 6.2, 7.0, 6.1)]
-    got, waits = afd.summarize(ivs, layers=2)
+    got, waits = afd_trace.summarize(ivs, layers=2)
     # Busy: attention [0,2] [3.5,4.5] [5,6] = 4 s; FFN [1.5,4] [4.5,5.5] [6.2,7] = 4.3 s; 7 s.
     assert got["step_ms"] == pytest.approx(7000)
     assert got["bubble_fraction"] == pytest.approx(1 - 8.3 / 14)
@@ -213,7 +213,7 @@ def test_summarize_by_hand():
         ("a2f", 0, 0), ("a2f", 1, 1), ("f2a", 1, 0), ("f2a", 1, 1)]
     # Lockstep: A(1,0) also waits for F(0,1) (ends 4.0) and A(1,1) for F(1,0) (5.5), so both
     # started before they were ready by that count: no F->A wait is left.
-    got, _ = afd.summarize(ivs, layers=2, lockstep=True)
+    got, _ = afd_trace.summarize(ivs, layers=2, lockstep=True)
     assert got["transfer_ms_per_layer"] == pytest.approx(1e3 * (0.5 + 0.1) / 2)
 
 
@@ -234,13 +234,13 @@ def test_kv_cache_is_donated_and_stays_on_the_attention_group(tiny_params, tiny_
     cfg = tiny_cfg
     m = afd.place(tiny_params, cfg, afd.parse_plan("2:2", micro_batches=2))
     capacity, r = 64, 2
-    mbs = [[afd._Shard(a, m.attn_devices[a], slice((2 * j + a) * r, (2 * j + a + 1) * r))
+    mbs = [[afd_schedule.Shard(a, m.attn_devices[a], slice((2 * j + a) * r, (2 * j + a + 1) * r))
             for a in range(2)] for j in range(2)]
     tokens = np.arange(8 * 5, dtype=np.int32).reshape(8, 5) % cfg.vocab_size
 
     def run(feed):
         before = [x for shards in mbs for sh in shards for x in sh.k + sh.v]
-        afd._stack_pass(m, mbs, [[feed(sh) for sh in shards] for shards in mbs])
+        afd_schedule.stack_pass(m, mbs, [[feed(sh) for sh in shards] for shards in mbs])
         after = [x for shards in mbs for sh in shards for x in sh.k + sh.v]
         assert all(x.is_deleted() for x in before)
         assert not any(x.is_deleted() for x in after)
@@ -253,12 +253,13 @@ def test_kv_cache_is_donated_and_stays_on_the_attention_group(tiny_params, tiny_
 
     for shards in mbs:
         for sh in shards:
-            afd._new_cache(cfg, sh, capacity)
+            afd_schedule.new_cache(cfg, sh, capacity)
     five = np.full(r, 5, np.int32)
     run(lambda sh: {"tokens": tokens[sh.rows], "positions": np.tile(np.arange(5), (r, 1)),
-                    "slots": afd._slots(np.zeros(r, np.int32), five, 5, capacity)})  # prefill
+                    # prefill
+                    "slots": afd_schedule.slots(np.zeros(r, np.int32), five, 5, capacity)})
     run(lambda sh: {"tokens": tokens[sh.rows, :1], "positions": np.full((r, 1), 5),
-                    "slots": afd._slots(five, np.ones(r, np.int32), 1, capacity),
+                    "slots": afd_schedule.slots(five, np.ones(r, np.int32), 1, capacity),
                     "key_len": five + 1})  # a decode step
 
 
@@ -270,12 +271,12 @@ def test_pass_tail_covers_every_ffn_device(tiny_params, tiny_cfg):
     copies of them."""
     m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("2:2", micro_batches=2))
     r = 2
-    mbs = [[afd._Shard(a, m.attn_devices[a], slice((2 * j + a) * r, (2 * j + a + 1) * r))
+    mbs = [[afd_schedule.Shard(a, m.attn_devices[a], slice((2 * j + a) * r, (2 * j + a + 1) * r))
             for a in range(2)] for j in range(2)]
     tokens = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
     feeds = [[{"tokens": tokens[sh.rows], "positions": np.tile(np.arange(3), (r, 1))}
               for sh in shards] for shards in mbs]
-    state, tail = afd._stack_pass(m, mbs, feeds, "pipelined")
+    state, tail = afd_schedule.stack_pass(m, mbs, feeds, "pipelined")
     assert len(tail) == len(mbs)
     assert all(o.sharding.device_set == set(m.ffn_devices) for outs in tail for o in outs)
     for j, shards in enumerate(mbs):
@@ -297,7 +298,7 @@ def test_attention_step_aliases_the_cache(tiny_params, tiny_cfg):
     k, v = (jax.ShapeDtypeStruct(s, jnp.float32) for s in (k_shape, v_shape))
     h = jax.ShapeDtypeStruct((rows, 1, tiny_cfg.hidden_size), jnp.float32)
     ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-    compiled = afd._attention_step.lower(
+    compiled = afd_schedule.attention_step.lower(
         m.local[0].layers[1], h, h, ints(rows, 1), k, v, ints(rows, 1), ints(rows),
         cfg=tiny_cfg, transfer="float8_e4m3fn").compile()
     assert compiled.memory_analysis().alias_size_in_bytes == 2 * rows * capacity * 16 * 4
@@ -317,9 +318,9 @@ COLOCATED_BENCH_KEYS = {"config", "dtype", "batch", "prompt_len", "new_tokens", 
 def test_bench_cli_afd_json(capsys):
     import json
 
-    from step3_jax.runtime import bench
     from step3_jax.cli import app as cli
     from step3_jax.model.config import load_config
+    from step3_jax.runtime import bench
 
     code = cli.main(["bench", "--config", "tiny", "--afd", "2:2", "--micro-batches", "2",
                      "--batch", "3", "--prompt-len", "5", "--new-tokens", "4", "--repeats", "1",

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from step3_jax.runtime import bench
 from step3_jax.cli import app as cli
 from step3_jax.model.config import load_config
+from step3_jax.runtime import bench
 
 
 def test_expected_distinct_experts():

@@ -6,11 +6,13 @@ import logging
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import write_hub_checkpoint
 
-from step3_jax.checkpoint.hub import load, load_hub, to_hub
+from step3_jax.checkpoint.hub import load_hub, to_hub
+from step3_jax.checkpoint.loader import load
 from step3_jax.errors import CheckpointError
 from step3_jax.model.weights import stack_experts, unstack_experts
+
+from conftest import write_hub_checkpoint
 
 
 def _leaves_equal(a, b):

@@ -10,10 +10,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_cli
 
 from step3_jax.cli import app as cli
 from step3_jax.runtime.generate import generate, score
+
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from step3_jax.model.config import from_hub_dict, load_config
 from step3_jax.errors import ConfigError
+from step3_jax.model.config import from_hub_dict, load_config
 from step3_jax.model.weights import Mlp, Moe, count_params, declare
 
 

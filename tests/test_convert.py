@@ -1,7 +1,7 @@
 """Conversion: Hub (bf16 / block-FP8) -> orbax store -> Hub, FP8 dequantization, sharded restore.
 
 The FP8 reference here is written from ``shared/spec/model.md`` §3 with explicit block loops,
-independently of ``step3_jax.quant``: ``w[r, c] = fp8[r, c] * scale[r // 128, c // 128]``.
+independently of ``step3_jax.model.quant``: ``w[r, c] = fp8[r, c] * scale[r // 128, c // 128]``.
 """
 
 import json
@@ -12,19 +12,21 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import run_cli, write_hub_checkpoint
 from safetensors.numpy import load_file
 
-from step3_jax.runtime import afd
-from step3_jax.model import quant
 from step3_jax.checkpoint import store
-from step3_jax.checkpoint.hub import HubReader, load
 from step3_jax.checkpoint.convert import convert, export
+from step3_jax.checkpoint.hub import HubReader
+from step3_jax.checkpoint.loader import load
 from step3_jax.errors import CheckpointError
-from step3_jax.runtime.generate import generate
+from step3_jax.model import quant
 from step3_jax.model.decoder import forward
 from step3_jax.model.sharding import parse_mesh
 from step3_jax.model.weights import stack_experts
+from step3_jax.runtime import afd
+from step3_jax.runtime.generate import generate
+
+from conftest import run_cli, write_hub_checkpoint
 
 TOKENS = jnp.array([[1, 5, 9, 2, 7, 3]])
 

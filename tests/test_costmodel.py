@@ -10,14 +10,14 @@ import math
 import sys
 
 import pytest
-from conftest import run_cli
 
-from step3_jax.cli import app as cli
-from step3_jax.analysis import costmodel
-from step3_jax.analysis import estimate as est
-from step3_jax.model.config import load_config, presets_dir
+from step3_jax.analysis import costmodel, estimate as est
 from step3_jax.analysis.paper_tables import HARDWARE, MODEL_NAMES
+from step3_jax.cli import app as cli
+from step3_jax.model.config import load_config, presets_dir
 from step3_jax.model.weights import count_params
+
+from conftest import run_cli
 
 # paper.md §3 targets: KV @8K, attn @8K, KV @32K, attn @32K, linear, FFN (bytes; FLOPs).
 PAPER_TABLES_2_3 = {

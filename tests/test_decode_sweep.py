@@ -16,7 +16,8 @@ from conftest import ROOT
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_decode as bd  # noqa: E402
 
-from step3_jax.runtime import bench, generate  # noqa: E402
+from step3_jax.runtime import bench  # noqa: E402
+from step3_jax.runtime.generate import generate  # noqa: E402
 
 
 def _row(context, batch, mbu, ratio=None):
@@ -136,6 +137,7 @@ def peer_setup():
     pytest.importorskip("torch", reason="torch is benchmark-only (pip install -e '.[peer]'); "
                                         "the peer tests need it")
     import bench_peer as bp
+
     import step3_jax
 
     params, cfg = step3_jax.load(config="tiny", seed=0, progress=False)

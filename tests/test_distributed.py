@@ -18,13 +18,10 @@ import jax
 import numpy as np
 import pytest
 
-from step3_jax.runtime import afd
-from step3_jax.checkpoint import hub as checkpoint
-from step3_jax.runtime import distributed
-from step3_jax.runtime import launch
-from step3_jax.checkpoint import store
+from step3_jax.checkpoint import hub, loader, store
 from step3_jax.errors import Step3Error
 from step3_jax.model.weights import Moe
+from step3_jax.runtime import afd, distributed, launch, transport
 
 from conftest import run_cli
 
@@ -330,12 +327,12 @@ def test_each_process_reads_only_its_part(monkeypatch, hub_dir, store_dir, tiny_
     config = None
     plan = afd.parse_plan("2:2", transfer_dtype="float32")
     shardings = afd.afd_shardings(tiny_cfg, plan)
-    whole, _ = checkpoint.load(directory, config, progress=False, shardings=shardings,
+    whole, _ = loader.load(directory, config, progress=False, shardings=shardings,
                                expert_parallel=plan.ffn_ep)
     whole = dict(jax.tree_util.tree_flatten_with_path(whole)[0])
     hub_read, orbax_read = [], []
-    real_read, real_subset = checkpoint.HubReader.read, store._restore_subset
-    monkeypatch.setattr(checkpoint.HubReader, "read",
+    real_read, real_subset = hub.HubReader.read, store._restore_subset
+    monkeypatch.setattr(hub.HubReader, "read",
                         lambda self, name: hub_read.append(name) or real_read(self, name))
 
     def subset(path, target, options):
@@ -347,7 +344,7 @@ def test_each_process_reads_only_its_part(monkeypatch, hub_dir, store_dir, tiny_
     seen = {}
     for role in ("attention", "ffn"):
         hub_read.clear(), orbax_read.clear()
-        params, _ = checkpoint.load(directory, config, progress=False, shardings=shardings,
+        params, _ = loader.load(directory, config, progress=False, shardings=shardings,
                                     expert_parallel=plan.ffn_ep,
                                     keep=distributed.part(tiny_cfg, role))
         leaves = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -410,7 +407,7 @@ def test_transport_round_trip_and_watchdog():
     tripped = threading.Event()
     messages = []
     group = launch.ProcessGroup("127.0.0.1:1", 2, 0)
-    t = distributed.Transport(_DictKv(), group, timeout=1.0,
+    t = transport.Transport(_DictKv(), group, timeout=1.0,
                               on_timeout=lambda m: (messages.append(m), tripped.set()))
     try:
         devices = jax.devices()

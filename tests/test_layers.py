@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import reference as ref
 from step3_jax.model import attention
 from step3_jax.model.layers import rms_norm, rope, swiglu
 from step3_jax.model.moe import route, routed_experts, slot_rows
+
+import reference as ref
 
 ATOL = 1e-4
 

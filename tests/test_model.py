@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import reference as ref
+from step3_jax.errors import Step3Error
 from step3_jax.model import decoder
 from step3_jax.model.cache import init_cache
-from step3_jax.errors import Step3Error
 from step3_jax.runtime.generate import Generator, generate
+
+import reference as ref
 
 # float32 vs the float64 reference through 4 layers: observed ~2e-6 on logits of size ~3.
 ATOL = 2e-4
@@ -172,7 +173,7 @@ def test_buckets_bound_the_padding():
 
 def test_tensor_parallel_weights_generate_the_same_tokens(hub_dir, tiny_params, tiny_cfg):
     """Weights placed by the rules table on a tp=2 mesh: the decode loop follows their mesh."""
-    from step3_jax.checkpoint.hub import load
+    from step3_jax.checkpoint.loader import load
     from step3_jax.model.sharding import make_mesh
 
     mesh = make_mesh(tp=2)

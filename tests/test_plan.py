@@ -8,11 +8,12 @@ The expected numbers below are written out from the configs' dimensions, not fro
 import json
 
 import pytest
-from conftest import run_cli
 
-from step3_jax.analysis import plan
-from step3_jax.model.config import load_config
+from step3_jax.analysis import compiled, deployment, plan
 from step3_jax.errors import Step3Error
+from step3_jax.model.config import load_config
+
+from conftest import run_cli
 
 # tiny, per layer: q_proj 64x32, k_proj and v_proj 64x16, wq 32x4x16, o_proj 4x16x64
 MFA = 64 * 32 + 2 * 64 * 16 + 32 * 4 * 16 + 4 * 16 * 64          # 10,240 per layer
@@ -32,14 +33,14 @@ def tiny():
 def test_parameter_total_matches_the_config(tiny):
     total = 4 * MFA + NORMS + 2 * DENSE + 2 * (ROUTER + EXPERTS + SHARED) + 2 * VOCAB
     assert total == 222_912  # the README's "222K" (with the vocabulary padding)
-    doc = plan.plan(tiny, plan.Placement(), batch=1, context=1, weights_format="bf16",
+    doc = plan.plan(tiny, deployment.Placement(), batch=1, context=1, weights_format="bf16",
                     kv_dtype="bf16")
     assert doc["breakdown"]["colocated"]["weights"]["total"] == 2 * total
 
 
 def test_afd_fp8_by_hand(tiny):
     """AFD 2:2 (FFN ep=2), FP8 weights and KV, batch 12 at context 256 in 3 micro-batches."""
-    doc = plan.plan(tiny, plan.parse_placement("2:2"), batch=12, context=256,
+    doc = plan.plan(tiny, deployment.parse_placement("2:2"), batch=12, context=256,
                     weights_format="fp8", kv_dtype="fp8")
     a, f = doc["breakdown"]["attention"], doc["breakdown"]["ffn"]
     # Attention devices hold their weights whole. Each MFA matrix fits one 128x128 block:
@@ -64,7 +65,7 @@ def test_afd_fp8_by_hand(tiny):
 def test_colocated_mesh_by_hand(tiny):
     """dp=2, tp=2, ep=2, BF16: tp splits heads, the vocabulary and every FFN width, ep the
     experts (and the router's expert axis); q_proj, k/v and the norms stay whole."""
-    doc = plan.plan(tiny, plan.parse_placement(mesh="dp=2,tp=2,ep=2"), batch=8, context=128,
+    doc = plan.plan(tiny, deployment.parse_placement(mesh="dp=2,tp=2,ep=2"), batch=8, context=128,
                     weights_format="bf16", kv_dtype="bf16")
     c = doc["breakdown"]["colocated"]
     mfa = 64 * 32 + 2 * 64 * 16 + 32 * 4 * 16 // 2 + 4 * 16 * 64 // 2
@@ -80,7 +81,7 @@ def test_colocated_mesh_by_hand(tiny):
 
 def test_activations_by_hand(tiny):
     """One device, 2 sequences at context 64, BF16 activations, the ragged kernel."""
-    acts = plan.activations(tiny, plan.Placement(), 2, 64, act=2, kernel="ragged",
+    acts = plan.activations(tiny, deployment.Placement(), 2, 64, act=2, kernel="ragged",
                             weight_bytes_per_value=1)["colocated"]
     b = 2
     attention = b * 4 * 64 * (3 * 4 + 2) + b * (32 + 2 * 4 * 16 + 2 * 16 + 64) * 2
@@ -95,7 +96,7 @@ def test_activations_by_hand(tiny):
 
 def test_paper_2a2f_by_hand():
     """The full model on the paper's 2A2F: 16 + 16 devices, FP8, 6144 sequences at 4K."""
-    doc = plan.plan(load_config("step3"), plan.parse_placement("2A2F"), batch=6144,
+    doc = plan.plan(load_config("step3"), deployment.parse_placement("2A2F"), batch=6144,
                     context=4096, weights_format="fp8", kv_dtype="fp8")
     a, f = doc["breakdown"]["attention"], doc["breakdown"]["ffn"]
     H, L = 7168, 61
@@ -108,15 +109,15 @@ def test_paper_2a2f_by_hand():
     assert f["weights"]["routed_experts"] == 56 * 3 * 3 * H * 5120   # 3 of 48 experts each
     assert f["weights"]["shared_expert"] == 56 * 3 * H * 5120       # whole (tp=1)
     assert doc["fits"] and 0.75 < doc["attention_device_bytes"] / 80e9 < 0.85
-    # The LM head samples a device's 3 micro-batches at once (afd._next_tokens): 384 rows.
-    acts = plan.activations(load_config("step3"), plan.parse_placement("2A2F"), 6144, 4096,
+    # The LM head samples a device's 3 micro-batches at once (afd_schedule.next_tokens): 384 rows.
+    acts = plan.activations(load_config("step3"), deployment.parse_placement("2A2F"), 6144, 4096,
                             act=2, kernel="loop", weight_bytes_per_value=1)["attention"]
     assert acts["lm_head_and_sampling"] == 384 * H * 2 + 7 * 384 * 128_896 * 4
 
 
 def test_max_batch_is_the_boundary(tiny):
     kw = dict(weights_format="bf16", kv_dtype="bf16")
-    placement = plan.parse_placement("2:2")
+    placement = deployment.parse_placement("2:2")
     memory = plan.plan(tiny, placement, batch=60, context=512, **kw)["attention_device_bytes"]
     best = plan.max_batch(tiny, placement, context=512, device_memory=memory, **kw)
     assert best >= 60
@@ -129,7 +130,7 @@ def test_max_batch_is_the_boundary(tiny):
                                            ("1.5 TB", 1.5e12), ("85899345920", 85899345920),
                                            ("512MiB", 512 * 2**20)])
 def test_parse_bytes(text, expected):
-    assert plan.parse_bytes(text) == expected
+    assert deployment.parse_bytes(text) == expected
 
 
 # ----- against the compiled memory analysis -------------------------------------------------------
@@ -149,8 +150,8 @@ def _scores(b, heads, context):
 
 
 def test_compiled_colocated_decode_loop(tiny):
-    placement = plan.parse_placement(mesh="dp=2,tp=2,ep=2")
-    out = plan.compiled_check(tiny, placement, batch=64, context=512)
+    placement = deployment.parse_placement(mesh="dp=2,tp=2,ep=2")
+    out = compiled.compiled_check(tiny, placement, batch=64, context=512)
     (p,) = out["programs"]
     assert p["compiled"]["arguments"] == p["plan"]["arguments"]
     assert p["compiled"]["aliased"] > plan.plan(
@@ -161,13 +162,13 @@ def test_compiled_colocated_decode_loop(tiny):
 
 
 def test_compiled_afd_programs(tiny):
-    placement = plan.parse_placement("4:4", ffn_mesh="ep=2,tp=2")
-    out = plan.compiled_check(tiny, placement, batch=96, context=512)
+    placement = deployment.parse_placement("4:4", ffn_mesh="ep=2,tp=2")
+    out = compiled.compiled_check(tiny, placement, batch=96, context=512)
     assert out["devices"] == 8
     names = [p["program"] for p in out["programs"]]
     assert names == ["attention step (MoE layer 1)", "FFN step (MoE layer 1)",
                      "attention step (dense layer 0)", "FFN step (dense layer 0)",
-                     "LM head and sampling (afd._next_tokens)"]
+                     "LM head and sampling (afd_schedule.next_tokens)"]
     for p in out["programs"]:
         assert p["compiled"]["arguments"] == p["plan"]["arguments"], p["program"]
         temps = p["compiled"]["temps"]
@@ -254,8 +255,9 @@ def test_cli_errors(capsys, argv, message):
 
 def test_library_errors(tiny):
     with pytest.raises(Step3Error, match="--compiled-check"):
-        plan.run(tiny, plan.Placement(), batch=1, context=8, weights_format="fp8",
-                 kv_dtype="fp8", device_memory=10**9, compiled="maybe")
+        compiled.plan_document(tiny, deployment.Placement(), batch=1, context=8,
+                               weights_format="fp8", kv_dtype="fp8", device_memory=10**9,
+                               compiled="maybe")
 
 
 def test_auto_skips_only_the_slow_colocated_compile(capsys):

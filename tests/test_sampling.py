@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from step3_jax.runtime import sampling
 from step3_jax.errors import Step3Error
+from step3_jax.runtime import sampling
 from step3_jax.runtime.generate import generate
 
 V = 100

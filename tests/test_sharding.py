@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from step3_jax.checkpoint.hub import load
+from step3_jax.checkpoint.loader import load
 from step3_jax.errors import Step3Error
-from step3_jax.runtime.generate import generate, score
 from step3_jax.model.sharding import logical_to_spec, make_mesh, parse_mesh
+from step3_jax.runtime.generate import generate, score
 
 PROMPTS = [[3, 17, 42], [5, 6, 7, 8, 9, 10, 11], [200, 1, 99, 2, 3]]  # 3: divisible by no dp > 1
 

@@ -9,16 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import run_cli
 
-import reference as ref
-from step3_jax.training import data
-from step3_jax.training import demo
-from step3_jax.training import train
 from step3_jax.errors import Step3Error
 from step3_jax.model.moe import route, routed_experts
 from step3_jax.model.sharding import make_mesh
 from step3_jax.model.weights import Moe, init_params, unstack_experts
+from step3_jax.training import data, demo, train
+
+import reference as ref
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")

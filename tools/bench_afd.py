@@ -17,7 +17,7 @@ then AFD ``A:F`` with 1..4 micro-batches under two schedules, interleaved run by
 Per setting: the decode step time (median and minimum over the runs of each run's median
 unprofiled step; the minimum is the least disturbed by other jobs on a shared machine),
 the cores this process kept busy over a whole generate call (CPU time / wall time),
-and from a ``jax.profiler`` trace of one step (``afd.device_intervals``: per-device execution
+and from a ``jax.profiler`` trace of one step (``afd_trace.device_intervals``: per-device execution
 events the XLA:CPU runtime records) the per-layer attention / FFN / transfer times, bubble
 fraction and how long both groups were busy at once; the bytes each way per layer beside the
 paper's 2A2F example. If the pipelined step is not faster than the lockstep one, the overlap
@@ -30,7 +30,7 @@ threading in XLA's Eigen kernels), so each group's programs use fewer cores at o
     python tools/bench_afd.py --config bench --png docs/afd_trace.png --json
 
 ``--runtime-rules`` instead measures the two XLA:CPU behaviours the schedule is built around
-(see ``step3_jax/afd.py``).
+(see ``step3_jax/runtime/afd_schedule.py``).
 """
 
 from __future__ import annotations
@@ -93,16 +93,18 @@ def draw(panels: list[tuple[str, list[dict]]], path: str, title: str) -> None:
 
 
 def runtime_rules(jax, afd) -> dict:
-    """The two XLA:CPU behaviours ``afd.py``'s schedule is built around, measured here.
+    """The two XLA:CPU behaviours ``afd_schedule.py``'s schedule is built around, measured here.
 
     1. Two 2-device programs on disjoint device pairs, dispatched back to back: when does the
        second start (per-device launches from a trace)? Then two single-device programs.
     2. How long ``jax.device_put`` takes to return when its source is still being computed
        (~0.1-0.2 s of matmuls), for each kind of source and target layout.
     """
-    import numpy as np
     import jax.numpy as jnp
+    import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from step3_jax.runtime import afd_trace
 
     devs = jax.devices()
     mesh_a, mesh_f = Mesh(np.array(devs[:2]), ("d",)), Mesh(np.array(devs[2:4]), ("d",))
@@ -120,7 +122,7 @@ def runtime_rules(jax, afd) -> dict:
     out = {}
     for name, args in (("two 2-device programs", (xa, xf)), ("two 1-device programs", (x0, x2))):
         jax.block_until_ready([work(x) for x in args])  # compile
-        _, trace = afd.traced(lambda: [work(x) for x in args])
+        _, trace = afd_trace.traced(lambda: [work(x) for x in args])
         spans = {}
         for plane in trace.planes:
             for line in plane.lines:
@@ -185,11 +187,11 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from step3_jax.runtime import afd
-    from step3_jax.checkpoint.hub import load
+    from step3_jax.checkpoint.loader import load
     from step3_jax.model.config import load_config
-    from step3_jax.runtime.generate import Generator
     from step3_jax.model.sharding import parse_mesh
+    from step3_jax.runtime import afd, afd_schedule
+    from step3_jax.runtime.generate import Generator
 
     if args.runtime_rules:
         rules = runtime_rules(jax, afd)
@@ -231,12 +233,13 @@ def main(argv=None) -> int:
     for mb in [int(x) for x in args.micro_batches.split(",")]:
         plan = afd.parse_plan(args.afd, args.ffn_mesh, mb, args.transfer_dtype)
         model = afd.place(params, cfg, plan)  # already on the groups: nothing moves
-        for schedule in afd.SCHEDULES:  # compile both before timing
+        for schedule in afd_schedule.SCHEDULES:  # compile both before timing
             afd.generate(model, prompts, max_new_tokens=3, eos_ids=[], schedule=schedule,
                          profile=False)
-        got = {s: [] for s in afd.SCHEDULES}
+        got = {s: [] for s in afd_schedule.SCHEDULES}
         for _ in range(args.repeats):
-            for schedule in afd.SCHEDULES:  # interleaved: drift on a shared machine hits both
+            # interleaved: drift on a shared machine hits both
+            for schedule in afd_schedule.SCHEDULES:
                 wall, cpu = time.perf_counter(), time.process_time()
                 _, met = afd.generate(model, prompts, max_new_tokens=args.new_tokens,
                                       eos_ids=[], schedule=schedule, keep_timeline=True)
@@ -273,7 +276,7 @@ def main(argv=None) -> int:
     top = args.plot_micro_batches or (max(mb for mb, _ in traces) if traces else None)
     if args.png and top is not None:
         panels = [(f"{s}: decode step traced (per-device launches from jax.profiler)",
-                   traces[(top, s)]) for s in afd.SCHEDULES if (top, s) in traces]
+                   traces[(top, s)]) for s in afd_schedule.SCHEDULES if (top, s) in traces]
         draw(panels, args.png, f"AFD {args.afd}, {top} micro-batches, {cfg.name} "
                                f"({cfg.num_hidden_layers} layers), batch {args.batch}")
         log(f"trace plot written to {args.png}")

@@ -88,7 +88,7 @@ def write_checkpoint(directory: Path, raw: dict, seed: int = 0) -> int:
 
 # What every conversion process holds before it reads a byte: Python, JAX with its CPU client,
 # orbax and tensorstore, and the package.
-BASELINE = ("import jax, jax.numpy as jnp, orbax.checkpoint, step3_jax.convert; "
+BASELINE = ("import jax, jax.numpy as jnp, orbax.checkpoint, step3_jax.checkpoint.convert; "
             "jnp.zeros(1).block_until_ready()")
 
 

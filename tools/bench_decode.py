@@ -4,9 +4,9 @@
 For each (context, batch), measured in the same run and interleaved, because other jobs share
 this machine and its bandwidth drifts (only ratios within one point are meaningful):
 
-1. the roofline: ``step3_jax.bench.roofline`` (a float32 ``[1, 8192] @ [8192, 8192]`` matvec),
+1. the roofline: ``step3_jax.runtime.bench.roofline`` (a float32 ``[1, 8192] @ [8192, 8192]`` matvec),
    before and after the point; the point uses their mean and reports the drift;
-2. ours: the ``step3_jax.generate`` decode loop (the jitted ``while_loop`` with the donated cache
+2. ours: the ``step3_jax.runtime.generate`` decode loop (the jitted ``while_loop`` with the donated cache
    that ``step3-jax generate`` runs), greedy, ``--new-tokens`` steps; step = run time / steps;
 3. the peer (``tools/bench_peer.py``): the same steps in eager PyTorch, each step timed; step =
    median over the steps. Runs of ours and of the peer alternate (``--repeats`` each).
@@ -18,7 +18,7 @@ prefix, each with its own continuation, so the rows route to different experts (
 them). Distinct prompts would need ``B x context`` prefill tokens — 262k tokens and a 68 GB score
 tensor at batch 64, context 4096, hours on two cores — and decode the same way.
 
-Bytes per step (what the batch *must* read): ``step3_jax.bench.bytes_per_step`` with the KV cache
+Bytes per step (what the batch *must* read): ``step3_jax.runtime.bench.bytes_per_step`` with the KV cache
 at its mean length over the decode (``context + (new_tokens + 1) / 2`` positions, not the
 capacity our attention reads: ``generate.shape_buckets``, up to 12.5% more) and the routed experts at the distinct count the peer measured (the
 uniform-routing expectation when the peer is off). Roofline tokens/s = batch x peak bandwidth /
@@ -57,10 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import step3_jax  # noqa: E402
 from step3_jax.model import decoder  # noqa: E402
+from step3_jax.model.cache import KVCache  # noqa: E402
 from step3_jax.runtime import bench  # noqa: E402
 from step3_jax.runtime.bench import cpu_model, csv_ints, loadavg  # noqa: E402
 from step3_jax.runtime.generate import Generator, _decode, _LoopState, shape_buckets  # noqa: E402
-from step3_jax.model.cache import KVCache  # noqa: E402
 
 TARGETS = {"mbu_batch1": 0.70, "roofline_batch16": 0.60, "peer_speedup": 1.5}
 TARGET_CONTEXT, TARGET_NEW_TOKENS = 128, 32

@@ -6,7 +6,7 @@ FFN, attention projections, LM head) and each row count (decode batches 1-64; pr
 times three jitted forms of ``y = x W`` over the same float32 values:
 
 * ``in_out``: ``x @ w`` with ``w [in, out]`` (the layout step3-jax used before this benchmark);
-* ``out_in``: ``step3_jax.layers.linear(x, w)`` with ``w [out, in]`` (the Hub layout, what the
+* ``out_in``: ``step3_jax.model.layers.linear(x, w)`` with ``w [out, in]`` (the Hub layout, what the
   model uses now): below ``layers.SMALL_ROWS`` rows ``(w @ xᵀ)ᵀ`` with an optimization barrier
   before the transpose, else a plain ``tensordot``;
 * ``out_in_folded``: ``x @ w.T`` with ``w [out, in]`` and no barrier (XLA folds the transpose
@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from step3_jax.runtime.bench import ROOFLINE_N, Flusher, cpu_model, csv_ints, roofline, time_fn
 from step3_jax.model.config import load_config
 from step3_jax.model.layers import linear
+from step3_jax.runtime.bench import ROOFLINE_N, Flusher, cpu_model, csv_ints, roofline, time_fn
 
 FORMS = ("in_out", "out_in", "out_in_folded")
 

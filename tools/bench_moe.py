@@ -6,8 +6,8 @@ Everything is measured in one run, so the figures share one machine state:
 1. Roofline: median time of a jitted float32 ``[1, 8192] @ [8192, 8192]`` matvec, giving the GB/s
    of weight read that a batch-1 decode can hope for.
 2. For each batch size and each expert kernel (``cfg.moe_impl``: ``loop`` for XLA:CPU,
-   ``ragged`` for GPU/TPU): median wall time of a jitted ``step3_jax.moe.routed_experts`` with the
-   routing computed once outside the timed function (``step3_jax.moe.route`` with a random router),
+   ``ragged`` for GPU/TPU): median wall time of a jitted ``step3_jax.model.moe.routed_experts`` with the
+   routing computed once outside the timed function (``step3_jax.model.moe.route`` with a random router),
    the bytes of the *distinct* experts the batch touches (gate + up + down, ``H * Fe`` each),
    the ideal time ``bytes / roofline`` and the fraction of roofline ``ideal / measured``.
 3. Expert doubling: the loop kernel at batch 1 with ``E`` and ``2E`` experts (same top-k), whose
@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from step3_jax.runtime.bench import Flusher, cpu_model, csv_ints, loadavg, roofline, time_fn
 from step3_jax.model.config import load_config
 from step3_jax.model.moe import route, routed_experts
 from step3_jax.model.weights import Mlp, Moe
+from step3_jax.runtime.bench import Flusher, cpu_model, csv_ints, loadavg, roofline, time_fn
 
 # "loop" runs on the per-expert layout the model loads on CPU (weights.unstack_experts);
 # "loop_stacked" is the same kernel on stacked [E, ...] experts, to show what the layout buys.

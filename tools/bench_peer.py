@@ -269,7 +269,7 @@ def _scaled_err(peer_logits: np.ndarray, ours: np.ndarray) -> float:
 def verify(peer: Peer, params, cfg, prompts, new_tokens: int = 4, tol: float = LOGIT_TOL) -> dict:
     """Check the peer against our model on ``prompts`` (equal lengths) and raise on a mismatch.
 
-    Ours: greedy tokens from ``step3_jax.generate`` (the prefill and decode loop we time), and
+    Ours: greedy tokens from ``step3_jax.runtime.generate`` (the prefill and decode loop we time), and
     logits from one full causal ``step3_jax.forward`` over prompt + those tokens. The peer:
     prefill of the prompt (logits at every position), then ``new_tokens - 1`` decode steps through
     its concatenated cache fed with our tokens; each step's logits must match ours and its argmax
@@ -278,8 +278,7 @@ def verify(peer: Peer, params, cfg, prompts, new_tokens: int = 4, tol: float = L
     import jax
     import jax.numpy as jnp
 
-    from step3_jax import forward
-    from step3_jax.runtime import generate
+    from step3_jax import forward, generate
 
     prompts = np.asarray(prompts, np.int64)
     batch, plen = prompts.shape

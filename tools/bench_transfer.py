@@ -8,7 +8,7 @@ from a config (default ``step3``: H = 7168, top-3), no weights:
 * within one process: ``jax.device_put`` from an attention device to an FFN device and back
   (what single-process ``--afd`` does per attention device);
 * across processes: two JAX processes (``jax.distributed`` on loopback, 1 device each), the
-  payload offered and pulled through ``step3_jax.distributed.Transport``
+  payload offered and pulled through ``step3_jax.runtime.transport.Transport``
   (``jax.experimental.transfer``) and the result sent back, as ``launch -- generate --afd``.
 
 Each point is the median of ``--repeats`` sequential round trips after two warm-ups (one layer,
@@ -80,13 +80,13 @@ def cross_process(rank: int, port: int, cfg, tokens_list, repeats):
     """Rank 0 times the round trips and prints them as JSON; rank 1 echoes."""
     import jax
 
-    from step3_jax.runtime import distributed
+    from step3_jax.runtime import distributed, transport
     from step3_jax.runtime.launch import ProcessGroup
 
     group = ProcessGroup(f"127.0.0.1:{port}", 2, rank)
     distributed.initialize(group, 120)
-    kv = distributed._Kv(120, rank)
-    t = distributed.Transport(kv, group, 120)
+    kv = transport.Kv(120, rank)
+    t = transport.Transport(kv, group, 120)
     dev = jax.local_devices()[0]
     peer = 1 - rank
     out, uuid = [], 0

@@ -4,13 +4,13 @@
 A small model with Step-3's exact architecture (``configs/demo.json``: MFA with one shared K/V
 head, 8 experts top-3 plus a shared expert, dense first and last layers) trained with optax
 (AdamW, warm-up + cosine schedule, global-norm clipping) on the ``.py`` files of Python's own
-standard library, read from this machine at start-up (``step3_jax/data.py``: the corpus, the
+standard library, read from this machine at start-up (``step3_jax/training/data.py``: the corpus, the
 by-file validation split, the byte-level tokenizer). About 16 minutes on 2 quiet CPU cores with
 the defaults (0.93 s per step); longer on a shared machine.
 
 What it writes to ``--out`` (replaced as a whole, atomically, at the end):
 
-* the orbax checkpoint (``step3_jax.store.save``: ``config.json``, manifest, arrays);
+* the orbax checkpoint (``step3_jax.checkpoint.store.save``: ``config.json``, manifest, arrays);
 * ``tokenizer.json`` — the byte-level tokenizer, so ``--prompt TEXT`` needs nothing else;
 * ``validation.txt`` — the held-out text the validation perplexity is measured on;
 * ``training.json`` — the record: validation perplexity (measured on the checkpoint as saved and
@@ -144,14 +144,12 @@ def main(argv=None) -> int:
     from tqdm.auto import tqdm
 
     import step3_jax
-    from step3_jax.training import data
-    from step3_jax.training import demo
     from step3_jax.checkpoint import store
-    from step3_jax.training import train
-    from step3_jax.model.config import load_config
     from step3_jax.errors import Step3Error
+    from step3_jax.model.config import load_config
     from step3_jax.model.sharding import parse_mesh
     from step3_jax.model.weights import count_params
+    from step3_jax.training import data, demo, train
 
     try:
         cfg = train.training_config(load_config(args.config))

@@ -38,11 +38,12 @@ import math
 
 import jax
 
+from step3_jax.analysis.paper_tables import (COMPARISON_MODELS, HARDWARE,
+                                             MINIMAX_LIGHTNING_FLOPS_PER_TOKEN, MODEL_NAMES, Arch,
+                                             Attention, Ffn, Hardware, LayerGroup)
+from step3_jax.errors import Step3Error
 from step3_jax.model import weights
 from step3_jax.model.config import Step3Config, load_config
-from step3_jax.errors import Step3Error
-from step3_jax.analysis.paper_tables import (COMPARISON_MODELS, HARDWARE, MINIMAX_LIGHTNING_FLOPS_PER_TOKEN,
-                                    MODEL_NAMES, Arch, Attention, Ffn, Hardware, LayerGroup)
 
 TPOT_SLA_S = 0.050      # 50 ms per output token (20 tokens/s per user)
 PIPELINE_STAGES = 3     # attention, communication, FFN (paper.md §2)

@@ -50,11 +50,11 @@ import dataclasses
 import math
 import re
 
-from step3_jax.model.config import Step3Config, load_config
-from step3_jax.analysis.costmodel import (PIPELINE_STAGES, TPOT_SLA_S, check_context, layer_attn_flops,
-                                 layer_kv_bytes, step3_arch)
-from step3_jax.errors import Step3Error
+from step3_jax.analysis.costmodel import (PIPELINE_STAGES, TPOT_SLA_S, check_context,
+                                          layer_attn_flops, layer_kv_bytes, step3_arch)
 from step3_jax.analysis.paper_tables import GPUS_PER_SERVER, HARDWARE, Hardware
+from step3_jax.errors import Step3Error
+from step3_jax.model.config import Step3Config, load_config
 
 ASSUMPTIONS = [" ".join(p.split()) for p in
                re.split(r"\n\d\. ", __doc__.split("Assumptions:")[1].strip())]
@@ -274,5 +274,5 @@ def format_estimate(doc: dict) -> str:
         if not p["paper_batch_stated"]:
             lines.append("  (the paper does not state this setting's batch; 6144 assumed)")
     lines += ["", "Assumptions and notes: step3-jax estimate --json (\"assumptions\", \"notes\"); "
-              "module docstring of step3_jax/estimate.py"]
+              "module docstring of step3_jax/analysis/estimate.py"]
     return "\n".join(lines)

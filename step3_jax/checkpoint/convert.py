@@ -24,12 +24,13 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from step3_jax.model import quant
 from step3_jax.checkpoint import store
 from step3_jax.checkpoint.hub import (INDEX_FILE, SCALE_SUFFIX, HubReader, _check_names,
-                                  checkpoint_dir, leaf_to_hub, read_leaf)
-from step3_jax.model.config import from_hub_dict, load_config
+                                      leaf_to_hub, read_leaf)
+from step3_jax.checkpoint.loader import checkpoint_dir
 from step3_jax.errors import CheckpointError, ConfigError
+from step3_jax.model import quant
+from step3_jax.model.config import from_hub_dict, load_config
 from step3_jax.model.weights import declare, is_spec
 
 log = logging.getLogger("step3_jax")

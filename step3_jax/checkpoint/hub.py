@@ -1,4 +1,4 @@
-"""Hub checkpoints (safetensors) to the parameter pytree, and back; and :func:`load`, the entry point.
+"""Hub checkpoints (safetensors) to the parameter pytree, and back.
 
 The Hub format (``shared/spec/model.md`` §3): ``model.safetensors`` or shards listed in
 ``model.safetensors.index.json``, torch-layout ``[out, in]`` tensors, experts stacked ``[E, out,
@@ -10,8 +10,8 @@ headers before any tensor data is read: a missing text tensor, an unknown tensor
 an unsupported dtype, an index naming a file or tensor that is not there, a corrupt file. Vision
 tensors of the ``step3_vl`` wrapper are skipped with a notice. Block-FP8 checkpoints (``F8_E4M3``
 values with ``weight_scale_inv`` siblings) are read from the raw bytes and dequantized per
-128x128 block (:mod:`step3_jax.quant`); an FP8 weight whose scale has the wrong block grid is an
-error naming the scale tensor.
+128x128 block (:mod:`step3_jax.model.quant`); an FP8 weight whose scale has the wrong block
+grid is an error naming the scale tensor.
 """
 
 from __future__ import annotations
@@ -28,14 +28,10 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from step3_jax.model import quant
-from step3_jax.checkpoint import store
-from step3_jax.model.config import Step3Config, load_config
 from step3_jax.errors import CheckpointError
-from step3_jax.model.moe import resolve_impl
-from step3_jax.model.sharding import drop_first_axis
-from step3_jax.model.weights import (Moe, Params, WeightSpec, declare, init_params, is_spec,
-                               stack_experts, unstack_experts)
+from step3_jax.model import quant
+from step3_jax.model.config import Step3Config
+from step3_jax.model.weights import Params, WeightSpec, declare, is_spec, stack_experts
 
 log = logging.getLogger("step3_jax")
 
@@ -202,10 +198,6 @@ def _check_names(reader: HubReader, specs: list[WeightSpec]) -> set[str]:
     return fp8
 
 
-def _is_expert_stack(spec: WeightSpec) -> bool:
-    return spec.axes[0] == "experts" and len(spec.shape) == 3
-
-
 def read_leaf(reader: HubReader, spec: WeightSpec, cfg: Step3Config, fp8: set[str],
               keep_fp8: bool = False):
     """One weight from the Hub as a host array in the declared layout (block-FP8 tensors
@@ -219,45 +211,41 @@ def read_leaf(reader: HubReader, spec: WeightSpec, cfg: Step3Config, fp8: set[st
     return hub_to_leaf(arr, spec, cfg)
 
 
-def load_hub(directory: str | Path, cfg: Step3Config, shardings=None,
-             progress: bool = True, per_expert: bool = False, keep=None) -> Params:
-    """Read a Hub checkpoint (bf16/fp16/f32, or block FP8) into ``cfg``'s parameter pytree, in
-    ``cfg.dtype``.
+def read_leaves(directory: str | Path, cfg: Step3Config, keep=None, progress: bool = True):
+    """The source stage of loading: each weight of ``cfg``'s declaration, in declaration order, as
+    a host array in the declared (stacked) layout and ``cfg.dtype`` — block-FP8 tensors
+    dequantized — or None where ``keep`` (a params-shaped tree of bools) says False.
 
-    One tensor at a time is read, converted on the host (FP8 blocks dequantized) and placed with
-    its sharding (or on the default device), so host memory peaks at about one tensor.
-    ``per_expert`` splits stacked expert weights into per-expert arrays as they load
-    (``weights.unstack_experts``' layout) instead of splitting them afterwards, which would
-    briefly hold every expert twice. ``keep``: a params-shaped tree of bools; tensors marked
-    False are never read and come back as None (every header is still checked).
+    A generator: one tensor is read and converted at a time, so a caller that places each
+    before asking for the next holds about one tensor on the host. Every header is checked
+    before the first tensor is read.
     """
     reader = HubReader(directory)
     specs, treedef = jax.tree.flatten(declare(cfg), is_leaf=is_spec)
     fp8 = _check_names(reader, specs)
     if fp8:
         log.info("%d block-FP8 weights: dequantizing to %s", len(fp8), cfg.dtype)
-    flat_shardings = (treedef.flatten_up_to(shardings) if shardings is not None
-                      else [None] * len(specs))
     flat_keep = treedef.flatten_up_to(keep) if keep is not None else [True] * len(specs)
     dtype = jnp.dtype(cfg.dtype)
     total = sum(math.prod(s.shape) * dtype.itemsize for s, k in zip(specs, flat_keep) if k)
-    out = []
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress,
               leave=False) as bar:
-        for spec, sharding, kept in zip(specs, flat_shardings, flat_keep):
+        for spec, kept in zip(specs, flat_keep):
             if not kept:
-                out.append(None)
+                yield None
                 continue
             host = read_leaf(reader, spec, cfg, fp8).astype(dtype)
-            if per_expert and _is_expert_stack(spec):
-                one = None if sharding is None else drop_first_axis(sharding)
-                out.append(tuple(jax.device_put(w, one) if one is not None else jnp.asarray(w)
-                                 for w in host))
-            else:
-                out.append(jax.device_put(host, sharding) if sharding is not None
-                           else jnp.asarray(host))
+            yield host
             bar.update(host.nbytes)
-    return treedef.unflatten(out)
+
+
+def load_hub(directory: str | Path, cfg: Step3Config, progress: bool = True) -> Params:
+    """A Hub checkpoint as ``cfg``'s parameter pytree in the canonical stacked layout, on the
+    default device (:func:`step3_jax.checkpoint.loader.load` is the full pipeline: runtime
+    layout and placement)."""
+    treedef = jax.tree.structure(declare(cfg), is_leaf=is_spec)
+    return treedef.unflatten([jnp.asarray(host) for host in read_leaves(directory, cfg,
+                                                                          progress=progress)])
 
 
 def to_hub(params: Params, cfg: Step3Config) -> dict[str, np.ndarray]:
@@ -265,90 +253,3 @@ def to_hub(params: Params, cfg: Step3Config) -> dict[str, np.ndarray]:
     specs = jax.tree.leaves(declare(cfg), is_leaf=is_spec)
     return {spec.hub: leaf_to_hub(np.asarray(value), spec, cfg)
             for spec, value in zip(specs, jax.tree.leaves(stack_experts(params)))}
-
-
-def per_expert_layout(cfg: Step3Config, expert_parallel: int = 1) -> bool:
-    """Whether ``cfg``'s MoE kernel wants per-expert arrays: the XLA:CPU loop kernel does (it
-    reads them in place), ``ragged_dot`` wants the stacked experts, and so does expert
-    parallelism (``ep > 1``), which splits the stacked expert axis over devices."""
-    return resolve_impl(cfg) == "loop" and expert_parallel == 1
-
-
-def runtime_layout(params: Params, cfg: Step3Config, expert_parallel: int = 1) -> Params:
-    """``params`` in the layout :func:`per_expert_layout` picks (``weights.unstack_experts``)."""
-    return unstack_experts(params) if per_expert_layout(cfg, expert_parallel) else params
-
-
-def load_tokenizer(directory: str | Path | None):
-    """The ``tokenizers.Tokenizer`` in ``directory/tokenizer.json``, or None if there is none."""
-    if directory is None:
-        return None
-    path = Path(directory) / "tokenizer.json"
-    if not path.exists():
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # the tokenizers package raises a bare Exception on parse errors
-        raise CheckpointError(f"{path}: cannot load tokenizer ({e})") from None
-
-
-def checkpoint_dir(checkpoint: str | Path) -> Path:
-    """``checkpoint`` as an existing directory (absolute: orbax reads only absolute paths), or a
-    one-line error."""
-    directory = Path(checkpoint).expanduser().absolute()
-    if not directory.is_dir():
-        what = "is not a directory" if directory.exists() else "does not exist"
-        raise CheckpointError(f"checkpoint directory {directory} {what}")
-    return directory
-
-
-def load(checkpoint: str | Path | None = None, config: str | Path | None = None, *,
-         dtype: str = "float32", seed: int = 0, mesh=None, shardings=None,
-         expert_parallel: int | None = None, progress: bool = True, keep=None,
-         **config_overrides) -> tuple[Params, Step3Config]:
-    """A config and its weights: from a checkpoint directory, or seeded random weights.
-
-    ``checkpoint``: a Hub directory (``config.json`` + safetensors, bf16/fp16/f32 or block FP8,
-    dequantized) or an orbax directory written by ``step3-jax convert`` (:mod:`step3_jax.store`,
-    detected by its manifest; an FP8 store keeps its quantized weights). Without it, ``config``
-    (a preset name like ``"tiny"`` or a ``config.json`` path; default ``"tiny"``) with random
-    weights drawn from ``seed``. Placement: ``mesh`` (``sharding.parse_mesh``) places each weight
-    by the rules table (``sharding.param_shardings``); ``shardings`` gives a params-shaped tree
-    of shardings directly (AFD: ``afd.param_shardings``), with ``expert_parallel`` the number of
-    devices the experts are split over. Default: one device. Every weight is read straight onto
-    its target sharding, never whole on one device. The weights come back in the MoE kernel's
-    layout (:func:`runtime_layout`). ``keep``: a params-shaped tree of bools (``declare``'s
-    structure); weights marked False are neither read nor created and come back as None (a
-    process of a multi-process AFD run loads only what its devices hold).
-    """
-    from step3_jax.model.sharding import param_shardings
-    from step3_jax.model.weights import unstack_moe
-
-    if mesh is not None and shardings is not None:
-        raise ValueError("give mesh or shardings, not both")
-    ep = expert_parallel or (1 if mesh is None else mesh.shape.get("ep", 1))
-    overrides = {"dtype": dtype, **config_overrides}
-    directory = None if checkpoint is None else checkpoint_dir(checkpoint)
-    source = config if config is not None else (directory or "tiny")
-    cfg = load_config(source, **overrides)
-    if mesh is not None:
-        shardings = param_shardings(cfg, mesh)
-    per_expert = per_expert_layout(cfg, ep)
-    if directory is not None and store.is_store(directory):
-        layout = (lambda layer: layer.replace(ffn=unstack_moe(layer.ffn))
-                  if isinstance(layer.ffn, Moe) else layer) if per_expert else None
-        params = store.restore(directory, cfg, shardings, progress=progress, layout=layout,
-                               keep=keep)
-    elif directory is not None:
-        params = load_hub(directory, cfg, shardings, progress=progress, per_expert=per_expert,
-                          keep=keep)
-    elif keep is not None:
-        params = init_params(cfg, seed, shardings, keep)
-    elif shardings is not None and len({frozenset(s.device_set) for s in jax.tree.leaves(
-            shardings)}) > 1:  # AFD's two groups: one jit cannot produce both; move afterwards
-        params = jax.device_put(init_params(cfg, seed), shardings)
-    else:
-        params = init_params(cfg, seed, shardings)
-    return jax.block_until_ready(runtime_layout(params, cfg, ep)), cfg

@@ -15,7 +15,7 @@ whole on one device, and shapes are checked against the stored metadata first, b
 would otherwise pad or crop a mismatched array silently.
 
 Stored dtypes: ``bfloat16`` or ``float32`` arrays (restored and cast to the compute dtype), or
-``fp8``: the matmul weights as :class:`step3_jax.quant.Fp8Weight` nodes (e4m3 values plus
+``fp8``: the matmul weights as :class:`step3_jax.model.quant.Fp8Weight` nodes (e4m3 values plus
 float32 block scales) that the model consumes as they are; norms, router, embedding and LM head
 stay bfloat16, as in the paper.
 """
@@ -30,12 +30,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import serialization
 from tqdm.auto import tqdm
 
-from step3_jax.model.config import Step3Config
 from step3_jax.errors import CheckpointError
+from step3_jax.model import quant
+from step3_jax.model.config import Step3Config
 from step3_jax.model.weights import Params, declare, is_spec, stack_experts
 
 MANIFEST = "step3_jax.json"
@@ -158,6 +160,21 @@ class Writer:
         return self.final
 
 
+def quantize_params(params, cfg):
+    """Every quantizable weight of ``params`` (canonical stacked layout) as a
+    :class:`quant.Fp8Weight` (host arrays); the rest as bfloat16 host arrays."""
+
+    def one(spec, value):
+        if isinstance(value, quant.Fp8Weight):
+            return value
+        host = np.asarray(value, np.float32)
+        if quant.is_quantized(spec):
+            return quant.quantize_leaf(host, spec)
+        return host.astype(ml_dtypes.bfloat16)
+
+    return jax.tree.map(one, declare(cfg), stack_experts(params), is_leaf=is_spec)
+
+
 def save(params: Params, cfg: Step3Config, directory: str | Path, *, weights: str | None = None,
          force: bool = False, progress: bool = True, raw_config: dict | None = None) -> Path:
     """Write ``params`` (any layout, any placement) as a store at ``directory``, atomically.
@@ -168,9 +185,7 @@ def save(params: Params, cfg: Step3Config, directory: str | Path, *, weights: st
     """
     weights = weights or str(jnp.dtype(cfg.dtype))
     if weights == "fp8":
-        from step3_jax.model import quant
-
-        params = quant.quantize_params(params, cfg)
+        params = quantize_params(params, cfg)
     dtype = None if weights == "fp8" else jnp.dtype(weights)
     params = stack_experts(params)
     raw = raw_config if raw_config is not None else cfg.to_hub_dict()
@@ -190,8 +205,6 @@ def save(params: Params, cfg: Step3Config, directory: str | Path, *, weights: st
 def _abstract_chunk(name: str, cfg: Step3Config, weights: str, shardings):
     """The restore target of one chunk: ShapeDtypeStructs in the stored structure, cast to the
     compute dtype, with their shardings."""
-    from step3_jax.model import quant
-
     specs = chunk_of(declare(cfg), name)
     compute = jnp.dtype(cfg.dtype)
 

@@ -16,7 +16,7 @@ Expert compute — same result, different cost model (``shared/spec/cpu-performa
   padded to whole blocks of rows, then a ``lax.scan`` over the blocks, each block one expert's
   SwiGLU. Static shapes and dropless (the row count is bounded by ``N*k + E*block``), and
   reverse-differentiable, unlike the loop kernel's data-dependent trip counts; with many tokens
-  per step it runs the expert FLOPs at matmul speed (``step3_jax/train.py`` picks it).
+  per step it runs the expert FLOPs at matmul speed (``step3_jax/training/train.py`` picks it).
 
 ``"auto"`` picks ``loop`` on CPU and ``ragged`` elsewhere. Both are tested against each other and
 against the NumPy reference; ``blocks`` against both, and its gradients against ``ragged_dot``'s
@@ -30,9 +30,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from step3_jax.errors import ConfigError
 from step3_jax.model.config import Step3Config
 from step3_jax.model.layers import linear, swiglu
-from step3_jax.errors import ConfigError
 from step3_jax.model.quant import BLOCK, Fp8Weight, materialize
 from step3_jax.model.weights import Moe, stack_weight
 
@@ -186,6 +186,16 @@ def resolve_impl(cfg: Step3Config) -> str:
     if cfg.moe_impl != "auto":
         return cfg.moe_impl
     return "loop" if jax.default_backend() == "cpu" else "ragged"
+
+
+def per_expert_layout(cfg: Step3Config, expert_parallel: int = 1) -> bool:
+    """Whether ``cfg``'s kernel wants each expert's weights as separate arrays — the one place
+    the runtime layout of the experts is decided (loading, AFD placement and the memory plan ask
+    here). The XLA:CPU ``loop`` kernel does: it reads them in place, where a slice of the stacked
+    array would be copied (``weights.unstack_experts``). ``ragged_dot`` and ``blocks`` want the
+    stacked experts, and so does expert parallelism (``ep > 1``), which splits the stacked
+    expert axis over devices."""
+    return resolve_impl(cfg) == "loop" and expert_parallel == 1
 
 
 def routed_experts(y: jax.Array, weights: jax.Array, idx: jax.Array, p: Moe,

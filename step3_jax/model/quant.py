@@ -133,20 +133,6 @@ def quantize_leaf(w: np.ndarray, spec) -> Fp8Weight:
     return Fp8Weight(values.reshape(spec.shape), scales, view)
 
 
-def quantize_params(params, cfg):
-    """Every quantizable weight of ``params`` (canonical stacked layout) as an :class:`Fp8Weight`
-    (host arrays); the rest as bfloat16 host arrays."""
-    from step3_jax.model.weights import declare, is_spec, stack_experts
-
-    def one(spec, value):
-        if isinstance(value, Fp8Weight):
-            return value
-        host = np.asarray(value, np.float32)
-        return quantize_leaf(host, spec) if is_quantized(spec) else host.astype(ml_dtypes.bfloat16)
-
-    return jax.tree.map(one, declare(cfg), stack_experts(params), is_leaf=is_spec)
-
-
 # ----- restore targets and shardings -------------------------------------------------------------
 
 def _view_axes(shape: tuple[int, ...], view: tuple[int, ...]) -> list[int]:

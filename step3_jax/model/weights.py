@@ -3,7 +3,7 @@
 :func:`declare` returns the parameter pytree with a :class:`WeightSpec` at each leaf. Everything
 else is derived from it: seeded random init (:func:`init_params`), abstract shapes for restore
 targets (:func:`abstract_params`), shardings (``sharding.param_shardings``), parameter counts
-(:func:`count_params`) and the Hub checkpoint mapping (``checkpoint.py``).
+(:func:`count_params`) and the Hub checkpoint mapping (``checkpoint/hub.py``).
 
 Layout. Every matmul weight keeps the Hub (torch) layout ``[out, in]`` and a layer is
 ``x @ w.T`` (``layers.linear``): on XLA:CPU a decode-sized matmul reads an ``[out, in]`` weight
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from step3_jax.model.config import Step3Config
+from step3_jax.model.quant import Fp8Weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,8 +284,6 @@ def stack_weight(w):
     """One expert weight's per-expert tuple as the stacked ``[E, ...]`` array (or FP8 node)."""
     if not isinstance(w, tuple):
         return w
-    from step3_jax.model.quant import Fp8Weight
-
     if isinstance(w[0], Fp8Weight):
         return Fp8Weight(jnp.stack([x.values for x in w]), jnp.stack([x.scales for x in w]),
                          (len(w),) + w[0].view)

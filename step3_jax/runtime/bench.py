@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from step3_jax.model.config import Step3Config
 from step3_jax.errors import Step3Error
+from step3_jax.model.config import Step3Config
 from step3_jax.model.weights import declare, is_spec
 
 ROOFLINE_N = 8192
@@ -126,7 +126,7 @@ def run(params, cfg: Step3Config, *, batch: int, prompt_len: int, new_tokens: in
     ``afd.generate``. Its decode step is the median of each run's unprofiled steps (the first,
     which may compile, excluded); ``compile_s`` is the first call's wall time minus the median
     timed call's; the report adds ``placement`` and ``afd`` (the byte counts, and the
-    median over the runs of each traced stage metric, ``afd.summarize``). ``bytes_per_step``
+    median over the runs of each traced stage metric, ``afd_trace.summarize``). ``bytes_per_step``
     is the same model-level figure as colocated: AFD's micro-batches each re-read the experts
     they touch, so its real traffic is higher.
     """

@@ -6,7 +6,7 @@ devices: embedding, norms, MFA, routers, KV cache, LM head) and the next process
 group (expert, shared-expert and dense-FFN weights, split ``ep`` x ``tp`` over their devices).
 Each process loads only the weights its devices hold.
 
-The data path is the single-process one (:mod:`step3_jax.afd`), with the cross-mesh
+The data path is the single-process one (:mod:`step3_jax.runtime.afd`), with the cross-mesh
 ``jax.device_put`` replaced by a device-to-device transfer between processes
 (``jax.experimental.transfer``, JAX's own transfer server): per layer and micro-batch the
 attention process offers the FP8 activations, per-token scales and routing, the FFN process
@@ -16,8 +16,8 @@ micro-batch ``j`` overlaps the attention of ``j + 1``, as in one process.
 
 Control (transfer-server addresses, a handshake that both sides run the same model and plan,
 and one small header per pass with the micro-batch shapes, or stop) goes through the
-coordination service's key-value store, reached by :func:`_kv_store`, the one place that uses
-a private JAX API.
+coordination service's key-value store (:mod:`step3_jax.runtime.transport`, the one place that
+uses a private JAX API).
 
 Failure handling: a dead peer closes its sockets and every pending transfer fails at once (the
 process then exits non-zero); a peer that vanishes without closing them is caught by
@@ -29,26 +29,23 @@ pending ends the process with a one-line error. Every key-value wait has the sam
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import socket
-import sys
-import threading
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
+from step3_jax.checkpoint.loader import checkpoint_dir, load
 from step3_jax.errors import Step3Error
+from step3_jax.model.config import load_config
+from step3_jax.model.weights import Moe, declare, is_spec
+from step3_jax.runtime import afd, afd_schedule
 from step3_jax.runtime.launch import ProcessGroup
+from step3_jax.runtime.transport import Kv, Transport
 
 log = logging.getLogger("step3_jax")
 
-ENV_TRANSFER_HOST = "STEP3_JAX_TRANSFER_HOST"  # the address peers reach this process's server at
-_PREFIX = "step3_jax/afd"
 _STRIDE = 4096  # micro-batches per pass, and attention devices, transfer ids allow
 
 
@@ -70,51 +67,6 @@ def initialize(group: ProcessGroup, timeout: float) -> None:
                          f"{group.coordinator} ({first})") from None
     log.info("process %d of %d (%s group): local devices %s", group.process_id,
              group.num_processes, group.role, [d.id for d in jax.local_devices()])
-
-
-def _kv_store():
-    """The coordination service's key-value store (``key_value_set``,
-    ``blocking_key_value_get``). JAX has no public API for it: this is
-    ``jax._src.distributed.global_state.client`` (present from jax 0.4 to at least 0.10.2), the
-    one private API used here."""
-    try:
-        from jax._src.distributed import global_state
-
-        client = global_state.client
-    except (ImportError, AttributeError):
-        client = ()
-    if client is None:
-        raise Step3Error("jax.distributed is not initialized (give --coordinator)")
-    if not all(hasattr(client, m) for m in ("key_value_set", "blocking_key_value_get")):
-        raise Step3Error(f"this JAX ({jax.__version__}) has no coordination key-value store at "
-                         "jax._src.distributed.global_state.client, which multi-process AFD "
-                         "uses to exchange addresses and requests (tested with jax 0.10.2)")
-    return client
-
-
-class _Kv:
-    """JSON values in the key-value store, every wait bounded by ``timeout``."""
-
-    def __init__(self, timeout: float, whoami: int):
-        self.client, self.timeout, self.whoami = _kv_store(), timeout, whoami
-
-    def put(self, key: str, value) -> None:
-        self.client.key_value_set(f"{_PREFIX}/{key}", json.dumps(value))
-
-    def get(self, key: str, waiting_for: str, timeout: float | None = None):
-        timeout = self.timeout if timeout is None else timeout
-        try:
-            raw = self.client.blocking_key_value_get(f"{_PREFIX}/{key}",
-                                                     int(1000 * max(timeout, 0.001)))
-        except Exception as e:  # XlaRuntimeError: DEADLINE_EXCEEDED, or the service is gone
-            text = str(e)
-            if "DEADLINE_EXCEEDED" in text or "timed out" in text.lower():
-                raise Step3Error(f"process {self.whoami}: no {waiting_for} in {timeout:g} s "
-                                 "(--peer-timeout)") from None
-            first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-            raise Step3Error(f"process {self.whoami}: lost the run while waiting for "
-                             f"{waiting_for} ({first})") from None
-        return json.loads(raw)
 
 
 # ----- devices and weights -------------------------------------------------------------------------
@@ -147,8 +99,6 @@ def ffn_part(cfg):
     """A params-shaped tree of bools: True for the weights the FFN group holds (routed experts,
     shared expert, dense FFN), False for the attention group's (embedding, norms, MFA, router,
     LM head)."""
-    from step3_jax.model.weights import Moe, declare, is_spec
-
     decl = declare(cfg)
     to = lambda value: (lambda tree: jax.tree.map(lambda _: value, tree, is_leaf=is_spec))  # noqa
     layers = []
@@ -161,7 +111,7 @@ def ffn_part(cfg):
 
 
 def part(cfg, role: str):
-    """The ``keep`` tree of ``role`` (``checkpoint.load(keep=...)``)."""
+    """The ``keep`` tree of ``role`` (``loader.load(keep=...)``)."""
     ffn = ffn_part(cfg)
     return ffn if role == "ffn" else jax.tree.map(lambda x: not x, ffn)
 
@@ -170,11 +120,6 @@ def load_part(args, plan, devices, role: str):
     """This process's weights only (``--checkpoint``: Hub tensors or orbax arrays of the part
     alone; random weights: the part's leaves, identical to a whole-model init), each straight
     onto its AFD sharding; placed as :func:`afd.place` places them."""
-    from step3_jax.runtime import afd
-    from step3_jax.checkpoint.hub import load
-    from step3_jax.model.config import load_config
-    from step3_jax.checkpoint.hub import checkpoint_dir
-
     source = args.config if args.config is not None else checkpoint_dir(args.checkpoint)
     cfg = load_config(source, dtype=args.dtype, moe_impl=args.moe_impl)
     shardings = afd.afd_shardings(cfg, plan, devices)
@@ -187,8 +132,6 @@ def load_part(args, plan, devices, role: str):
 def place_part(params, cfg, plan, devices, role: str, remote=None):
     """:func:`afd.place` for one side: an :class:`afd.AfdModel` with only this role's weights
     (``attn`` or ``ffn``; the other empty)."""
-    from step3_jax.runtime import afd
-
     attn_mesh, ffn_mesh = afd.group_meshes(plan, devices)
     if role == "attention":
         attn, local = afd.place_attention(params, attn_mesh)
@@ -202,104 +145,12 @@ def part_bytes(params) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)))
 
 
-# ----- the transport ---------------------------------------------------------------------------
-
-def _reachable_host(coordinator: str) -> str:
-    """The local address peers can reach this process at: ``$STEP3_JAX_TRANSFER_HOST``, else the
-    interface the route to the coordinator leaves by (loopback for a loopback coordinator)."""
-    if os.environ.get(ENV_TRANSFER_HOST):
-        return os.environ[ENV_TRANSFER_HOST]
-    host = coordinator.rpartition(":")[0].strip("[]")
-    try:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((host, 9))  # UDP: no packet is sent
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1" if host in ("localhost", "127.0.0.1") else socket.gethostname()
-
-
-def _abort(message: str) -> None:
-    print(f"step3-jax: error: {message}", file=sys.stderr, flush=True)
-    os._exit(1)  # a thread cannot interrupt the main thread blocked inside the runtime
-
-
-class Transport:
-    """Device-to-device transfers with the other processes over ``jax.experimental.transfer``.
-
-    ``send(uuid, arrays)`` offers arrays (non-blocking; each offer serves one pull);
-    ``recv(peer, uuid, abstract)`` pulls ``ShapeDtypeStruct``s (the shapes must be known
-    beforehand) and returns arrays at once that resolve when the data has arrived. Offer and
-    pull may come in either order. Both sides must use the same shard layout: here always one
-    device (each attention device sends its own rows and receives its own rows back).
-
-    Watchdog: while pulls are pending, if none completes for ``timeout`` seconds, ``on_timeout``
-    is called with a description (default: print a one-line error and end the process).
-    """
-
-    def __init__(self, kv: _Kv, group: ProcessGroup, timeout: float,
-                 on_timeout: Callable[[str], None] = _abort):
-        from jax.experimental import transfer
-
-        host = _reachable_host(group.coordinator)
-        client = jax.local_devices()[0].client
-        bracket = f"[{host}]" if ":" in host else host
-        self.server = transfer.start_transfer_server(client, f"{bracket}:0", [f"{bracket}:0"])
-        self.address = self.server.address()
-        self.kv, self.group, self.timeout, self.on_timeout = kv, group, timeout, on_timeout
-        self.kv.put(f"transfer/{group.process_id}", self.address)
-        self._conns: dict[int, object] = {}
-        self._pending: list[tuple[list, str]] = []
-        self._progress = time.monotonic()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def connect(self, peer: int):
-        if peer not in self._conns:
-            address = self.kv.get(f"transfer/{peer}", f"transfer address of process {peer}")
-            self._conns[peer] = self.server.connect(address)
-        return self._conns[peer]
-
-    def send(self, uuid: int, arrays: Sequence[jax.Array]) -> None:
-        self.server.await_pull(uuid, list(arrays))
-
-    def recv(self, peer: int, uuid: int, abstract: Sequence[jax.ShapeDtypeStruct],
-             what: str = "") -> list:
-        out = self.connect(peer).pull(uuid, list(abstract))
-        with self._lock:
-            if not self._pending:
-                self._progress = time.monotonic()
-            self._pending.append((out, what or f"transfer {uuid}"))
-        return out
-
-    def _watch(self) -> None:
-        while not self._closed:
-            time.sleep(min(0.2, self.timeout / 4))
-            with self._lock:
-                before = len(self._pending)
-                self._pending = [(a, w) for a, w in self._pending
-                                 if not all(x.is_ready() for x in a)]
-                now = time.monotonic()
-                if len(self._pending) < before or not self._pending:
-                    self._progress = now
-                stuck = (self._pending[0][1] if self._pending and
-                         now - self._progress > self.timeout else None)
-            if stuck is not None:
-                self._closed = True
-                self.on_timeout(f"process {self.group.process_id}: no transfer completed in "
-                                f"{self.timeout:g} s while waiting for {stuck} (--peer-timeout)")
-
-    def close(self) -> None:
-        self._closed = True
-
-
 # ----- the two sides -------------------------------------------------------------------------------
 
 def payload_abstract(cfg, plan, layer: int, rows: int, length: int, device) -> list:
     """What the attention group sends for ``layer`` and a micro-batch ``[rows, length]``, in
-    ``jax.tree.leaves((q, scale, routing))`` order (``afd._attention_step``'s third output)."""
+    ``jax.tree.leaves((q, scale, routing))`` order (``afd_schedule.attention_step``'s third
+    output)."""
     on = SingleDeviceSharding(device)
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=on)  # noqa
     H, k = cfg.hidden_size, cfg.moe_top_k
@@ -330,11 +181,11 @@ def _handshake_value(cfg, plan) -> dict:
 
 class RemoteFfn:
     """The attention process's view of the FFN group (``AfdModel.remote``, used by
-    ``afd._stack_pass``): per pass a header with every micro-batch's shard shapes, then per
+    ``afd_schedule.stack_pass``): per pass a header with every micro-batch's shard shapes, then per
     layer and micro-batch :meth:`exchange`: each attention device's payload goes straight from
     that device, and its rows of the FFN output come straight back to it."""
 
-    def __init__(self, transport: Transport, kv: _Kv, cfg, plan, group: ProcessGroup,
+    def __init__(self, transport: Transport, kv: Kv, cfg, plan, group: ProcessGroup,
                  ffn_processes: Sequence[int]):
         self.transport, self.kv, self.cfg, self.plan, self.group = transport, kv, cfg, plan, group
         self.ffn_processes = list(ffn_processes)
@@ -390,13 +241,11 @@ def _replicate(x: jax.Array, mesh) -> jax.Array:
         x.shape, NamedSharding(mesh, P()), [jax.device_put(x, d) for d in local])
 
 
-def serve_ffn(m, transport: Transport, kv: _Kv, group: ProcessGroup) -> int:
+def serve_ffn(m, transport: Transport, kv: Kv, group: ProcessGroup) -> int:
     """The FFN process's loop: wait for a pass header (or stop), then per layer and micro-batch
-    pull every attention shard's inputs, run ``afd._ffn_step`` on the FFN mesh and offer each
-    shard's rows of the output back. All work of a pass is dispatched without waiting, so it
-    runs as the inputs arrive. Returns the passes served."""
-    from step3_jax.runtime import afd
-
+    pull every attention shard's inputs, run ``afd_schedule.ffn_step`` on the FFN mesh and offer
+    each shard's rows of the output back. All work of a pass is dispatched without waiting, so
+    it runs as the inputs arrive. Returns the passes served."""
     cfg, plan, mesh = m.cfg, m.plan, m.ffn_mesh
     me = group.process_id
     mine = [d for d in mesh.devices.flat if d.process_index == me]
@@ -424,7 +273,7 @@ def serve_ffn(m, transport: Transport, kv: _Kv, group: ProcessGroup) -> int:
                     pieces.append((flat[0], flat[1] if fp8 else None,
                                    tuple(flat[-2:]) if cfg.is_moe(i) else None))
                 with jax.set_mesh(mesh):
-                    outs = afd._ffn_step(m.ffn[i], tuple(pieces), cfg=cfg)
+                    outs = afd_schedule.ffn_step(m.ffn[i], tuple(pieces), cfg=cfg)
                 if not leader:
                     continue
                 for s, out in enumerate(outs):
@@ -446,7 +295,7 @@ class Session:
     cfg: object
     model: object        # afd.AfdModel with this role's weights
     transport: Transport
-    kv: _Kv
+    kv: Kv
     layout: dict         # which process holds which devices and how many weight bytes
 
     @property
@@ -493,7 +342,7 @@ def start(args, plan, group: ProcessGroup) -> Session:
     model, cfg, params = load_part(args, plan, devices, group.role)
     loaded = part_bytes(params)
     del params
-    kv = _Kv(timeout, me)
+    kv = Kv(timeout, me)
     transport = Transport(kv, group, timeout)
     hello = _handshake_value(cfg, plan)
     if group.role == "attention":
@@ -531,8 +380,6 @@ def generate(args, plan, group: ProcessGroup, prompts, **knobs):
     """``step3-jax generate`` in one process of a multi-process AFD run: process 0 generates
     (``afd.generate`` with the FFN remote) and returns ``(results, metrics, cfg)``, metrics with
     the process layout; an FFN process serves until process 0 stops it and returns None."""
-    from step3_jax.runtime import afd
-
     session = start(args, plan, group)
     if session.role == "ffn":
         session.serve()

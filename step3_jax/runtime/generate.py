@@ -24,13 +24,13 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
+from step3_jax.errors import Step3Error
 from step3_jax.model import decoder
-from step3_jax.runtime import sampling
 from step3_jax.model.cache import K_AXES, V_AXES, KVCache
 from step3_jax.model.config import Step3Config
-from step3_jax.errors import Step3Error
 from step3_jax.model.sharding import make_mesh, named, replicated
 from step3_jax.model.weights import Params
+from step3_jax.runtime import sampling
 
 log = logging.getLogger("step3_jax")
 

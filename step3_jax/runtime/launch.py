@@ -1,4 +1,4 @@
-"""``step3-jax launch``: a multi-process run on this machine, and the process-group flags.
+"""``step3-jax launch``: a multi-process run on this machine, and a process's place in one.
 
 ``step3-jax launch --processes N [--devices-per-process D] -- generate --afd A:F ...`` starts N
 copies of the command as separate JAX processes on loopback (``--coordinator 127.0.0.1:PORT
@@ -13,7 +13,6 @@ No JAX here: the launcher itself never starts a JAX runtime.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import re
@@ -37,26 +36,6 @@ SUPPORTED = ("generate", "bench")
 STOP_GRACE = 3.0      # seconds between SIGTERM and SIGKILL when stopping the others
 EXIT_GRACE = 90.0     # seconds the others may take to exit after one finished cleanly
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S*")
-
-
-# ----- the process-group flags (generate) ----------------------------------------------------------
-
-def add_process_args(p: argparse.ArgumentParser) -> None:
-    """The multi-process flags of ``generate`` and ``bench``."""
-    g = p.add_argument_group(
-        "multi-process AFD (attention and FFN groups in separate processes; on one machine "
-        "`step3-jax launch` sets these)")
-    g.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="jax.distributed coordinator, process 0's address (default "
-                        f"${ENV_COORDINATOR}); process 0 runs the attention group on its "
-                        "devices, the others the FFN group on theirs; needs --afd")
-    g.add_argument("--num-processes", type=int, metavar="N",
-                   help=f"processes in the run, >= 2 (default ${ENV_NUM_PROCESSES})")
-    g.add_argument("--process-id", type=int, metavar="I",
-                   help=f"this process, 0..N-1 (default ${ENV_PROCESS_ID})")
-    g.add_argument("--peer-timeout", type=float, default=DEFAULT_PEER_TIMEOUT, metavar="SECONDS",
-                   help="fail when an awaited peer process sends nothing for this long "
-                        f"(start-up, requests, transfers; default {DEFAULT_PEER_TIMEOUT:.0f})")
 
 
 class ProcessGroup:
@@ -118,60 +97,6 @@ def _env_int(environ, name: str, flag: str) -> int:
 
 
 # ----- the launcher ------------------------------------------------------------------------------
-
-def add_parser(sub) -> None:
-    la = sub.add_parser(
-        "launch", help="run a multi-process AFD command as N local processes (loopback)",
-        description="Start N local JAX processes running COMMAND (step3-jax generate or bench "
-                    "with --afd A:F): process 0 holds the attention group, processes 1..N-1 the FFN "
-                    "group. Each gets --coordinator 127.0.0.1:PORT --num-processes N "
-                    "--process-id I; on CPU, D emulated devices and gloo collectives. Their "
-                    "stderr is streamed with a [rank I] prefix, rank 0's stdout is forwarded. "
-                    "If one process fails or dies, the others are stopped and the launch exits "
-                    "non-zero naming it. On a cluster, run COMMAND once per host with these "
-                    "flags instead (README).",
-        usage="step3-jax launch [-h] --processes N [--devices-per-process D] [--port P] "
-              "[-q] -- COMMAND ...")
-    la.add_argument("--processes", type=int, required=True, metavar="N",
-                    help="processes to start, >= 2 (rank 0: attention; the rest: FFN)")
-    la.add_argument("--devices-per-process", type=int, default=1, metavar="D",
-                    help="emulated CPU devices per process (XLA_FLAGS="
-                         "--xla_force_host_platform_device_count=D; default 1)")
-    la.add_argument("--port", type=int, default=None, metavar="P",
-                    help="coordinator port on 127.0.0.1 (default: a free one)")
-    la.add_argument("-q", "--quiet", action="store_true",
-                    help="only the launcher's warnings and errors (children keep their flags)")
-    la.add_argument("launched", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
-                    help="the step3-jax subcommand and its flags, after --")
-
-
-def check_command(args) -> list[str]:
-    """The children's command line (validated with the real parser), or a one-line error."""
-    if args.processes < 2:
-        raise Step3Error(f"--processes must be >= 2 (attention and FFN in separate processes), "
-                         f"got {args.processes}")
-    if args.devices_per_process < 1:
-        raise Step3Error(f"--devices-per-process must be >= 1, got {args.devices_per_process}")
-    if args.port is not None and not 0 < args.port < 65536:
-        raise Step3Error(f"--port must be in 1..65535, got {args.port}")
-    command = list(args.launched)
-    if command and command[0] == "--":
-        command = command[1:]
-    if not command:
-        raise Step3Error("no command: step3-jax launch --processes N -- generate --afd A:F ...")
-    if command[0] not in SUPPORTED:
-        raise Step3Error(f"launch runs {', '.join(SUPPORTED)}, got {command[0]!r}")
-    for flag in ("--coordinator", "--num-processes", "--process-id"):
-        if any(a == flag or a.startswith(flag + "=") for a in command):
-            raise Step3Error(f"{flag} is set by launch for each process; drop it from the command")
-    from step3_jax.cli.app import build_parser
-
-    child = build_parser().parse_args(command)  # a bad flag: argparse's usage error, exit 2
-    if not child.afd:
-        raise Step3Error("the launched command needs --afd A:F (process 0 runs the attention "
-                         "group, the others the FFN group)")
-    return command
-
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -270,12 +195,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def run(args) -> int:
-    """Launch, stream, supervise; the exit status of the whole run."""
-    command = check_command(args)
-    n = args.processes
-    port = args.port or free_port()
-    env = child_env(args.devices_per_process)
+def run(command: Sequence[str], processes: int, devices_per_process: int = 1,
+        port: int | None = None) -> int:
+    """Launch ``processes`` copies of the step3-jax ``command`` (validated by the CLI, without
+    the process-group flags, which are added here), stream their output, supervise them; the
+    exit status of the whole run."""
+    n = processes
+    port = port or free_port()
+    env = child_env(devices_per_process)
     procs: list[subprocess.Popen] = []
     streams = _Streams()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) \
@@ -293,7 +220,7 @@ def run(args) -> int:
             streams.follow(p.stderr, rank, verbatim=False)
             streams.follow(p.stdout, rank, verbatim=rank == 0)
         log.info("launched %d processes on 127.0.0.1:%d, %d device(s) each: %s", n, port,
-                 args.devices_per_process,
+                 devices_per_process,
                  ", ".join(f"rank {r} pid {p.pid}" for r, p in enumerate(procs)))
         failed, first_done = None, None
         while True:

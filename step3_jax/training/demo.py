@@ -42,8 +42,8 @@ def validation_samples(path: str | Path, seq_len: int):
     """``(samples [n, 1 + seq_len], lengths [n])``: ``validation.txt`` read back through the
     checkpoint's own ``tokenizer.json`` (so the shipped tokenizer is part of what is measured)
     and split at its ``<|bos|>`` markers (``data.text_samples``)."""
+    from step3_jax.checkpoint.loader import load_tokenizer
     from step3_jax.training import data
-    from step3_jax.checkpoint.hub import load_tokenizer
 
     path = Path(path)
     tok = load_tokenizer(path)

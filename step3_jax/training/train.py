@@ -33,9 +33,9 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from step3_jax.errors import Step3Error
 from step3_jax.model import decoder
 from step3_jax.model.config import Step3Config
-from step3_jax.errors import Step3Error
 from step3_jax.model.sharding import make_mesh, named, param_shardings, replicated
 from step3_jax.model.weights import Params, declare, init_params, map_specs, stack_experts
 

@@ -1,0 +1,137 @@
+"""Loading, as one pipeline that reads top to bottom:
+
+    source -> host pytree -> runtime layout -> placement
+
+1. **which model**: a checkpoint's ``config.json`` or a preset, with overrides (:func:`config`);
+2. **targets**: where each weight goes: a mesh through the rules table
+   (``sharding.param_shardings``), or an explicit tree of shardings (AFD's two groups);
+3. **runtime layout**: whether the MoE kernel wants per-expert arrays, asked once of
+   ``moe.per_expert_layout``;
+4. **source**: a Hub directory read tensor by tensor (``hub.read_leaves``), each laid out and
+   placed (:func:`place_leaf`) before the next is read; an orbax store restored layer by layer
+   straight onto the targets (``store.restore``, the layout applied per layer); or seeded random
+   weights created on the targets (``weights.init_params``).
+
+No weight is ever whole on one device unless its target is, and host memory stays at about one
+tensor (Hub) or one layer (orbax).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from step3_jax.checkpoint import hub, store
+from step3_jax.errors import CheckpointError
+from step3_jax.model.config import Step3Config, load_config
+from step3_jax.model.moe import per_expert_layout
+from step3_jax.model.sharding import drop_first_axis, param_shardings
+from step3_jax.model.weights import (Moe, Params, WeightSpec, declare, init_params, is_spec,
+                                     unstack_experts, unstack_moe)
+
+
+def checkpoint_dir(checkpoint: str | Path) -> Path:
+    """``checkpoint`` as an existing directory (absolute: orbax reads only absolute paths), or a
+    one-line error."""
+    directory = Path(checkpoint).expanduser().absolute()
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise CheckpointError(f"checkpoint directory {directory} {what}")
+    return directory
+
+
+def load_tokenizer(directory: str | Path | None):
+    """The ``tokenizers.Tokenizer`` in ``directory/tokenizer.json``, or None if there is none."""
+    if directory is None:
+        return None
+    path = Path(directory) / "tokenizer.json"
+    if not path.exists():
+        return None
+    from tokenizers import Tokenizer  # deferred: only text prompts need it
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers package raises a bare Exception on parse errors
+        raise CheckpointError(f"{path}: cannot load tokenizer ({e})") from None
+
+
+def runtime_layout(params: Params, cfg: Step3Config, expert_parallel: int = 1) -> Params:
+    """``params`` in the layout ``moe.per_expert_layout`` picks (``weights.unstack_experts``)."""
+    return unstack_experts(params) if per_expert_layout(cfg, expert_parallel) else params
+
+
+def _is_expert_stack(spec: WeightSpec) -> bool:
+    return spec.axes[0] == "experts" and len(spec.shape) == 3
+
+
+def place_leaf(spec: WeightSpec, host, target, per_expert: bool):
+    """Layout and placement of one host weight: a stacked expert weight becomes one array per
+    expert when ``per_expert`` (each on the stacked target minus its expert axis), so the model
+    is never held in both layouts; placed on ``target`` (None: the default device)."""
+    if per_expert and _is_expert_stack(spec):
+        one = None if target is None else drop_first_axis(target)
+        return tuple(jnp.asarray(w) if one is None else jax.device_put(w, one) for w in host)
+    return jnp.asarray(host) if target is None else jax.device_put(host, target)
+
+
+def _from_hub(directory: Path, cfg: Step3Config, targets, per_expert: bool, keep,
+              progress: bool) -> Params:
+    specs, treedef = jax.tree.flatten(declare(cfg), is_leaf=is_spec)
+    flat_targets = (treedef.flatten_up_to(targets) if targets is not None
+                    else [None] * len(specs))
+    leaves = hub.read_leaves(directory, cfg, keep, progress)
+    return treedef.unflatten([None if host is None else place_leaf(spec, host, target, per_expert)
+                              for spec, target, host in zip(specs, flat_targets, leaves)])
+
+
+def _per_expert_layer(layer):
+    return layer.replace(ffn=unstack_moe(layer.ffn)) if isinstance(layer.ffn, Moe) else layer
+
+
+def _random(cfg: Step3Config, seed: int, targets, keep) -> Params:
+    if keep is None and targets is not None and len(
+            {frozenset(s.device_set) for s in jax.tree.leaves(targets)}) > 1:
+        # AFD's two groups: one jit cannot produce both; create, then move
+        return jax.device_put(init_params(cfg, seed), targets)
+    return init_params(cfg, seed, targets, keep)
+
+
+def load(checkpoint: str | Path | None = None, config: str | Path | None = None, *,
+         dtype: str = "float32", seed: int = 0, mesh=None, shardings=None,
+         expert_parallel: int | None = None, progress: bool = True, keep=None,
+         **config_overrides) -> tuple[Params, Step3Config]:
+    """A config and its weights: from a checkpoint directory, or seeded random weights.
+
+    ``checkpoint``: a Hub directory (``config.json`` + safetensors, bf16/fp16/f32 or block FP8,
+    dequantized) or an orbax directory written by ``step3-jax convert``
+    (:mod:`step3_jax.checkpoint.store`, detected by its manifest; an FP8 store keeps its
+    quantized weights). Without it, ``config`` (a preset name like ``"tiny"`` or a
+    ``config.json`` path; default ``"tiny"``) with random weights drawn from ``seed``.
+    Placement: ``mesh`` (``sharding.parse_mesh``) places each weight by the rules table
+    (``sharding.param_shardings``); ``shardings`` gives a params-shaped tree of shardings
+    directly (AFD: ``afd.afd_shardings``), with ``expert_parallel`` the number of devices the
+    experts are split over. Default: one device. Every weight is read straight onto its target
+    sharding, never whole on one device. The weights come back in the MoE kernel's layout
+    (:func:`runtime_layout`). ``keep``: a params-shaped tree of bools (``declare``'s structure);
+    weights marked False are neither read nor created and come back as None (a process of a
+    multi-process AFD run loads only what its devices hold).
+    """
+    if mesh is not None and shardings is not None:
+        raise ValueError("give mesh or shardings, not both")
+    directory = None if checkpoint is None else checkpoint_dir(checkpoint)
+    source = config if config is not None else (directory or "tiny")
+    cfg = load_config(source, dtype=dtype, **config_overrides)
+    targets = param_shardings(cfg, mesh) if mesh is not None else shardings
+    ep = expert_parallel or (1 if mesh is None else mesh.shape.get("ep", 1))
+    per_expert = per_expert_layout(cfg, ep)
+    if directory is not None and store.is_store(directory):
+        params = store.restore(directory, cfg, targets, progress=progress, keep=keep,
+                               layout=_per_expert_layer if per_expert else None)
+    elif directory is not None:
+        params = _from_hub(directory, cfg, targets, per_expert, keep, progress)
+    else:
+        params = _random(cfg, seed, targets, keep)
+        params = unstack_experts(params) if per_expert else params
+    return jax.block_until_ready(params), cfg

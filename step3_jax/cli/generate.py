@@ -1,0 +1,112 @@
+"""``step3-jax generate``: continuations of a ragged batch of prompts (one device, a mesh, AFD in
+one process, or AFD across processes)."""
+
+from __future__ import annotations
+
+import argparse
+
+from step3_jax.cli import common, launch
+from step3_jax.cli.common import log
+from step3_jax.errors import Step3Error
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    gen = sub.add_parser(
+        "generate", help="generate tokens for one or more prompts (one ragged batch)",
+        description="Generate continuations for a ragged batch of prompts with a jitted "
+                    "on-device decode loop.")
+    common.model_args(gen)
+    g = gen.add_argument_group("prompts")
+    g.add_argument("--prompt-ids", type=common.ids, action="append", default=[],
+                   metavar="1,2,3",
+                   help="a prompt as comma-separated token ids; repeat for more prompts")
+    g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="a text prompt (needs tokenizer.json beside the checkpoint); repeatable")
+    s = gen.add_argument_group("sampling")
+    s.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                   help="tokens to generate per prompt (default 32)")
+    s.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0 samples")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    s.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus: keep the most likely tokens up to this mass, in (0, 1]")
+    s.add_argument("--eos-id", type=int, action="append", default=None, metavar="ID",
+                   help="stop token id (repeatable); default: the config's eos_token_id")
+    common.afd_args(gen)
+    launch.add_process_args(gen)
+    common.output_args(gen)
+    return gen
+
+
+def run(args) -> dict | None:
+    from step3_jax.checkpoint.loader import load_tokenizer
+    from step3_jax.runtime import sampling
+    from step3_jax.runtime.generate import check_prompts, generate
+    from step3_jax.runtime.launch import process_group
+
+    prompts = list(args.prompt_ids)
+    if not prompts and not args.prompt:
+        raise Step3Error("no prompt: give --prompt-ids 1,2,3 or --prompt TEXT")
+    if args.max_new_tokens < 1:
+        raise Step3Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    sampling.check(args.temperature, args.top_k, args.top_p)
+    if args.mesh:
+        from step3_jax.model.sharding import parse_mesh
+
+        parse_mesh(args.mesh)  # a bad mesh fails before any weight loads
+    cfg = common.config(args)
+    tok = common.tokenizer(args, "--prompt") if args.prompt else load_tokenizer(args.checkpoint)
+    prompts += [tok.encode(text).ids for text in args.prompt]
+    check_prompts(prompts, cfg)
+    plan = common.afd_plan(args)
+    group = process_group(args, afd=plan is not None)
+    knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id)
+    if group is not None:  # attention and FFN groups in separate processes
+        from step3_jax.runtime import distributed
+
+        ran = distributed.generate(args, plan, group, prompts, **knobs)
+        if ran is None:  # an FFN process: the attention process (0) prints the results
+            return None
+        results, metrics, cfg = ran
+    elif plan is not None:
+        from step3_jax.runtime import afd
+
+        params, cfg = common.load(args, plan)
+        results, metrics = afd.generate(afd.place(params, cfg, plan), prompts, **knobs)
+    else:
+        params, cfg = common.load(args, plan)
+        results, metrics = generate(params, cfg, prompts, **knobs)
+    if tok is not None:
+        for r in results:
+            r.text = tok.decode(r.generated_ids)
+    out = {"results": [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids,
+                        "text": r.text, "finish_reason": r.finish_reason} for r in results],
+           "metrics": {"config": cfg.name, **metrics}}
+    if plan is not None:
+        out["placement"] = metrics.pop("placement")
+        out["afd"] = metrics.pop("afd")
+    if "processes" in metrics:
+        out["processes"] = metrics.pop("processes")
+    if not args.json:
+        _print(args, results, metrics, out, plan)
+    return out
+
+
+def _print(args, results, metrics, out, plan) -> None:
+    texts = [None] * len(args.prompt_ids) + list(args.prompt)
+    for i, r in enumerate(results):
+        if texts[i] is not None and r.text is not None:  # a text prompt: show it continued
+            print(f"[{i}] {texts[i]}{r.text}  ({r.finish_reason})")
+            continue
+        shown = r.text if r.text is not None else ",".join(map(str, r.generated_ids))
+        print(f"[{i}] {','.join(map(str, r.prompt_ids))} -> {shown}  ({r.finish_reason})")
+    if plan is None:
+        log.info("%d tokens in %d decode steps, %.1f ms/step, compile %.1f s",
+                 metrics["generated_tokens"], metrics["decode_steps"],
+                 metrics["decode_step_ms"] or 0.0, metrics["compile_s"])
+    else:
+        log.info("AFD: attention on devices %s, FFN on %s; %d micro-batches, %d B A->F and "
+                 "%d B F->A per layer", out["placement"]["attention_devices"],
+                 out["placement"]["ffn_devices"], out["afd"]["micro_batches"],
+                 out["afd"]["a2f_bytes_per_layer"], out["afd"]["f2a_bytes_per_layer"])
