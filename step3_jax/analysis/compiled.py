@@ -178,12 +178,11 @@ def _afd_programs(cfg, placement, batch, context, devices) -> list[dict]:
 
     A = placement.attention
     F = placement.ffn_ep * placement.ffn_tp
-    attn_mesh = make_mesh(dp=A, devices=devices[:A])
     ffn_mesh = make_mesh(ep=placement.ffn_ep, tp=placement.ffn_tp, devices=devices[A:A + F])
     dt = jnp.dtype(cfg.dtype)
     item = dt.itemsize
-    rep_a, rep_f = NamedSharding(attn_mesh, P()), NamedSharding(ffn_mesh, P())
-    dp = NamedSharding(attn_mesh, P("dp"))
+    rep_f = NamedSharding(ffn_mesh, P())
+    one = SingleDeviceSharding(devices[0])  # each attention device runs its own program
     m = placement.micro_batches
     rows = -(-(-(-batch // m)) // A) * A
     b = rows // A
@@ -203,15 +202,15 @@ def _afd_programs(cfg, placement, batch, context, devices) -> list[dict]:
     kinds += [("dense", dense[0])] if dense else []
     for kind, i in kinds:
         spec = decl.layers[i]
-        layer = jax.tree.map(lambda s: _sds(s.shape, dt, rep_a), spec, is_leaf=weights.is_spec)
+        layer = jax.tree.map(lambda s: _sds(s.shape, dt, one), spec, is_leaf=weights.is_spec)
         layer = layer.replace(ffn=afd_schedule.RouterOnly(layer.ffn.router) if kind == "MoE"
                               else None)
-        h = _sds((rows, 1, H), dt, dp)
-        k_shape, v_shape = layer_shapes(cfg, rows, context)
-        kv = (_sds(k_shape, dt, dp), _sds(v_shape, dt, dp),
-              _sds((rows, 1), jnp.int32, dp), _sds((rows,), jnp.int32, dp))
+        h = _sds((b, 1, H), dt, one)
+        k_shape, v_shape = layer_shapes(cfg, b, context)
+        kv = (_sds(k_shape, dt, one), _sds(v_shape, dt, one),
+              _sds((b, 1), jnp.int32, one), _sds((b,), jnp.int32, one))
         compiled = afd_schedule.attention_step.lower(
-            layer, h, h, _sds((rows, 1), jnp.int32, dp), *kv, cfg=cfg,
+            layer, h, h, _sds((b, 1), jnp.int32, one), *kv, cfg=cfg,
             transfer="float8_e4m3fn").compile()
         args = (layer_weights("attention", i) + 2 * b * H * item + b * 4
                 + 2 * b * context * d * item + b * 4 + b * 4)
@@ -238,7 +237,6 @@ def _afd_programs(cfg, placement, batch, context, devices) -> list[dict]:
 
     # The LM head and sampling: one program per attention device over all its micro-batches'
     # rows, on that device alone, as afd.generate runs it.
-    one = SingleDeviceSharding(devices[0])
     head = decl.replace(layers=())
     head = jax.tree.map(lambda s: _sds(s.shape, dt, one), head, is_leaf=weights.is_spec)
     hs = tuple(_sds((b, 1, H), dt, one) for _ in range(m))

@@ -57,6 +57,8 @@ from __future__ import annotations
 
 from step3_jax.analysis.deployment import BYTES, Placement, shards, weight_bytes
 from step3_jax.errors import Step3Error
+from step3_jax.model import attention
+from step3_jax.model.blocked_attention import blocked_working_set_bytes
 from step3_jax.model.config import Step3Config
 
 # ----- activations --------------------------------------------------------------------------------
@@ -65,11 +67,19 @@ def _local(n: int, split: int) -> int:
     return n // split if split > 1 and n % split == 0 else n
 
 
-def attention_layer_bytes(cfg: Step3Config, b: int, heads: int, context: int, act: int) -> int:
-    """One MFA layer's live buffers for ``b`` new tokens over ``context`` cached positions."""
+def attention_layer_bytes(cfg: Step3Config, b: int, heads: int, context: int, act: int,
+                          queries: int = 1) -> int:
+    """One MFA layer's live buffers for ``b`` sequences of ``queries`` new tokens each over
+    ``context`` key slots: the kernel's score buffers — every score array of the plain product
+    (scores, masked scores, exponentials in float32, probabilities), or the blocked kernel's
+    working set, whichever ``attention.resolve_impl`` picks for these shapes — plus the
+    per-token vectors (low-rank query, heads, k, v, output, o_proj output)."""
     Q, d, H = cfg.share_q_dim, cfg.head_dim, cfg.hidden_size
-    scores = b * heads * context * (3 * 4 + act)   # scores, masked, exp (f32); probabilities
-    vectors = b * (Q + 2 * heads * d + 2 * d + H) * act
+    if attention.resolve_impl(cfg, b, queries, heads, context) == "blocked":
+        scores = blocked_working_set_bytes(b, queries, heads, d, context, itemsize=act)
+    else:
+        scores = b * queries * heads * context * (3 * 4 + act)
+    vectors = b * queries * (Q + 2 * heads * d + 2 * d + H) * act
     return scores + vectors
 
 
@@ -113,28 +123,33 @@ def head_bytes(cfg: Step3Config, b: int, act: int) -> int:
 
 
 def activations(cfg: Step3Config, placement: Placement, batch: int, context: int, *,
-                act: int, kernel: str, weight_bytes_per_value: int) -> dict:
-    """Live activation bytes per device of one decode step: ``{group: {part: bytes}}``."""
+                act: int, kernel: str, weight_bytes_per_value: int, queries: int = 1) -> dict:
+    """Live activation bytes per device of one decode step (``queries`` 1), or of one prefill
+    pass of ``queries`` tokens per sequence over ``context`` key slots (the LM head then reads
+    each sequence's last token only): ``{group: {part: bytes}}``."""
     H = cfg.hidden_size
     if not placement.afd:
         b = -(-batch // placement.dp)
+        n = b * queries
         heads = _local(cfg.num_attention_heads, placement.tp)
         layer = {
-            "attention_layer": attention_layer_bytes(cfg, b, heads, context, act),
-            "moe_layer": router_bytes(cfg, b) + moe_layer_bytes(
-                cfg, b, ep=placement.ep, tp=placement.tp, act=act, kernel=kernel,
+            "attention_layer": attention_layer_bytes(cfg, b, heads, context, act, queries),
+            "moe_layer": router_bytes(cfg, n) + moe_layer_bytes(
+                cfg, n, ep=placement.ep, tp=placement.tp, act=act, kernel=kernel,
                 weight_bytes_per_value=weight_bytes_per_value),
-            "dense_layer": dense_layer_bytes(cfg, b, tp=placement.tp, act=act),
+            "dense_layer": dense_layer_bytes(cfg, n, tp=placement.tp, act=act),
             "lm_head_and_sampling": head_bytes(cfg, b, act),
         }
-        return {"colocated": _peak({"residual_stream": 2 * b * H * act}, layer)}
+        return {"colocated": _peak({"residual_stream": 2 * n * H * act}, layer)}
     m = placement.micro_batches
-    rows = -(-(-(-batch // m)) // placement.attention) * placement.attention  # per micro-batch
-    b = rows // placement.attention            # tokens per attention device per micro-batch
-    transfer = b * (H + 4)                     # FP8 y and one float32 scale per token
+    seqs = -(-(-(-batch // m)) // placement.attention) * placement.attention  # per micro-batch
+    b = seqs // placement.attention            # sequences per attention device and micro-batch
+    rows = seqs * queries                      # tokens per micro-batch
+    transfer = b * queries * (H + 4)           # FP8 y and one float32 scale per token
     attn = {
-        "attention_layer": attention_layer_bytes(cfg, b, cfg.num_attention_heads, context, act)
-        + router_bytes(cfg, b) + transfer,
+        "attention_layer": attention_layer_bytes(cfg, b, cfg.num_attention_heads, context, act,
+                                                 queries)
+        + router_bytes(cfg, b * queries) + transfer,
         "lm_head_and_sampling": head_bytes(cfg, m * b, act),  # all micro-batches at once
     }
     inputs = rows * (H + 4 + 8 * cfg.moe_top_k) + rows * H * act  # received, dequantized
@@ -144,7 +159,7 @@ def activations(cfg: Step3Config, placement: Placement, batch: int, context: int
                                      weight_bytes_per_value=weight_bytes_per_value),
         "dense_layer": dense_layer_bytes(cfg, rows, tp=placement.ffn_tp, act=act),
     }
-    return {"attention": _peak({"residual_stream": m * 2 * b * H * act}, attn),
+    return {"attention": _peak({"residual_stream": m * 2 * b * queries * H * act}, attn),
             "ffn": _peak({"received_tokens": inputs}, ffn)}
 
 
@@ -245,10 +260,10 @@ def notes(cfg: Step3Config, placement: Placement, doc: dict) -> list[str]:
     """What the figures assume, in one line each (also in the JSON's ``notes``)."""
     out = [
         "Activations: the residual stream held across layers plus the largest of one attention "
-        "layer (every [tokens, heads, context] array the MFA code defines: scores, masked scores "
-        "and exponentials in float32, probabilities), one FFN layer (" + doc["moe_kernel"] +
-        " MoE kernel) and the LM head with sampling. A fused attention kernel would not "
-        "materialize the score arrays (step3_jax/analysis/plan.py).",
+        "layer (the plain product's [tokens, heads, context] score arrays, or, where "
+        "--attention-impl auto picks it, the blocked kernel's score tile), one FFN layer (" +
+        doc["moe_kernel"] + " MoE kernel) and the LM head with sampling "
+        "(step3_jax/analysis/plan.py).",
         "GB = 1e9 bytes. --device-memory 80GB is 80e9 bytes: conservative for an 80 GB Hopper "
         "card, whose 80 GiB (85.9e9 B) of HBM include what the runtime reserves.",
     ]

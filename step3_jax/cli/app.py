@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_line(e: Exception) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
@@ -52,6 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = SUBCOMMANDS[args.command].run(args)
     except Step3Error as e:
         print(f"step3-jax: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # jaxlib's XlaRuntimeError; an allocation the plan did not foresee
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"step3-jax: error: out of memory ({_first_line(e)}); lower --prefill-chunk, the "
+              "batch or the context, or use more devices", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("step3-jax: interrupted", file=sys.stderr)

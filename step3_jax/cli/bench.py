@@ -24,6 +24,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     be.add_argument("--repeats", type=int, default=3, help="timed runs after warm-up (default 3)")
     be.add_argument("--flush-mb", type=int, default=1024,
                     help="cache-flush buffer rewritten before each timed run (0 = off)")
+    common.prefill_args(be)
     common.afd_args(be)
     launch.add_process_args(be)
     common.output_args(be)
@@ -32,11 +33,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(args) -> dict | None:
     from step3_jax.runtime import bench
+    from step3_jax.runtime.generate import check_prefill_chunk
     from step3_jax.runtime.launch import process_group
 
     for flag in ("batch", "prompt_len", "new_tokens", "repeats"):
         if getattr(args, flag) < 1:
             raise Step3Error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_prefill_chunk(args.prefill_chunk)
     if args.checkpoint is None and args.config is None:
         args.config = "bench"
     cfg = common.config(args)
@@ -48,9 +51,13 @@ def run(args) -> dict | None:
         raise Step3Error(f"--new-tokens must be >= {bench.AFD_MIN_NEW_TOKENS} with --afd, got "
                          f"{args.new_tokens}")
     group = process_group(args, afd=plan is not None)
+    if group is None:
+        common.check_memory(args, cfg, plan, batch=args.batch, longest=args.prompt_len,
+                            new_tokens=args.new_tokens)
     measure = functools.partial(bench.run, batch=args.batch, prompt_len=args.prompt_len,
                                 new_tokens=args.new_tokens, repeats=args.repeats,
-                                flush_mb=args.flush_mb, seed=args.seed, log=log.info)
+                                flush_mb=args.flush_mb, seed=args.seed, log=log.info,
+                                prefill_chunk=args.prefill_chunk)
     if group is not None:  # attention and FFN groups in separate processes
         from step3_jax.runtime import distributed
 

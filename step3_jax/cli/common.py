@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import sys
 
 from step3_jax.errors import Step3Error
+from step3_jax.runtime.generate import DEFAULT_PREFILL_CHUNK
 
 log = logging.getLogger("step3_jax")
 
@@ -22,6 +25,36 @@ def ids(text: str) -> list[int]:
     if not out:
         raise argparse.ArgumentTypeError("expected at least one token id")
     return out
+
+
+def read_text_file(path: str, flag: str) -> str:
+    """The text of ``path`` (``-``: standard input) for ``flag``, or a one-line error."""
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Step3Error(f"{flag} {path}: cannot read ({getattr(e, 'strerror', None) or e})")
+    if not text:
+        raise Step3Error(f"{flag} {path}: the file is empty")
+    return text
+
+
+def read_ids_file(path: str, flag: str) -> list[int]:
+    """Token ids from ``path`` (``-``: standard input), separated by commas and/or whitespace
+    (a 65,536-token prompt is past the kernel's 128 KiB limit on one argument), or a one-line
+    error naming the first bad entry."""
+    fields = [f for f in re.split(r"[\s,]+", read_text_file(path, flag)) if f]
+    bad = next((f for f in fields if not re.fullmatch(r"-?\d+", f)), None)
+    if bad is not None:
+        raise Step3Error(f"{flag} {path}: {bad[:20]!r} is not a token id")
+    if not fields:
+        raise Step3Error(f"{flag} {path}: no token ids")
+    return [int(f) for f in fields]
+
+
+def check_stdin_once(*paths: list[str]) -> None:
+    """Standard input can be read once: ``-`` may appear in at most one file flag."""
+    if sum(p.count("-") for p in paths) > 1:
+        raise Step3Error("'-' (standard input) can be given to only one file flag, once")
 
 
 def model_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +74,11 @@ def model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-impl", choices=("auto", "loop", "ragged"), default="auto",
                    help="MoE expert kernel: loop (XLA:CPU), ragged (ragged_dot, GPU/TPU); "
                         "default auto picks by backend")
+    g.add_argument("--attention-impl", choices=("auto", "plain", "blocked"), default="auto",
+                   help="attention kernel: plain (every score at once), blocked (online "
+                        "softmax over key blocks, memory of one score tile, invisible blocks "
+                        "skipped); default auto: plain while the batch's score array is at "
+                        "most 64 MiB")
     g.add_argument("--mesh", metavar="dp=N,tp=N,ep=N",
                    help="shard over a device mesh: dp splits the batch (and the KV cache), tp "
                         "the heads and FFN widths, ep the experts; omitted axes are 1 "
@@ -63,6 +101,13 @@ def afd_args(p: argparse.ArgumentParser) -> None:
                         "paper) or a plain dtype; F->A results use the compute dtype")
 
 
+def prefill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                   help="prefill a longer prompt N tokens at a time against the growing KV "
+                        "cache, so activation memory follows N, not the prompt (0: the whole "
+                        f"prompt at once; default {DEFAULT_PREFILL_CHUNK})")
+
+
 def output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON document on stdout (logs go to stderr)")
@@ -77,7 +122,8 @@ def config(args):
     if args.checkpoint is None and args.config is None:
         default_model(args)
     source = args.config if args.config is not None else checkpoint_dir(args.checkpoint)
-    return load_config(source, dtype=args.dtype, moe_impl=args.moe_impl)
+    return load_config(source, dtype=args.dtype, moe_impl=args.moe_impl,
+                       attention_impl=args.attention_impl)
 
 
 def default_model(args) -> None:
@@ -124,7 +170,39 @@ def load(args, plan=None):
     elif args.mesh:
         placement = {"mesh": parse_mesh(args.mesh)}
     return load(args.checkpoint, args.config, dtype=args.dtype, seed=args.seed,
-                moe_impl=args.moe_impl, progress=not args.quiet, **placement)
+                moe_impl=args.moe_impl, attention_impl=args.attention_impl,
+                progress=not args.quiet, **placement)
+
+
+def check_memory(args, cfg, plan, *, batch: int, longest: int, new_tokens: int,
+                 scoring: bool = False) -> None:
+    """Refuse, in one line and before any weight loads, a run whose weights, KV cache and
+    activations cannot fit the devices (``analysis.preflight``)."""
+    from step3_jax.analysis import deployment, preflight
+    from step3_jax.checkpoint import store
+    from step3_jax.runtime.generate import MIN_PREFILL_BUCKET, bucket, prefill_pieces, shape_buckets
+
+    if scoring:
+        capacity, piece = prefill_pieces(bucket(longest, MIN_PREFILL_BUCKET), args.prefill_chunk)
+        piece = piece or capacity
+        extra = 3 * piece * cfg.padded_vocab * 4  # a chunk's logits and log-probabilities
+        what = f"scoring {longest:,} tokens"
+    else:
+        padded, capacity = shape_buckets(longest, new_tokens, cfg)
+        piece = padded if plan is not None else (prefill_pieces(padded, args.prefill_chunk)[1]
+                                                 or padded)
+        extra = 0
+        what = (f"{batch} prompt{'s' if batch > 1 else ''} of up to {longest:,} tokens "
+                f"+ {new_tokens:,} new")
+    if plan is not None:
+        placement = deployment.Placement(afd=True, attention=plan.attention, ffn_ep=plan.ffn_ep,
+                                         ffn_tp=plan.ffn_tp, micro_batches=plan.micro_batches)
+    else:
+        placement = deployment.parse_placement(mesh=args.mesh)
+    fp8 = args.checkpoint is not None and store.is_store(args.checkpoint) and \
+        store.read_manifest(args.checkpoint).get("weights") == "fp8"
+    preflight.check(cfg, placement, batch=batch, piece=min(piece, capacity), capacity=capacity,
+                    what=what, weights_format="fp8" if fp8 else None, extra=extra)
 
 
 def tokenizer(args, what: str):

@@ -22,6 +22,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="a prompt as comma-separated token ids; repeat for more prompts")
     g.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a text prompt (needs tokenizer.json beside the checkpoint); repeatable")
+    g.add_argument("--prompt-ids-file", action="append", default=[], metavar="FILE",
+                   help="a prompt as token ids in a file, separated by commas and/or "
+                        "whitespace (- reads standard input); repeatable")
+    g.add_argument("--prompt-file", action="append", default=[], metavar="FILE",
+                   help="a text prompt read from a file (- reads standard input; needs "
+                        "tokenizer.json beside the checkpoint); repeatable")
+    common.prefill_args(g)
     s = gen.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                    help="tokens to generate per prompt (default 32)")
@@ -41,12 +48,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> dict | None:
     from step3_jax.checkpoint.loader import load_tokenizer
     from step3_jax.runtime import sampling
-    from step3_jax.runtime.generate import check_prompts, generate
+    from step3_jax.runtime.generate import check_prefill_chunk, check_prompts, generate
     from step3_jax.runtime.launch import process_group
 
+    common.check_stdin_once(args.prompt_ids_file, args.prompt_file)
     prompts = list(args.prompt_ids)
-    if not prompts and not args.prompt:
-        raise Step3Error("no prompt: give --prompt-ids 1,2,3 or --prompt TEXT")
+    prompts += [common.read_ids_file(f, "--prompt-ids-file") for f in args.prompt_ids_file]
+    texts = list(args.prompt) + [common.read_text_file(f, "--prompt-file")
+                                 for f in args.prompt_file]
+    if not prompts and not texts:
+        raise Step3Error("no prompt: give --prompt-ids 1,2,3, --prompt TEXT, --prompt-ids-file "
+                         "FILE or --prompt-file FILE")
     if args.max_new_tokens < 1:
         raise Step3Error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling.check(args.temperature, args.top_k, args.top_p)
@@ -55,13 +67,18 @@ def run(args) -> dict | None:
 
         parse_mesh(args.mesh)  # a bad mesh fails before any weight loads
     cfg = common.config(args)
-    tok = common.tokenizer(args, "--prompt") if args.prompt else load_tokenizer(args.checkpoint)
-    prompts += [tok.encode(text).ids for text in args.prompt]
+    tok = (common.tokenizer(args, "--prompt" if args.prompt else "--prompt-file") if texts
+           else load_tokenizer(args.checkpoint))
+    prompts += [tok.encode(text).ids for text in texts]
     check_prompts(prompts, cfg)
     plan = common.afd_plan(args)
     group = process_group(args, afd=plan is not None)
     knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id)
+    check_prefill_chunk(args.prefill_chunk)
+    if group is None:  # a multi-process run: each process holds a part (not checked here)
+        common.check_memory(args, cfg, plan, batch=len(prompts),
+                            longest=max(len(p) for p in prompts), new_tokens=args.max_new_tokens)
     if group is not None:  # attention and FFN groups in separate processes
         from step3_jax.runtime import distributed
 
@@ -76,7 +93,8 @@ def run(args) -> dict | None:
         results, metrics = afd.generate(afd.place(params, cfg, plan), prompts, **knobs)
     else:
         params, cfg = common.load(args, plan)
-        results, metrics = generate(params, cfg, prompts, **knobs)
+        results, metrics = generate(params, cfg, prompts, prefill_chunk=args.prefill_chunk,
+                                    **knobs)
     if tok is not None:
         for r in results:
             r.text = tok.decode(r.generated_ids)
@@ -94,13 +112,20 @@ def run(args) -> dict | None:
 
 
 def _print(args, results, metrics, out, plan) -> None:
-    texts = [None] * len(args.prompt_ids) + list(args.prompt)
+    # Each prompt as given: inline ids, id files, inline text (shown continued), text files.
+    given = ([None] * len(args.prompt_ids) + [f"<{f}>" for f in args.prompt_ids_file]
+             + list(args.prompt) + [f"<{f}>" for f in args.prompt_file])
+    inline_text = range(len(args.prompt_ids) + len(args.prompt_ids_file),
+                        len(given) - len(args.prompt_file))
     for i, r in enumerate(results):
-        if texts[i] is not None and r.text is not None:  # a text prompt: show it continued
-            print(f"[{i}] {texts[i]}{r.text}  ({r.finish_reason})")
+        if i in inline_text and r.text is not None:  # a text prompt: show it continued
+            print(f"[{i}] {given[i]}{r.text}  ({r.finish_reason})")
             continue
         shown = r.text if r.text is not None else ",".join(map(str, r.generated_ids))
-        print(f"[{i}] {','.join(map(str, r.prompt_ids))} -> {shown}  ({r.finish_reason})")
+        prompt = given[i] or ",".join(map(str, r.prompt_ids))
+        if given[i] is not None:
+            prompt += f" ({len(r.prompt_ids):,} tokens)"
+        print(f"[{i}] {prompt} -> {shown}  ({r.finish_reason})")
     if plan is None:
         log.info("%d tokens in %d decode steps, %.1f ms/step, compile %.1f s",
                  metrics["generated_tokens"], metrics["decode_steps"],

@@ -7,9 +7,12 @@ token attend as one ``[heads, d] x [d, keys]`` matmul against the same keys.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from step3_jax.model.blocked_attention import blocked_attend, visible
 from step3_jax.model.config import Step3Config
 from step3_jax.model.layers import linear, rms_norm, rope
 from step3_jax.model.quant import materialize
@@ -52,6 +55,71 @@ def output(p: Attention, o: jax.Array) -> jax.Array:
     hidden, n, d = p.o_proj.shape
     w = materialize(p.o_proj, o.dtype).reshape(hidden, n * d)
     return linear(o.reshape(*o.shape[:-2], n * d), w)
+
+
+# ``auto``: the plain product for decode over at most PLAIN_MAX_KEYS cache slots and for prompt
+# chunks of at most PLAIN_MAX_QUERIES tokens (there it is as fast: one query block, or a cache
+# short enough that reading all of it costs no more than skipping), unless its float32 score
+# array would pass PLAIN_MAX_SCORE_BYTES; the blocked kernel everywhere else: 2.4-3.4x faster
+# than plain for 256-4096-token prefill on the bench shapes, 1.4-40x for decode at 16K-64K
+# (tools/bench_attention.py, BENCHMARKS.md "Long context").
+PLAIN_MAX_QUERIES = 128
+PLAIN_MAX_KEYS = 8192
+PLAIN_MAX_SCORE_BYTES = 2**30
+
+
+def resolve_impl(cfg: Step3Config, batch: int, queries: int, heads: int, keys: int) -> str:
+    """The attention kernel for ``queries`` queries of ``heads`` heads over ``keys`` key slots
+    (shapes are static under jit, so the choice is made at trace time)."""
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    short = keys <= PLAIN_MAX_KEYS and queries <= PLAIN_MAX_QUERIES
+    small = 4 * batch * queries * heads * keys <= PLAIN_MAX_SCORE_BYTES
+    return "plain" if short and small else "blocked"
+
+
+def attend_positions(q: jax.Array, k_t: jax.Array, v: jax.Array, q_pos: jax.Array,
+                     key_len: jax.Array, cfg: Step3Config, window: int | None = None):
+    """MFA's attention core behind one switch (``cfg.attention_impl``): query ``t`` of sequence
+    ``b`` at position ``q_pos[b, t]`` sees key slot ``s`` (position ``s``) iff ``s <
+    key_len[b]``, ``s <= q_pos[b, t]`` and, with a ``window``, ``q_pos[b, t] - s < window``.
+
+    ``plain``: every score at once (:func:`attend`, ``[B, T, n, S]`` float32); ``blocked``:
+    online softmax over key blocks that skips invisible ones
+    (:func:`~step3_jax.model.blocked_attention.blocked_attend`, one score tile at a time)."""
+    batch, queries, heads, _ = q.shape
+    if resolve_impl(cfg, batch, queries, heads, k_t.shape[-1]) == "blocked":
+        with jax.named_scope("attention_blocked"):
+            return _blocked_on_mesh(q, k_t, v, q_pos, key_len, window)
+    return plain_attend(q, k_t, v, q_pos, key_len, window)
+
+
+def plain_attend(q, k_t, v, q_pos, key_len, window: int | None = None) -> jax.Array:
+    """:func:`attend` with the visibility of :func:`attend_positions`: all ``[B, T, n, S]``
+    float32 scores at once (fast for short prompts and short caches, O(T*S) memory)."""
+    k_pos = jnp.arange(k_t.shape[-1], dtype=jnp.int32)[None]
+    return attend(q, k_t, v, visible(q_pos, k_pos, key_len, window))
+
+
+def _blocked_on_mesh(q, k_t, v, q_pos, key_len, window):
+    """The blocked kernel on each device's own sequences and heads. It walks the batch one
+    sequence at a time, which the SPMD partitioner cannot split: under a mesh (``jax.set_mesh``)
+    whose ``dp`` splits the batch or ``tp`` the heads, it runs inside ``jax.shard_map`` on the
+    local block (without, XLA gathers every device's KV cache onto each)."""
+    from jax.sharding import PartitionSpec as P
+
+    kernel = functools.partial(blocked_attend, window=window)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return kernel(q, k_t, v, q_pos, key_len)
+    size = lambda axis: mesh.shape.get(axis, 1)  # noqa: E731
+    dp = "dp" if size("dp") > 1 and q.shape[0] % size("dp") == 0 else None
+    tp = "tp" if size("tp") > 1 and q.shape[2] % size("tp") == 0 else None
+    if dp is None and tp is None:
+        return kernel(q, k_t, v, q_pos, key_len)
+    heads, rows = P(dp, None, tp, None), P(dp)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, rows, rows, rows, rows),
+                         out_specs=heads, check_vma=False)(q, k_t, v, q_pos, key_len)
 
 
 def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array) -> jax.Array:

@@ -18,6 +18,8 @@ from step3_jax.errors import ConfigError
 
 VOCAB_PAD_MULTIPLE = 128
 MoEImpl = Literal["auto", "loop", "ragged", "blocks"]
+AttentionImpl = Literal["auto", "plain", "blocked"]
+ATTENTION_IMPLS = ("auto", "plain", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,9 +49,12 @@ class Step3Config:
     # Numerics, not architecture: the dtype weights and activations are held in (float32 by
     # default: XLA:CPU runs bfloat16 matmuls ~25x slower) and the MoE kernel choice
     # ("auto": the expert loop on CPU, grouped ragged_dot on GPU/TPU; "blocks": the
-    # differentiable kernel training uses on CPU, see moe.py).
+    # differentiable kernel training uses on CPU, see moe.py), and the attention kernel choice
+    # ("auto": the plain product where its score array is small, blocked online softmax where
+    # it is not; see attention.py).
     dtype: str = "float32"
     moe_impl: MoEImpl = "auto"
+    attention_impl: AttentionImpl = "auto"
     name: str = "step3"
 
     def __post_init__(self):
@@ -80,6 +85,9 @@ class Step3Config:
             bad(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.moe_impl not in ("auto", "loop", "ragged", "blocks"):
             bad(f"moe_impl must be auto, loop, ragged or blocks, got {self.moe_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            bad(f"attention_impl must be {', '.join(ATTENTION_IMPLS)}, got "
+                f"{self.attention_impl!r}")
 
     # ----- derived quantities ---------------------------------------------------------------
     @property
@@ -100,10 +108,12 @@ class Step3Config:
 
     def to_hub_dict(self) -> dict:
         """A bare Hub text config (``step3_text``) that :func:`from_hub_dict` reads back to
-        this config's architecture (numerics fields ``dtype``/``moe_impl`` are not stored)."""
+        this config's architecture (numerics fields ``dtype``, ``moe_impl`` and ``attention_impl``
+        are not stored)."""
         raw = {"_name_or_path": self.name, "model_type": "step3_text",
                **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("dtype", "moe_impl", "name", "moe_layers", "eos_token_ids")}}
+                  if f.name not in ("dtype", "moe_impl", "attention_impl", "name", "moe_layers",
+                                    "eos_token_ids")}}
         raw["moe_layers_enum"] = ",".join(map(str, self.moe_layers))
         eos = list(self.eos_token_ids)
         raw["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)

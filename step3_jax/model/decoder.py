@@ -44,13 +44,11 @@ def attention_block(p: Layer, x, positions, kv, cfg: Step3Config):
             new_kv = (k_cache, v_cache)
         if kv is not None and key_len is not None:
             keys_t, values = k_cache, v_cache
-            key_pos = jnp.broadcast_to(jnp.arange(values.shape[1]), values.shape[:2])
-            valid = key_pos < key_len[:, None]
-        else:  # attention within the chunk itself
-            keys_t, values, key_pos = jnp.swapaxes(k, 1, 2), v, positions
-            valid = jnp.ones(key_pos.shape, bool)
-        mask = attention.causal_mask(positions, key_pos, valid)
-        return x + attention.output(p.attn, attention.attend(q, keys_t, values, mask)), new_kv
+        else:  # attention within the chunk itself (no earlier keys; positions start at 0)
+            keys_t, values = jnp.swapaxes(k, 1, 2), v
+            key_len = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
+        o = attention.attend_positions(q, keys_t, values, positions, key_len, cfg)
+        return x + attention.output(p.attn, o), new_kv
 
 
 def ffn_block(ffn: Mlp | Moe, y, cfg: Step3Config, routing=None):
@@ -99,6 +97,21 @@ def logits_from_hidden(params: Params, x: jax.Array, cfg: Step3Config) -> jax.Ar
         return jnp.where(pad, -jnp.inf, logits)
 
 
+def extend(params: Params, tokens: jax.Array, cache: KVCache, cfg: Step3Config,
+            num_new: jax.Array | None = None):
+    """Hidden states ``[B, T, H]`` of ``tokens`` appended after each sequence's
+    ``cache.lengths`` (token ``t`` of sequence ``b`` for ``t < num_new[b]``), and the cache."""
+    batch, chunk = tokens.shape
+    if num_new is None:
+        num_new = jnp.full((batch,), chunk, jnp.int32)
+    positions = cache.lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    slots = write_positions(cache.lengths, num_new, chunk, cache.capacity)
+    key_len = jnp.minimum(cache.lengths + num_new, cache.capacity)
+    x, (k, v) = _stack(params, embed(params, tokens), positions,
+                       (cache.k, cache.v, slots, key_len), cfg)
+    return x, KVCache(k=k, v=v, lengths=key_len)
+
+
 def forward(params: Params, tokens: jax.Array, cache: KVCache | None, cfg: Step3Config,
             num_new: jax.Array | None = None):
     """Logits ``[B, T, padded_vocab]`` (float32, padding = ``-inf``) and the updated cache.
@@ -109,37 +122,51 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache | None, cfg: Step3
     cached before it; ``lengths`` grows by ``num_new``. Slots past the capacity are never written
     (see ``cache.write_positions``): callers check capacity before calling (``generate`` does).
     """
-    batch, chunk = tokens.shape
-    x = embed(params, tokens)
-    steps = jnp.arange(chunk, dtype=jnp.int32)[None, :]
     if cache is None:
-        positions = jnp.broadcast_to(steps, tokens.shape)
-        x, _ = _stack(params, x, positions, None, cfg)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :],
+                                     tokens.shape)
+        x, _ = _stack(params, embed(params, tokens), positions, None, cfg)
         return logits_from_hidden(params, x, cfg), None
-    if num_new is None:
-        num_new = jnp.full((batch,), chunk, jnp.int32)
-    positions = cache.lengths[:, None] + steps
-    slots = write_positions(cache.lengths, num_new, chunk, cache.capacity)
-    key_len = jnp.minimum(cache.lengths + num_new, cache.capacity)
-    x, (k, v) = _stack(params, x, positions, (cache.k, cache.v, slots, key_len), cfg)
-    cache = KVCache(k=k, v=v, lengths=key_len)
+    x, cache = extend(params, tokens, cache, cfg, num_new)
     return logits_from_hidden(params, x, cfg), cache
 
 
+def _at(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``x[b, index[b]]`` for ``x [B, T, H]``: each sequence's hidden state at one position."""
+    return jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[1] - 1)[:, None, None], axis=1)[:, 0]
+
+
 def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, capacity: int,
-            cfg: Step3Config):
+            cfg: Step3Config, chunk: int | None = None):
     """Run right-padded prompts ``tokens [B, T]`` (``lengths[b]`` real tokens each) into a new cache.
 
-    Attention runs within the prompt chunk (the cache is empty), K/V are written to slots
-    ``0 .. lengths[b]-1``, and logits are computed only at each prompt's last token: returns
-    ``(logits [B, padded_vocab], cache)``.
+    K/V are written to slots ``0 .. lengths[b]-1`` and logits are computed only at each prompt's
+    last token: returns ``(logits [B, padded_vocab], cache)``. Without ``chunk`` (or with
+    ``chunk >= T``) attention runs within the whole prompt at once. With ``chunk`` (``T`` a
+    multiple of it), a ``fori_loop`` feeds the prompt ``chunk`` tokens at a time against the
+    growing cache, so activations are bounded by the chunk, not the prompt (chunked prefill).
     """
-    batch, chunk = tokens.shape
+    batch, total = tokens.shape
     cache = init_cache(cfg, batch, capacity, dtype=params.embed.dtype)
-    positions = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32)[None, :], tokens.shape)
-    slots = write_positions(cache.lengths, lengths, chunk, capacity)
-    x, (k, v) = _stack(params, embed(params, tokens), positions,
-                       (cache.k, cache.v, slots, None), cfg)
-    last = jnp.take_along_axis(x, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)[:, 0]
-    cache = KVCache(k=k, v=v, lengths=jnp.minimum(lengths, capacity).astype(jnp.int32))
+    if chunk is None or chunk >= total:
+        positions = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32)[None, :], tokens.shape)
+        slots = write_positions(cache.lengths, lengths, total, capacity)
+        x, (k, v) = _stack(params, embed(params, tokens), positions,
+                           (cache.k, cache.v, slots, None), cfg)
+        cache = KVCache(k=k, v=v, lengths=jnp.minimum(lengths, capacity).astype(jnp.int32))
+        return logits_from_hidden(params, _at(x, lengths - 1), cfg), cache
+    if total % chunk:
+        raise ValueError(f"prefill chunk {chunk} does not divide the padded prompt ({total})")
+    last_chunk = (lengths - 1) // chunk
+
+    def body(c, carry):
+        cache, last = carry
+        piece = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)
+        num_new = jnp.clip(lengths - c * chunk, 0, chunk).astype(jnp.int32)
+        x, cache = extend(params, piece, cache, cfg, num_new)
+        last = jnp.where((last_chunk == c)[:, None], _at(x, num_new - 1), last)
+        return cache, last
+
+    last = jnp.zeros((batch, cfg.hidden_size), params.embed.dtype)
+    cache, last = jax.lax.fori_loop(0, total // chunk, body, (cache, last))
     return logits_from_hidden(params, last, cfg), cache

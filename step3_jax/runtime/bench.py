@@ -115,7 +115,7 @@ AFD_MIN_NEW_TOKENS = 4  # afd.generate times decode steps from the second on, on
 
 def run(params, cfg: Step3Config, *, batch: int, prompt_len: int, new_tokens: int,
         repeats: int = 3, flush_mb: int = 1024, seed: int = 0, log=None, afd_model=None,
-        schedule: str = "pipelined") -> dict:
+        schedule: str = "pipelined", prefill_chunk: int | None = None) -> dict:
     """Benchmark decode on ``params``: the report ``step3-jax bench --json`` prints.
 
     Prompts are random token ids (greedy decoding, no EOS, so every sequence decodes exactly
@@ -128,7 +128,8 @@ def run(params, cfg: Step3Config, *, batch: int, prompt_len: int, new_tokens: in
     timed call's; the report adds ``placement`` and ``afd`` (the byte counts, and the
     median over the runs of each traced stage metric, ``afd_trace.summarize``). ``bytes_per_step``
     is the same model-level figure as colocated: AFD's micro-batches each re-read the experts
-    they touch, so its real traffic is higher.
+    they touch, so its real traffic is higher. ``prefill_chunk``: as ``Generator``'s (default
+    its default; AFD prefills the whole prompt in one pass).
     """
     from step3_jax.runtime.generate import Generator
 
@@ -142,7 +143,8 @@ def run(params, cfg: Step3Config, *, batch: int, prompt_len: int, new_tokens: in
     rng = np.random.default_rng(seed)
     prompts = rng.integers(2, cfg.vocab_size, size=(batch, prompt_len)).tolist()
     if afd_model is None:
-        gen = Generator(params, cfg)
+        gen = (Generator(params, cfg) if prefill_chunk is None
+               else Generator(params, cfg, prefill_chunk=prefill_chunk))
     else:
         from step3_jax.runtime import afd
 

@@ -121,10 +121,12 @@ def load_part(args, plan, devices, role: str):
     alone; random weights: the part's leaves, identical to a whole-model init), each straight
     onto its AFD sharding; placed as :func:`afd.place` places them."""
     source = args.config if args.config is not None else checkpoint_dir(args.checkpoint)
-    cfg = load_config(source, dtype=args.dtype, moe_impl=args.moe_impl)
+    cfg = load_config(source, dtype=args.dtype, moe_impl=args.moe_impl,
+                      attention_impl=args.attention_impl)
     shardings = afd.afd_shardings(cfg, plan, devices)
     params, cfg = load(args.checkpoint, args.config, dtype=args.dtype, seed=args.seed,
-                       moe_impl=args.moe_impl, progress=not args.quiet, shardings=shardings,
+                       moe_impl=args.moe_impl, attention_impl=args.attention_impl,
+                       progress=not args.quiet, shardings=shardings,
                        expert_parallel=plan.ffn_ep, keep=part(cfg, role))
     return place_part(params, cfg, plan, devices, role), cfg, params
 

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from step3_jax.errors import Step3Error
 from step3_jax.model import decoder
-from step3_jax.model.cache import K_AXES, V_AXES, KVCache
+from step3_jax.model.cache import K_AXES, V_AXES, KVCache, init_cache
 from step3_jax.model.config import Step3Config
 from step3_jax.model.sharding import make_mesh, named, replicated
 from step3_jax.model.weights import Params
@@ -38,6 +38,10 @@ FINISH_REASONS = ("running", "eos", "length", "capacity")
 MIN_PREFILL_BUCKET = 16
 MIN_CAPACITY = 64
 BUCKET_STEP = 256
+# Prompts longer than this are prefilled this many tokens at a time against the growing cache
+# (decoder.prefill's chunked path), so activation memory follows the chunk, not the prompt.
+# Chosen by measurement (tools/bench_long_context.py, BENCHMARKS.md "Long context").
+DEFAULT_PREFILL_CHUNK = 2048
 
 
 @dataclasses.dataclass
@@ -67,6 +71,21 @@ def shape_buckets(longest: int, max_new_tokens: int, cfg: Step3Config) -> tuple[
     chunk = bucket(longest, MIN_PREFILL_BUCKET)
     capacity = min(bucket(chunk + max_new_tokens - 1, MIN_CAPACITY), cfg.max_position_embedding)
     return min(chunk, capacity), capacity
+
+
+def prefill_pieces(padded: int, prefill_chunk: int | None) -> tuple[int, int | None]:
+    """``(padded prompt length, piece)``: a prompt bucket longer than ``prefill_chunk`` is
+    prefilled in pieces of ``prefill_chunk`` tokens, its padded length rounded up to whole
+    pieces; otherwise in one go (piece None)."""
+    if not prefill_chunk or padded <= prefill_chunk:
+        return padded, None
+    return -(-padded // prefill_chunk) * prefill_chunk, prefill_chunk
+
+
+def check_prefill_chunk(prefill_chunk: int | None) -> None:
+    if prefill_chunk is not None and prefill_chunk < 0:
+        raise Step3Error(f"--prefill-chunk must be >= 0 (0: the whole prompt at once), got "
+                         f"{prefill_chunk}")
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], cfg: Step3Config) -> list[list[int]]:
@@ -116,9 +135,10 @@ def _record(state: _LoopState, token, budget, eos_ids) -> _LoopState:
 
 
 def _prefill(params, tokens, lengths, keys, budget, eos_ids, temperature, top_k, top_p, *,
-             cfg: Step3Config, capacity: int) -> _LoopState:
-    """Prefill right-padded prompts into a fresh cache and sample each sequence's first token."""
-    logits, cache = decoder.prefill(params, tokens, lengths, capacity, cfg)
+             cfg: Step3Config, capacity: int, piece: int | None = None) -> _LoopState:
+    """Prefill right-padded prompts into a fresh cache (``piece`` tokens at a time when given)
+    and sample each sequence's first token."""
+    logits, cache = decoder.prefill(params, tokens, lengths, capacity, cfg, piece)
     first = sampling.sample(logits, keys, jnp.int32(0), temperature, top_k, top_p)
     batch = tokens.shape[0]
     state = _LoopState(step=jnp.int32(0), token=first, done=jnp.zeros((batch,), bool),
@@ -146,10 +166,14 @@ class Generator:
 
     Two executables per shape bucket: the prefill (per batch, prompt bucket and capacity) and the
     decode loop (per batch and capacity), whose loop state — the KV cache included — is donated.
+    A prompt bucket longer than ``prefill_chunk`` is prefilled that many tokens at a time (0 or
+    None: the whole prompt at once).
     """
 
-    def __init__(self, params: Params, cfg: Step3Config, mesh: Mesh | None = None):
-        self.params, self.cfg = params, cfg
+    def __init__(self, params: Params, cfg: Step3Config, mesh: Mesh | None = None,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+        check_prefill_chunk(prefill_chunk)
+        self.params, self.cfg, self.prefill_chunk = params, cfg, prefill_chunk
         self.mesh = mesh or _mesh_of(params)
         self._compiled: dict[tuple, object] = {}
 
@@ -195,6 +219,7 @@ class Generator:
             raise Step3Error(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         longest = max(len(p) for p in prompts)
         chunk, capacity = shape_buckets(longest, max_new_tokens, cfg)
+        chunk, piece = prefill_pieces(chunk, self.prefill_chunk)
         if longest + max_new_tokens - 1 > capacity:  # the last sampled token is never fed back
             log.warning("prompt + %d new tokens exceeds the context (%d): sequences stop at the "
                         "context's end", max_new_tokens, cfg.max_position_embedding)
@@ -217,8 +242,8 @@ class Generator:
 
         prefill_args = (self.params, jnp.asarray(tokens), lengths, *knobs)
         prefill, compile_prefill = self._executable(
-            "prefill", (batch, chunk, capacity, len(eos)), _prefill, prefill_args, cfg=cfg,
-            capacity=capacity)
+            "prefill", (batch, chunk, capacity, len(eos), piece), _prefill, prefill_args, cfg=cfg,
+            capacity=capacity, piece=piece)
         start = time.perf_counter()
         state = jax.block_until_ready(prefill(*prefill_args))
         prefill_s = time.perf_counter() - start
@@ -236,7 +261,8 @@ class Generator:
         steps = int(state.step)
         batch = len(prompts)
         metrics = {
-            "batch": batch, "mesh": dict(self.mesh.shape), "prefill_bucket": chunk, "cache_capacity": capacity,
+            "batch": batch, "mesh": dict(self.mesh.shape), "prefill_bucket": chunk,
+            "prefill_chunk": piece, "cache_capacity": capacity,
             "generated_tokens": int(n_gen[:batch].sum()), "decode_steps": steps,
             "compile_s": round(compile_prefill + compile_decode, 3),
             "prefill_ms": round(prefill_s * 1e3, 3), "decode_ms": round(decode_s * 1e3, 3),
@@ -257,13 +283,14 @@ def _mesh_of(params: Params) -> Mesh:
 
 def generate(params: Params, cfg: Step3Config, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, eos_ids: Sequence[int] | None = None, mesh: Mesh | None = None):
+             seed: int = 0, eos_ids: Sequence[int] | None = None, mesh: Mesh | None = None,
+             prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
     """Generate for a ragged batch of token-id prompts; returns ``(results, metrics)``.
 
     One-shot convenience over :class:`Generator` (which keeps its compiled executables across
     calls). ``results[i]`` belongs to ``prompts[i]``; ``eos_ids`` defaults to the config's.
     """
-    return Generator(params, cfg, mesh)(prompts, max_new_tokens=max_new_tokens,
+    return Generator(params, cfg, mesh, prefill_chunk)(prompts, max_new_tokens=max_new_tokens,
                                         temperature=temperature, top_k=top_k, top_p=top_p,
                                         seed=seed, eos_ids=eos_ids)
 
@@ -275,13 +302,43 @@ def _token_logprobs(params, ids, cfg):
     return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
 
 
-def score(params: Params, cfg: Step3Config, ids: Sequence[int]) -> list[float]:
-    """``[log p(ids[i] | ids[:i]) for i in 1..n-1]`` from one full causal forward."""
+@functools.partial(jax.jit, static_argnames=("cfg", "piece"))
+def _token_logprobs_chunked(params, ids, cfg, piece):
+    """:func:`_token_logprobs` ``piece`` tokens at a time against a growing cache: neither the
+    activations nor the ``[piece, vocab]`` logits ever span the whole text."""
+    length = ids.shape[1]
+    cache = init_cache(cfg, 1, length, dtype=params.embed.dtype)
+    targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))
+
+    def body(c, carry):
+        cache, out = carry
+        start = c * piece
+        x, cache = decoder.extend(params, jax.lax.dynamic_slice_in_dim(ids, start, piece, 1),
+                                  cache, cfg)
+        logp = jax.nn.log_softmax(decoder.logits_from_hidden(params, x, cfg), axis=-1)
+        target = jax.lax.dynamic_slice_in_dim(targets, start, piece, 1)
+        got = jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+        return cache, jax.lax.dynamic_update_slice_in_dim(out, got, start, 1)
+
+    out = jnp.zeros(ids.shape, jnp.float32)
+    _, out = jax.lax.fori_loop(0, length // piece, body, (cache, out))
+    return out[:, :-1]
+
+
+def score(params: Params, cfg: Step3Config, ids: Sequence[int],
+          prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> list[float]:
+    """``[log p(ids[i] | ids[:i]) for i in 1..n-1]``: one full causal forward, or, for a text
+    longer than ``prefill_chunk``, ``prefill_chunk`` tokens at a time against a growing cache."""
     (ids,) = check_prompts([ids], cfg)
+    check_prefill_chunk(prefill_chunk)
     if len(ids) < 2:
         raise Step3Error("scoring needs at least 2 token ids")
-    padded = np.zeros((1, bucket(len(ids), MIN_PREFILL_BUCKET)), np.int32)
+    length, piece = prefill_pieces(bucket(len(ids), MIN_PREFILL_BUCKET), prefill_chunk)
+    padded = np.zeros((1, length), np.int32)
     padded[0, : len(ids)] = ids  # causal: the padding after the text cannot change its scores
     with jax.set_mesh(_mesh_of(params)):
-        logp = _token_logprobs(params, jnp.asarray(padded), cfg)
+        if piece is None:
+            logp = _token_logprobs(params, jnp.asarray(padded), cfg)
+        else:
+            logp = _token_logprobs_chunked(params, jnp.asarray(padded), cfg, piece)
     return np.asarray(logp[0, : len(ids) - 1], np.float64).tolist()
