@@ -56,11 +56,11 @@ def test_mfa_matches_reference(tiny_params, tiny_cfg, tiny_raw, hub_state):
     for layer in (0, 2):
         p = _layer(tiny_params, layer, tiny_cfg).attn
         q, k, v = attention.project_qkv(p, jnp.asarray(x)[None], jnp.asarray(pos)[None], tiny_cfg)
-        mask = attention.causal_mask(jnp.asarray(pos)[None], jnp.asarray(pos)[None],
-                                     jnp.ones((1, 9), bool))
-        got = attention.output(p, attention.attend(q, jnp.swapaxes(k, 1, 2), v, mask))[0]
         want = ref.mfa(x, _short(hub_state, layer, "self_attn"), cfg_ref, pos)
-        np.testing.assert_allclose(got, want, atol=ATOL)
+        for impl in ("plain", "blocked"):  # both kernels of the attention switch
+            o = attention.attend_positions(q, jnp.swapaxes(k, 1, 2), v, jnp.asarray(pos)[None],
+                                           jnp.asarray([9]), tiny_cfg.replace(attention_impl=impl))
+            np.testing.assert_allclose(attention.output(p, o)[0], want, atol=ATOL)
 
 
 def test_attention_scale_is_one_over_sqrt_head_dim():

@@ -199,10 +199,10 @@ def check_memory(args, cfg, plan, *, batch: int, longest: int, new_tokens: int,
                                          ffn_tp=plan.ffn_tp, micro_batches=plan.micro_batches)
     else:
         placement = deployment.parse_placement(mesh=args.mesh)
-    fp8 = args.checkpoint is not None and store.is_store(args.checkpoint) and \
-        store.read_manifest(args.checkpoint).get("weights") == "fp8"
+    stored = (store.read_manifest(args.checkpoint)["weights"]
+              if args.checkpoint is not None and store.is_store(args.checkpoint) else None)
     preflight.check(cfg, placement, batch=batch, piece=min(piece, capacity), capacity=capacity,
-                    what=what, weights_format="fp8" if fp8 else None, extra=extra)
+                    what=what, weights_format="fp8" if stored == "fp8" else None, extra=extra)
 
 
 def tokenizer(args, what: str):

@@ -3,6 +3,10 @@
 A 2048-d low-rank query, RMS-normalized over the whole vector, expanded to 64 heads of 256; one K
 head and one V head shared by every query head. Because the K/V head is shared, the 64 heads of a
 token attend as one ``[heads, d] x [d, keys]`` matmul against the same keys.
+
+:func:`attend_positions` is the attention core behind one switch (``cfg.attention_impl``): the
+plain product of every score at once, or the blocked kernel (:mod:`.blocked_attention`) that
+keeps one score tile and skips invisible key blocks; ``auto`` picks by shape.
 """
 
 from __future__ import annotations
@@ -120,8 +124,3 @@ def _blocked_on_mesh(q, k_t, v, q_pos, key_len, window):
     heads, rows = P(dp, None, tp, None), P(dp)
     return jax.shard_map(kernel, mesh=mesh, in_specs=(heads, rows, rows, rows, rows),
                          out_specs=heads, check_vma=False)(q, k_t, v, q_pos, key_len)
-
-
-def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array) -> jax.Array:
-    """``[B, T, S]``: key ``s`` visible to query ``t`` iff it is valid and not in the future."""
-    return (k_pos[:, None, :] <= q_pos[:, :, None]) & k_valid[:, None, :]

@@ -98,7 +98,7 @@ def logits_from_hidden(params: Params, x: jax.Array, cfg: Step3Config) -> jax.Ar
 
 
 def extend(params: Params, tokens: jax.Array, cache: KVCache, cfg: Step3Config,
-            num_new: jax.Array | None = None):
+           num_new: jax.Array | None = None):
     """Hidden states ``[B, T, H]`` of ``tokens`` appended after each sequence's
     ``cache.lengths`` (token ``t`` of sequence ``b`` for ``t < num_new[b]``), and the cache."""
     batch, chunk = tokens.shape
