@@ -7,9 +7,9 @@ The programs are lowered on as many emulated CPU devices as the placement has, w
 that is the whole decode loop (``generate._decode``). With AFD, it is each program the decode
 step dispatches: the attention step of a dense and of an MoE layer, the FFN step of each, and
 the LM head with sampling (``afd_schedule.next_tokens``, on one attention device, as
-``afd.generate`` runs it). The comparison is like with like: float32 weights, KV and activations and the
-``loop`` kernel, which is what the CPU program holds. A process whose device count is fixed
-too low runs the check in a child (``python -m step3_jax.analysis.compiled``).
+``afd.generate`` runs it). The comparison is like with like: float32 weights, KV and activations
+and the ``loop`` kernel, which is what the CPU program holds. A process whose device count is
+fixed too low runs the check in a child (``python -m step3_jax.analysis.compiled``).
 """
 
 from __future__ import annotations

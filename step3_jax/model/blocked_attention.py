@@ -1,10 +1,10 @@
 """Blocked (flash-style, online-softmax) attention for MFA: one shared K head and one V head.
 
-The plain product (``attention.plain_attend``) materializes every score: ``[B, T, n, S]`` float32, 34 GB for a 16,384-token
-prompt with 16 heads, which is why long prefill ran out of memory (``shared/spec/
-cpu-performance.md``, "Long context"). ``blocked_attend`` computes the same softmax over key
-blocks with a running max and sum (online softmax), so only one ``[q_block * n, k_block]`` score
-tile exists at a time.
+The plain product (``attention.plain_attend``) materializes every score: ``[B, T, n, S]``
+float32, 34 GB for a 16,384-token prompt with 16 heads, which is why long prefill ran out of
+memory (``shared/spec/cpu-performance.md``, "Long context"). ``blocked_attend`` computes the
+same softmax over key blocks with a running max and sum (online softmax), so only one
+``[q_block * n, k_block]`` score tile exists at a time.
 
 Two things make it fast as well as small:
 
