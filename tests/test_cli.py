@@ -119,6 +119,40 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, where, fragment", [
+    (["generate", "--max-new-tokens", "x"], "generate",
+     "argument --max-new-tokens: invalid int value: 'x'"),
+    (["generate", "--prompt-ids", "1,a"], "generate", "expected comma-separated token ids"),
+    (["score", "--ids", "1,2", "--bogus", "x"], "score", "unrecognized arguments: --bogus x"),
+    (["convert", "--out", "x"], "convert", "the following arguments are required: --hf"),
+    (["bench", "--dtype", "int8"], "bench", "argument --dtype: invalid choice: 'int8'"),
+    (["nosuch"], "", "argument COMMAND: invalid choice: 'nosuch'"),
+    ([], "", "the following arguments are required: COMMAND"),
+    (["launch", "--processes", "2", "--", "generate", "--afd", "1:1", "--top-k", "x"],
+     "generate", "argument --top-k: invalid int value: 'x'"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, where, fragment):
+    """Issue 17: no usage block, one line naming the subcommand and where its help is."""
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    (line,) = err.splitlines()
+    prefix = f"step3-jax: error: {where}: " if where else "step3-jax: error: "
+    assert line.startswith(prefix) and fragment in line, line
+    assert line.endswith(f"(see step3-jax{' ' + where if where else ''} --help)"), line
+
+
+def test_an_argparse_error_exits_2_in_a_process_without_starting_jax():
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "step3_jax.cli", "generate",
+                           "--temperature", "warm"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert errors == ["step3-jax: error: generate: argument --temperature: invalid float value: "
+                      "'warm' (see step3-jax generate --help)"]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "step3_jax.cli.app" in imported and "jax" not in imported
+
+
 @pytest.mark.parametrize("mutate, fragment", [
     (lambda d: (d / "config.json").write_text("{broken"), "invalid JSON"),
     (lambda d: (d / "config.json").write_text(json.dumps({"hidden_size": 64})),
