@@ -41,7 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> dict | None:
     from step3_jax.checkpoint.loader import load_tokenizer
     from step3_jax.runtime import sampling
-    from step3_jax.runtime.generate import check_prompts, generate
+    from step3_jax.runtime.generate import check_eos, check_prompts, generate
     from step3_jax.runtime.launch import process_group
 
     prompts = list(args.prompt_ids)
@@ -58,6 +58,7 @@ def run(args) -> dict | None:
     tok = common.tokenizer(args, "--prompt") if args.prompt else load_tokenizer(args.checkpoint)
     prompts += [tok.encode(text).ids for text in args.prompt]
     check_prompts(prompts, cfg)
+    check_eos(args.eos_id, cfg)
     plan = common.afd_plan(args)
     group = process_group(args, afd=plan is not None)
     knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

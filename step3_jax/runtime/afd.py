@@ -43,7 +43,7 @@ from step3_jax.runtime.afd_schedule import (SCHEDULES, RouterOnly, Shard, logits
                                             next_tokens, slots, stack_pass)
 from step3_jax.runtime.afd_trace import device_intervals, summarize, traced
 from step3_jax.runtime.generate import (FINISH_REASONS, MIN_PREFILL_BUCKET, GenerationResult,
-                                        bucket, check_prompts, shape_buckets)
+                                        bucket, check_eos, check_prompts, shape_buckets)
 
 TRANSFER_DTYPES = ("float8_e4m3fn", "bfloat16", "float32")
 
@@ -232,6 +232,7 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     """
     cfg, plan = m.cfg, m.plan
     prompts = check_prompts(prompts, cfg)
+    check_eos(eos_ids, cfg)
     sampling.check(temperature, top_k, top_p)
     if schedule not in SCHEDULES:
         raise Step3Error(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")

@@ -89,6 +89,14 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg: Step3Config) -> list[li
     return out
 
 
+def check_eos(eos_ids: Sequence[int] | None, cfg: Step3Config) -> None:
+    """Stop ids must be token ids of the vocabulary (one outside it could never stop anything:
+    a one-line :class:`Step3Error`). None means the config's ``eos_token_id``."""
+    for t in eos_ids or ():
+        if not 0 <= t < cfg.vocab_size:
+            raise Step3Error(f"--eos-id {t} is outside the vocabulary (0..{cfg.vocab_size - 1})")
+
+
 @struct.dataclass
 class _LoopState:
     step: jax.Array      # decode steps taken
@@ -190,6 +198,7 @@ class Generator:
         """Generate for ``prompts``; returns ``(list[GenerationResult], metrics dict)``."""
         cfg = self.cfg
         prompts = check_prompts(prompts, cfg)
+        check_eos(eos_ids, cfg)
         sampling.check(temperature, top_k, top_p)
         if max_new_tokens < 1:
             raise Step3Error(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
