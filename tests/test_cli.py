@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from step3_jax.cli import app as cli
+from step3_jax.runtime import metrics
 from step3_jax.runtime.generate import generate, score
 
 from conftest import run_cli
@@ -221,6 +222,9 @@ def test_generate_and_score_under_afd(capsys, hub_dir):
                              "--afd-transfer-dtype", "float32")
     a, b = json.loads(one), json.loads(split)
     assert code == 0 and a["results"] == b["results"]
+    # One metrics schema; AFD's placement and stage metrics beside it, once (issue 17).
+    assert set(a["metrics"]) == set(b["metrics"]) == {"config", *metrics.KEYS}
+    assert set(b) == {"results", "metrics", "placement", "afd"}
     assert b["placement"] == {"attention_devices": [0, 1, 2], "ffn_devices": [3, 4]}
     assert b["afd"]["micro_batches"] == 2 and "bubble_fraction" in b["afd"]
     sc = ["score", "--ids", "3,17,42,99", *base]

@@ -81,14 +81,12 @@ def run(args) -> dict | None:
     if tok is not None:
         for r in results:
             r.text = tok.decode(r.generated_ids)
+    # Every runtime's metrics share one schema (runtime/metrics.py); AFD's placement and stage
+    # metrics, and the process layout, go beside them, once.
+    beside = {k: metrics.pop(k) for k in ("placement", "afd", "processes") if k in metrics}
     out = {"results": [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids,
                         "text": r.text, "finish_reason": r.finish_reason} for r in results],
-           "metrics": {"config": cfg.name, **metrics}}
-    if plan is not None:
-        out["placement"] = metrics.pop("placement")
-        out["afd"] = metrics.pop("afd")
-    if "processes" in metrics:
-        out["processes"] = metrics.pop("processes")
+           "metrics": {"config": cfg.name, **metrics}, **beside}
     if not args.json:
         _print(args, results, metrics, out, plan)
     return out
@@ -102,11 +100,10 @@ def _print(args, results, metrics, out, plan) -> None:
             continue
         shown = r.text if r.text is not None else ",".join(map(str, r.generated_ids))
         print(f"[{i}] {','.join(map(str, r.prompt_ids))} -> {shown}  ({r.finish_reason})")
-    if plan is None:
-        log.info("%d tokens in %d decode steps, %.1f ms/step, compile %.1f s",
-                 metrics["generated_tokens"], metrics["decode_steps"],
-                 metrics["decode_step_ms"] or 0.0, metrics["compile_s"])
-    else:
+    log.info("%d tokens in %d decode steps, %.1f ms/step, compile %.1f s",
+             metrics["generated_tokens"], metrics["decode_steps"],
+             metrics["decode_step_ms"] or 0.0, metrics["compile_s"])
+    if plan is not None:
         log.info("AFD: attention on devices %s, FFN on %s; %d micro-batches, %d B A->F and "
                  "%d B F->A per layer", out["placement"]["attention_devices"],
                  out["placement"]["ffn_devices"], out["afd"]["micro_batches"],

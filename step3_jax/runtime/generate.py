@@ -31,6 +31,7 @@ from step3_jax.model.config import Step3Config
 from step3_jax.model.sharding import make_mesh, named, replicated
 from step3_jax.model.weights import Params
 from step3_jax.runtime import sampling
+from step3_jax.runtime.metrics import report
 
 log = logging.getLogger("step3_jax")
 
@@ -243,16 +244,11 @@ class Generator:
                                     finish_reason=FINISH_REASONS[reason[b]])
                    for b, p in enumerate(prompts)]
         steps = int(state.step)
-        batch = len(prompts)
-        metrics = {
-            "batch": batch, "mesh": dict(self.mesh.shape), "prefill_bucket": chunk, "cache_capacity": capacity,
-            "generated_tokens": int(n_gen[:batch].sum()), "decode_steps": steps,
-            "compile_s": round(compile_prefill + compile_decode, 3),
-            "prefill_ms": round(prefill_s * 1e3, 3), "decode_ms": round(decode_s * 1e3, 3),
-            "decode_step_ms": round(decode_s * 1e3 / steps, 3) if steps else None,
-            "decode_tokens_per_s": round(batch * steps / decode_s, 2) if steps else None,
-            "backend": jax.default_backend(), "dtype": cfg.dtype,
-        }
+        metrics = report(cfg, batch=len(prompts), mesh=dict(self.mesh.shape),
+                         prefill_bucket=chunk, cache_capacity=capacity,
+                         generated_tokens=int(n_gen[: len(prompts)].sum()), decode_steps=steps,
+                         compile_s=compile_prefill + compile_decode, prefill_s=prefill_s,
+                         decode_s=decode_s, decode_step_s=decode_s / steps if steps else None)
         return results, metrics
 
 
