@@ -7,12 +7,31 @@ The public API:
 * :func:`generate` — batched ragged-prompt generation with a jitted on-device decode loop.
 """
 
-from step3_jax.checkpoint.loader import load
 from step3_jax.errors import CheckpointError, ConfigError, Step3Error
-from step3_jax.model.cache import KVCache, init_cache
-from step3_jax.model.config import Step3Config, load_config
-from step3_jax.model.decoder import forward
-from step3_jax.runtime.generate import GenerationResult, Generator, generate, score
+
+# The JAX-backed names, imported on first use (PEP 562): ``import step3_jax`` does not start JAX,
+# so the CLI's --help, argument errors and Ctrl-C handling are ready at once.
+_LAZY = {"load": "step3_jax.checkpoint.loader", "KVCache": "step3_jax.model.cache",
+         "init_cache": "step3_jax.model.cache", "Step3Config": "step3_jax.model.config",
+         "load_config": "step3_jax.model.config", "forward": "step3_jax.model.decoder",
+         "GenerationResult": "step3_jax.runtime.generate",
+         "Generator": "step3_jax.runtime.generate", "generate": "step3_jax.runtime.generate",
+         "score": "step3_jax.runtime.generate"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'step3_jax' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Step3Config",

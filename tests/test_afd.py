@@ -7,7 +7,7 @@ import pytest
 
 from step3_jax.errors import Step3Error
 from step3_jax.model.weights import Moe
-from step3_jax.runtime import afd, afd_schedule, afd_trace
+from step3_jax.runtime import afd, afd_schedule, afd_trace, metrics
 from step3_jax.runtime.generate import generate, score
 
 PROMPTS = [[3, 17, 42], [5, 6, 7, 8, 9, 10, 11], [200, 1, 99, 2, 3], [9], [8, 8]]  # batch 5
@@ -15,8 +15,8 @@ PROMPTS = [[3, 17, 42], [5, 6, 7, 8, 9, 10, 11], [200, 1, 99, 2, 3], [9], [8, 8]
 
 @pytest.fixture(scope="module")
 def colocated(tiny_params, tiny_cfg):
-    results, _ = generate(tiny_params, tiny_cfg, PROMPTS, max_new_tokens=6, eos_ids=[])
-    return [r.generated_ids for r in results], score(tiny_params, tiny_cfg, PROMPTS[1])
+    results, report = generate(tiny_params, tiny_cfg, PROMPTS, max_new_tokens=6, eos_ids=[])
+    return [r.generated_ids for r in results], score(tiny_params, tiny_cfg, PROMPTS[1]), report
 
 
 @pytest.mark.parametrize("split, ffn_mesh, micro_batches", [
@@ -39,6 +39,26 @@ def test_afd_sampling_equals_colocated(tiny_params, tiny_cfg):
     m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("2:2", None, 2, "float32"))
     got, _ = afd.generate(m, PROMPTS, profile=False, **knobs)
     assert [r.generated_ids for r in got] == [r.generated_ids for r in want]
+
+
+def test_afd_metrics_have_the_colocated_schema_with_compilation_apart(tiny_params, tiny_cfg,
+                                                                      colocated):
+    """Issue 17: under AFD ``prefill_ms`` included compiling (8.9 s on tiny) and ``compile_s``,
+    ``decode_ms`` and ``decode_tokens_per_s`` were missing. Compiling takes seconds here and
+    the compiled prefill tens of milliseconds: a prefill_ms holding even half the compile time
+    would fail the bound below."""
+    m = afd.place(tiny_params, tiny_cfg, afd.parse_plan("2:2"))
+    _, first = afd.generate(m, PROMPTS, max_new_tokens=6, eos_ids=[])
+    _, again = afd.generate(m, PROMPTS, max_new_tokens=6, eos_ids=[])
+    assert set(colocated[2]) == set(metrics.KEYS)
+    assert set(first) == set(again) == {*metrics.KEYS, "placement", "afd"}
+    assert first["compile_s"] > 0 and again["compile_s"] == 0.0
+    assert 0 < first["prefill_ms"] < 0.5 * 1e3 * first["compile_s"]
+    for mt in (first, again):
+        assert mt["decode_steps"] == 5 and mt["generated_tokens"] == 5 * 6
+        assert 0 < mt["decode_step_ms"] and 0 < mt["decode_ms"]
+        assert mt["decode_tokens_per_s"] == pytest.approx(5 * 1e3 / mt["decode_step_ms"],
+                                                          rel=1e-3)
 
 
 def test_placement_is_disjoint(tiny_params, tiny_cfg):

@@ -49,3 +49,46 @@ def test_bench_bad_flags(capsys):
     assert "--batch must be >= 1" in capsys.readouterr().err
     assert cli.main(["bench", "--config", "tiny", "--prompt-len", "500", "--new-tokens", "20"]) == 2
     assert "exceeds the context (512)" in capsys.readouterr().err
+
+
+def test_an_mbu_over_1_is_flagged_in_the_report_and_on_stderr(capsys, monkeypatch):
+    """Issue 17: a probe slowed by a busy machine gave MBU 2.099. Here the probe reports
+    1 MB/s, so the tiny step reads "faster" than the machine and the MBU is far over 1."""
+    def slow_probe(repeats, flush, seed=0):
+        return {"layout": "out_in", "gb_per_s": 1e-3,
+                "gb_per_s_by_layout": {"in_out": 1e-3, "out_in": 1e-3}}
+
+    monkeypatch.setattr(bench, "roofline", slow_probe)
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: None)
+    code = cli.main(["bench", "--config", "tiny", "--batch", "2", "--prompt-len", "5",
+                     "--new-tokens", "3", "--repeats", "1", "--flush-mb", "0", "--json", "-q"])
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert code == 0 and out["mbu"] > 1 and out["mbu_over_1"] is True
+    assert out["cache_bytes"] is None and out["fits_in_cache"] is None  # "unknown"
+    (warning,) = out["warnings"]
+    assert warning.startswith(f"MBU {out['mbu']:.3f} is over 1, which cannot be right")
+    assert captured.err.splitlines() == [f"step3-jax: {warning}"]
+
+
+@pytest.mark.parametrize("cache, fits", [(None, None), (10 ** 9, True), (10 ** 3, False)])
+def test_whether_a_steps_bytes_fit_in_the_cache(monkeypatch, cache, fits):
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda: cache)
+    got = bench.plausibility(2e6, 0.5, 1.0, 4.0, "cpu")
+    assert got["mbu_over_1"] is False and got["cache_bytes"] == cache
+    assert got["fits_in_cache"] is fits
+    assert len(got["warnings"]) == (1 if fits else 0)
+    assert bench.plausibility(2e6, 0.5, 1.0, 4.0, "gpu")["cache_bytes"] is None  # not the CPU's
+
+
+def test_last_level_cache_from_sysfs(tmp_path, monkeypatch):
+    for index, size in [("index0", "32K"), ("index2", "512K"), ("index3", "32768K")]:
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert bench.last_level_cache_bytes(str(tmp_path)) == 32 * 2 ** 20
+
+    def unknown(name):
+        raise ValueError(name)
+
+    monkeypatch.setattr(bench.os, "sysconf", unknown)
+    assert bench.last_level_cache_bytes(str(tmp_path / "absent")) is None

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from step3_jax.cli import app as cli
+from step3_jax.runtime import metrics
 from step3_jax.runtime.generate import generate, score
 
 from conftest import run_cli
@@ -87,6 +88,12 @@ def test_info_reports_step3_numbers(capsys):
     (["generate", "--config", "tiny", "--prompt-ids", ",".join(["1"] * 513)],
      "longer than the context"),
     (["generate", "--prompt-ids", "1", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["generate", "--prompt-ids", "1", "--temperature", "inf"],
+     "--temperature must be >= 0 and finite in float32 (0 = greedy), got inf"),
+    (["generate", "--prompt-ids", "1", "--eos-id", "99999"],
+     "--eos-id 99999 is outside the vocabulary (0..257)"),
+    (["generate", "--config", "tiny", "--prompt-ids", "1", "--eos-id", "5", "--eos-id", "-3"],
+     "--eos-id -3 is outside the vocabulary (0..249)"),
     (["generate", "--prompt-ids", "1", "--top-p", "1.01"], "--top-p must be in (0, 1]"),
     (["generate", "--config", "tiny", "--prompt", "hello"], "needs a tokenizer.json"),
     (["generate"], "no prompt"),
@@ -117,6 +124,40 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
     lines = [line for line in err.splitlines() if line.startswith("step3-jax: error:")]
     assert len(lines) == 1 and fragment in lines[0], err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, where, fragment", [
+    (["generate", "--max-new-tokens", "x"], "generate",
+     "argument --max-new-tokens: invalid int value: 'x'"),
+    (["generate", "--prompt-ids", "1,a"], "generate", "expected comma-separated token ids"),
+    (["score", "--ids", "1,2", "--bogus", "x"], "score", "unrecognized arguments: --bogus x"),
+    (["convert", "--out", "x"], "convert", "the following arguments are required: --hf"),
+    (["bench", "--dtype", "int8"], "bench", "argument --dtype: invalid choice: 'int8'"),
+    (["nosuch"], "", "argument COMMAND: invalid choice: 'nosuch'"),
+    ([], "", "the following arguments are required: COMMAND"),
+    (["launch", "--processes", "2", "--", "generate", "--afd", "1:1", "--top-k", "x"],
+     "generate", "argument --top-k: invalid int value: 'x'"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, where, fragment):
+    """Issue 17: no usage block, one line naming the subcommand and where its help is."""
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    (line,) = err.splitlines()
+    prefix = f"step3-jax: error: {where}: " if where else "step3-jax: error: "
+    assert line.startswith(prefix) and fragment in line, line
+    assert line.endswith(f"(see step3-jax{' ' + where if where else ''} --help)"), line
+
+
+def test_an_argparse_error_exits_2_in_a_process_without_starting_jax():
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "step3_jax.cli", "generate",
+                           "--temperature", "warm"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert errors == ["step3-jax: error: generate: argument --temperature: invalid float value: "
+                      "'warm' (see step3-jax generate --help)"]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "step3_jax.cli.app" in imported and "jax" not in imported
 
 
 @pytest.mark.parametrize("mutate, fragment", [
@@ -181,6 +222,9 @@ def test_generate_and_score_under_afd(capsys, hub_dir):
                              "--afd-transfer-dtype", "float32")
     a, b = json.loads(one), json.loads(split)
     assert code == 0 and a["results"] == b["results"]
+    # One metrics schema; AFD's placement and stage metrics beside it, once (issue 17).
+    assert set(a["metrics"]) == set(b["metrics"]) == {"config", *metrics.KEYS}
+    assert set(b) == {"results", "metrics", "placement", "afd"}
     assert b["placement"] == {"attention_devices": [0, 1, 2], "ffn_devices": [3, 4]}
     assert b["afd"]["micro_batches"] == 2 and "bubble_fraction" in b["afd"]
     sc = ["score", "--ids", "3,17,42,99", *base]

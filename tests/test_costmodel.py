@@ -175,7 +175,7 @@ def test_estimate_json_for_the_paper_settings(capsys, argv, measured):
     assert code == 0, err
     doc = json.loads(out)
     p = doc["paper"]
-    assert p["measured_tgs"] == measured
+    assert p["measured_tgs"] == measured and p["comparable"] is True and p["differs"] == []
     assert p["measured_over_predicted"] == pytest.approx(measured / doc["tokens_per_gpu_s"])
     assert doc["tokens_per_gpu_s"] == pytest.approx(
         doc["batch"] / (doc["tpot_ms"] / 1e3) / doc["afd"]["gpus"])
@@ -186,6 +186,25 @@ def test_estimate_json_for_the_paper_settings(capsys, argv, measured):
     if measured == 2643:
         assert p["alternative_measured_tgs"] == 2693
         assert any("2,693" in n and "2,643" in n for n in doc["notes"])
+
+
+@pytest.mark.parametrize("argv, differs", [
+    (["--batch", "2", "--micro-batches", "3"], ["batch 2"]),
+    (["--micro-batches", "4"], ["4 micro-batches"]),
+    (["--afd", "4:2", "--context", "8192", "--batch", "6000", "--micro-batches", "2"],
+     ["batch 6,000", "2 micro-batches"]),
+])
+def test_estimate_gives_no_ratio_to_the_paper_at_another_setting(capsys, argv, differs):
+    """Issue 17: batch 2 printed "measured/predicted 96.373" against the batch-6144 figure."""
+    code, out, _ = run_cli(capsys, "estimate", *argv, "--json")
+    p = json.loads(out)["paper"]
+    assert code == 0 and p["comparable"] is False and p["differs"] == differs
+    assert p["measured_over_predicted"] is None
+    assert p.get("alternative_measured_over_predicted") is None
+    code, out, _ = run_cli(capsys, "estimate", *argv)
+    (line,) = [x for x in out.splitlines() if x.startswith("paper (")]
+    assert "measured/predicted" not in out and "no ratio to this estimate" in line
+    assert f"({', '.join(differs)}: another setting)" in line
 
 
 def test_estimate_reproduces_the_papers_2a2f_budget_arithmetic():

@@ -80,6 +80,9 @@ def test_sampling_frequencies_follow_the_distribution():
     (dict(top_p=0.0), "--top-p must be in (0, 1]"),
     (dict(top_p=1.5), "--top-p must be in (0, 1]"),
     (dict(temperature=-1.0), "--temperature must be >= 0"),
+    (dict(temperature=float("inf")), "--temperature must be >= 0 and finite in float32"),
+    (dict(temperature=float("nan")), "--temperature must be >= 0 and finite in float32"),
+    (dict(temperature=1e39), "got 1e+39"),  # finite in Python, inf as the device's float32
     (dict(top_k=-2), "--top-k must be an integer >= 0"),
 ])
 def test_bad_sampling_settings_are_named(kwargs, message):
@@ -109,3 +112,20 @@ def test_argmax_is_numpy_argmax_with_ties_and_masked_padding():
     x[4] = np.round(x[4])          # many ties
     x[5, [9, 30]] = np.nan         # NaN counts as the maximum, first one wins (as jnp.argmax)
     np.testing.assert_array_equal(jax.jit(sampling.argmax)(jnp.asarray(x)), np.argmax(x, -1))
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-3, 1.0, 1e30, 3.4e38])
+def test_no_temperature_draws_a_padded_id(temperature):
+    """Issue 17: ``--temperature inf`` drew id 258, the demo's padding. The padding's ``-inf``
+    logits stay out at every finite temperature; a tiny one is greedy (every real logit below
+    the maximum goes to ``-inf``, the maximum stays 0), a huge one uniform over the real ids."""
+    rng = np.random.default_rng(5)
+    real, padded = 258, 384
+    logits = np.full((3, padded), -np.inf, np.float32)
+    logits[:, :real] = rng.normal(size=(3, real)) * 3.0 - 50.0  # every real logit negative
+    draws = _draw(jnp.asarray(logits), seed=9, n=40, temperature=temperature)
+    assert draws.max() < real
+    if temperature <= 1e-3:
+        assert (draws == logits.argmax(-1)).all()
+    if temperature >= 1e30:
+        assert len(set(draws.ravel().tolist())) > 60  # 120 draws spread over the 258 ids

@@ -74,6 +74,7 @@ class PaperResult:
     batch: int
     batch_stated: bool
     tgs: float
+    micro_batches: int = 3  # the paper's three-stage pipeline (paper.md §2)
 
 
 PAPER_RESULTS = (
@@ -202,32 +203,43 @@ def estimate(*, hardware: str = "H800", afd: str = "2:2", batch: int, context: i
         "sla_ms": TPOT_SLA_S * 1e3,
         "meets_sla": tpot <= TPOT_SLA_S,
         "paper": _paper_comparison(hw_a, hw_f, n_a_srv, n_f_srv, context, attention_dtype,
-                                   batch, tgs, tpot),
+                                   batch, micro_batches, tgs, tpot),
         "assumptions": list(ASSUMPTIONS),
         "notes": list(NOTES),
     }
     return doc
 
 
-def _paper_comparison(hw_a, hw_f, n_a, n_f, context, dtype, batch, tgs, tpot) -> dict | None:
+def _paper_comparison(hw_a, hw_f, n_a, n_f, context, dtype, batch, micro_batches, tgs,
+                      tpot) -> dict | None:
+    """The paper's measured figure for this hardware, A:F, context and attention dtype, or None.
+    A ratio to it only where the batch and micro-batches are the paper's too: the measurement
+    was taken at batch 6144 in 3 micro-batches, and at another batch the two figures are not
+    of the same thing (batch 2 gave "measured/predicted 96.373")."""
     for p in PAPER_RESULTS:
         if (p.hardware == hw_a.name == hw_f.name and (p.attention_servers, p.ffn_servers) ==
                 (n_a, n_f) and p.context == context and p.attention_dtype == dtype):
             gpus = (n_a + n_f) * GPUS_PER_SERVER
+            differs = ([f"batch {batch:,}"] if batch != p.batch else []) + \
+                ([f"{micro_batches} micro-batches"] if micro_batches != p.micro_batches else [])
             out = {
                 "setting": p.label,
                 "measured_tgs": p.tgs,
                 "predicted_tgs": tgs,
-                "measured_over_predicted": p.tgs / tgs,
+                "comparable": not differs,
+                "differs": differs,
+                "measured_over_predicted": None if differs else p.tgs / tgs,
                 "paper_batch": p.batch,
                 "paper_batch_stated": p.batch_stated,
+                "paper_micro_batches": p.micro_batches,
                 "batch_matches": batch == p.batch,
                 "implied_tpot_ms": p.batch / p.tgs / gpus * 1e3,
                 "predicted_tpot_ms": tpot * 1e3,
             }
             if p.ffn_servers == 2 and p.attention_servers == 4:
                 out["alternative_measured_tgs"] = PAPER_4A2F_ALTERNATIVE_TGS
-                out["alternative_measured_over_predicted"] = PAPER_4A2F_ALTERNATIVE_TGS / tgs
+                out["alternative_measured_over_predicted"] = \
+                    None if differs else PAPER_4A2F_ALTERNATIVE_TGS / tgs
             return out
     return None
 
@@ -263,11 +275,16 @@ def format_estimate(doc: dict) -> str:
     if p is None:
         lines.append("paper: no measured figure for this setting (paper settings: "
                      + "; ".join(f"{r.label} on {r.hardware}" for r in PAPER_RESULTS) + ")")
+    elif not p["comparable"]:
+        assumed = "" if p["paper_batch_stated"] else " (assumed)"
+        lines.append(f"paper ({p['setting']}): measured {p['measured_tgs']:,} tokens/GPU/s at "
+                     f"batch {p['paper_batch']:,}{assumed} in {p['paper_micro_batches']} "
+                     f"micro-batches; no ratio to this estimate ({', '.join(p['differs'])}: "
+                     "another setting)")
     else:
-        batch_note = "" if p["batch_matches"] else f" (paper batch {p['paper_batch']:,})"
         lines.append(f"paper ({p['setting']}): measured {p['measured_tgs']:,} tokens/GPU/s, "
                      f"measured/predicted {p['measured_over_predicted']:.3f}; implied TPOT "
-                     f"{p['implied_tpot_ms']:.1f} ms{batch_note}")
+                     f"{p['implied_tpot_ms']:.1f} ms")
         if "alternative_measured_tgs" in p:
             lines.append(f"  (the paper's other figure, {p['alternative_measured_tgs']:,}: "
                          f"measured/predicted {p['alternative_measured_over_predicted']:.3f})")

@@ -35,6 +35,7 @@ import numpy as np
 from flax import serialization
 from tqdm.auto import tqdm
 
+from step3_jax import interrupts
 from step3_jax.errors import CheckpointError
 from step3_jax.model import quant
 from step3_jax.model.config import Step3Config
@@ -134,21 +135,31 @@ class Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self._ckpt.close()
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        with interrupts.deferred():  # the cleanup is not cut short by another Ctrl-C
+            self._ckpt.close()
+            if self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
         return False
 
     def write_chunk(self, name: str, chunk) -> None:
-        """Save one chunk (a pytree of host or device arrays) and wait until it is on disk."""
-        self._ckpt.save(self.tmp / name, _state(chunk))
-        self._ckpt.wait_until_finished()
+        """Save one chunk (a pytree of host or device arrays) and wait until it is on disk.
+        A Ctrl-C meanwhile is raised once the chunk is written: interrupting orbax mid-save
+        leaves its threads writing into the directory the cleanup removes."""
+        with interrupts.deferred():
+            self._ckpt.save(self.tmp / name, _state(chunk))
+            self._ckpt.wait_until_finished()
         self.manifest["chunks"].append(name)
 
     def copy_beside(self, source: Path) -> None:
         shutil.copy2(source, self.tmp / source.name)
 
     def commit(self) -> Path:
+        """Move the finished store into place (a Ctrl-C waits until it is there: between the
+        two renames the old store is out of place and the new one not yet in)."""
+        with interrupts.deferred():
+            return self._commit()
+
+    def _commit(self) -> Path:
         (self.tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
         trash = None
         if self.final.exists():

@@ -87,7 +87,9 @@ def _print(out: dict, plan) -> None:
           f"({out['decode_tokens_per_s']:.1f} tokens/s)")
     print(f"bytes per step   {out['bytes_per_step'] / 1e9:.3f} GB")
     print(f"peak bandwidth   {out['peak_bandwidth_gbs']:.1f} GB/s (same run)")
-    print(f"MBU              {100 * out['mbu']:.1f}%")
+    flag = "  (over 100%: not a valid figure, see the warning)" if out["mbu_over_1"] else ""
+    print(f"MBU              {100 * out['mbu']:.1f}%{flag}")
+    print(f"last-level cache {_cache(out)}")
     print(f"prefill          {out['prefill_ms']:.1f} ms;  compile {out['compile_s']:.1f} s")
     if plan is None:
         return
@@ -102,3 +104,11 @@ def _print(out: dict, plan) -> None:
               f"{a['transfer_ms_per_layer']:.2f} ms; bubble {a['bubble_fraction']:.2f}, "
               f"groups overlapping {a['overlap_ms']:.1f} ms of a "
               f"{a['step_ms']:.1f} ms step ({a['timeline_source']})")
+
+
+def _cache(out: dict) -> str:
+    """The CPU's last-level cache and whether a decode step's bytes fit in it."""
+    if out["cache_bytes"] is None:
+        return "unknown"
+    fits = "fit in it" if out["fits_in_cache"] else "do not fit"
+    return f"{out['cache_bytes'] / 1e6:.1f} MB (a step's bytes {fits})"

@@ -48,7 +48,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> dict | None:
     from step3_jax.checkpoint.loader import load_tokenizer
     from step3_jax.runtime import sampling
-    from step3_jax.runtime.generate import check_prefill_chunk, check_prompts, generate
+    from step3_jax.runtime.generate import (check_eos, check_prefill_chunk, check_prompts,
+                                            generate)
     from step3_jax.runtime.launch import process_group
 
     common.check_stdin_once(args.prompt_ids_file, args.prompt_file)
@@ -71,6 +72,7 @@ def run(args) -> dict | None:
            else load_tokenizer(args.checkpoint))
     prompts += [tok.encode(text).ids for text in texts]
     check_prompts(prompts, cfg)
+    check_eos(args.eos_id, cfg)
     plan = common.afd_plan(args)
     group = process_group(args, afd=plan is not None)
     knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -98,14 +100,12 @@ def run(args) -> dict | None:
     if tok is not None:
         for r in results:
             r.text = tok.decode(r.generated_ids)
+    # Every runtime's metrics share one schema (runtime/metrics.py); AFD's placement and stage
+    # metrics, and the process layout, go beside them, once.
+    beside = {k: metrics.pop(k) for k in ("placement", "afd", "processes") if k in metrics}
     out = {"results": [{"prompt_ids": r.prompt_ids, "generated_ids": r.generated_ids,
                         "text": r.text, "finish_reason": r.finish_reason} for r in results],
-           "metrics": {"config": cfg.name, **metrics}}
-    if plan is not None:
-        out["placement"] = metrics.pop("placement")
-        out["afd"] = metrics.pop("afd")
-    if "processes" in metrics:
-        out["processes"] = metrics.pop("processes")
+           "metrics": {"config": cfg.name, **metrics}, **beside}
     if not args.json:
         _print(args, results, metrics, out, plan)
     return out
@@ -126,11 +126,10 @@ def _print(args, results, metrics, out, plan) -> None:
         if given[i] is not None:
             prompt += f" ({len(r.prompt_ids):,} tokens)"
         print(f"[{i}] {prompt} -> {shown}  ({r.finish_reason})")
-    if plan is None:
-        log.info("%d tokens in %d decode steps, %.1f ms/step, compile %.1f s",
-                 metrics["generated_tokens"], metrics["decode_steps"],
-                 metrics["decode_step_ms"] or 0.0, metrics["compile_s"])
-    else:
+    log.info("%d tokens in %d decode steps, %.1f ms/step, compile %.1f s",
+             metrics["generated_tokens"], metrics["decode_steps"],
+             metrics["decode_step_ms"] or 0.0, metrics["compile_s"])
+    if plan is not None:
         log.info("AFD: attention on devices %s, FFN on %s; %d micro-batches, %d B A->F and "
                  "%d B F->A per layer", out["placement"]["attention_devices"],
                  out["placement"]["ffn_devices"], out["afd"]["micro_batches"],

@@ -43,7 +43,8 @@ from step3_jax.runtime.afd_schedule import (SCHEDULES, RouterOnly, Shard, logits
                                             next_tokens, slots, stack_pass)
 from step3_jax.runtime.afd_trace import device_intervals, summarize, traced
 from step3_jax.runtime.generate import (FINISH_REASONS, MIN_PREFILL_BUCKET, GenerationResult,
-                                        bucket, check_prompts, shape_buckets)
+                                        bucket, check_eos, check_prompts, shape_buckets)
+from step3_jax.runtime.metrics import CompileClock, report
 
 TRANSFER_DTYPES = ("float8_e4m3fn", "bfloat16", "float32")
 
@@ -225,13 +226,17 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     With ``profile``, the stage times, bubble fraction and overlap in ``metrics["afd"]`` come from
     a ``jax.profiler`` trace of the second decode step (or the first; the first compiles), see
     ``afd_trace.device_intervals``; ``keep_timeline`` adds its intervals (seconds). The trace costs
-    ~10-100 ms. ``decode_step_ms`` is the median wall time of the later, unprofiled steps
-    (None with fewer than 4 new tokens); ``prefill_ms`` includes compiling on a first call.
+    ~10-100 ms. The metrics are :mod:`step3_jax.runtime.metrics`'s schema: compilation (the
+    programs compile as they are first dispatched) is measured apart and left out of
+    ``prefill_ms`` and ``decode_ms``, and so is the profiler's own time; ``decode_step_ms`` is
+    the median of the decode steps after the first, unprofiled (with fewer than 4 new tokens,
+    ``decode_ms`` over the steps).
     ``schedule``: ``"serial"`` and ``"lockstep"`` are the controls for the overlap measurement
     (see ``afd_schedule.stack_pass``).
     """
     cfg, plan = m.cfg, m.plan
     prompts = check_prompts(prompts, cfg)
+    check_eos(eos_ids, cfg)
     sampling.check(temperature, top_k, top_p)
     if schedule not in SCHEDULES:
         raise Step3Error(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
@@ -274,80 +279,94 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
             tokens[rows] = np.asarray(t)
         return tokens
 
-    # Prefill: attention within each prompt chunk, K/V written into a fresh cache per shard.
-    feeds = []
-    for sh in shards:
-        new_cache(cfg, sh, capacity)
-        feeds.append({"tokens": tokens[sh.rows],
-                      "positions": np.broadcast_to(np.arange(chunk, dtype=np.int32),
-                                                   (r, chunk)).copy(),
-                      "slots": slots(np.zeros(r, np.int32), lengths[sh.rows], chunk, capacity)})
-    started = time.perf_counter()
-    state, tail = stack_pass(m, mbs, _by_mb(feeds, A), schedule)
-    next_tok = draw(state, 0, last=lengths)
-    prefill_s = time.perf_counter() - started
-    cur = lengths.copy()
+    with CompileClock() as clock:  # AFD's programs compile as they are first dispatched
+        # Prefill: attention within each prompt chunk, K/V written into a fresh cache per shard.
+        feeds = []
+        for sh in shards:
+            new_cache(cfg, sh, capacity)
+            feeds.append({"tokens": tokens[sh.rows],
+                          "positions": np.broadcast_to(np.arange(chunk, dtype=np.int32),
+                                                       (r, chunk)).copy(),
+                          "slots": slots(np.zeros(r, np.int32), lengths[sh.rows], chunk, capacity)})
+        started, since = time.perf_counter(), clock.now()
+        state, tail = stack_pass(m, mbs, _by_mb(feeds, A), schedule)
+        next_tok = draw(state, 0, last=lengths)
+        prefill_s = time.perf_counter() - started - clock.seconds(since)
+        cur = lengths.copy()
 
-    out = [[] for _ in range(batch)]
-    done = np.zeros(batch, bool)
-    reason = np.zeros(batch, np.int32)
-    budget = np.full(batch, max_new_tokens)
-    budget[n:] = 1
-    step = 0
-    profiled = None
-    # Step 1 compiles; a remote FFN's devices are in another process, out of this one's trace.
-    profile_step = min(2, max_new_tokens - 1) if profile and m.remote is None else 0
-    step_times: list[float] = []
-    while True:
-        for b in np.flatnonzero(~done):
-            out[b].append(int(next_tok[b]))
-            reason_b = (1 if next_tok[b] in eos else 2 if len(out[b]) >= budget[b]
-                        else 3 if cur[b] >= capacity else 0)
-            if reason_b:
-                done[b], reason[b] = True, reason_b
-        if done.all():
-            break
-        step += 1
-        started = time.perf_counter()
-        feed = (~done).astype(np.int32)
-        feeds = [{"tokens": next_tok[sh.rows][:, None], "positions": cur[sh.rows][:, None],
-                  "slots": slots(cur[sh.rows], feed[sh.rows], 1, capacity),
-                  "key_len": np.minimum(cur[sh.rows] + feed[sh.rows], capacity)}
-                 for sh in shards]
-        if step == profile_step:  # the trace must hold this pass's launches and no others
-            jax.block_until_ready(tail)
-            (state, tail), trace = traced(stack_pass, m, mbs, _by_mb(feeds, A), schedule)
-            profiled = trace and device_intervals(trace, m, plan.micro_batches)
-        else:
-            state, tail = stack_pass(m, mbs, _by_mb(feeds, A), schedule)
-        cur = np.minimum(cur + feed, capacity)
-        next_tok = np.where(done, next_tok, draw(state, step))
-        if step > 1 and step != profile_step:
-            step_times.append(time.perf_counter() - started)  # compiled, unprofiled steps
+        out = [[] for _ in range(batch)]
+        done = np.zeros(batch, bool)
+        reason = np.zeros(batch, np.int32)
+        budget = np.full(batch, max_new_tokens)
+        budget[n:] = 1
+        step = 0
+        profiled = None
+        # Step 1 compiles; a remote FFN's devices are in another process, out of this one's trace.
+        profile_step = min(2, max_new_tokens - 1) if profile and m.remote is None else 0
+        step_times: list[float] = []  # compiled, unprofiled steps
+        decode_s = 0.0
+        while True:
+            for b in np.flatnonzero(~done):
+                out[b].append(int(next_tok[b]))
+                reason_b = (1 if next_tok[b] in eos else 2 if len(out[b]) >= budget[b]
+                            else 3 if cur[b] >= capacity else 0)
+                if reason_b:
+                    done[b], reason[b] = True, reason_b
+            if done.all():
+                break
+            step += 1
+            started, since, hidden = time.perf_counter(), clock.now(), 0.0
+            feed = (~done).astype(np.int32)
+            feeds = [{"tokens": next_tok[sh.rows][:, None], "positions": cur[sh.rows][:, None],
+                      "slots": slots(cur[sh.rows], feed[sh.rows], 1, capacity),
+                      "key_len": np.minimum(cur[sh.rows] + feed[sh.rows], capacity)}
+                     for sh in shards]
+            if step == profile_step:  # the trace must hold this pass's launches and no others
+                jax.block_until_ready(tail)
+                traced_at = time.perf_counter()
+                (state, tail, pass_s), trace = traced(_timed, stack_pass, m, mbs,
+                                                      _by_mb(feeds, A), schedule)
+                hidden = time.perf_counter() - traced_at - pass_s  # the profiler's own time
+                profiled = trace and device_intervals(trace, m, plan.micro_batches)
+            else:
+                state, tail = stack_pass(m, mbs, _by_mb(feeds, A), schedule)
+            cur = np.minimum(cur + feed, capacity)
+            next_tok = np.where(done, next_tok, draw(state, step))
+            elapsed = time.perf_counter() - started - hidden - clock.seconds(since)
+            decode_s += elapsed
+            if step > 1 and step != profile_step:
+                step_times.append(elapsed)
     results = [GenerationResult(prompt_ids=p, generated_ids=out[b],
                                 finish_reason=FINISH_REASONS[reason[b]])
                for b, p in enumerate(prompts)]
     per_layer = m.transfer_bytes_per_layer(rows_per_mb)
-    metrics = {"batch": n, "mesh": {"attention": {"dp": A},
-                                    "ffn": {"ep": plan.ffn_ep, "tp": plan.ffn_tp}},
-               "prefill_bucket": chunk, "cache_capacity": capacity, "decode_steps": step,
-               "generated_tokens": sum(len(out[b]) for b in range(n)),
-               "prefill_ms": 1e3 * prefill_s,
-               "decode_step_ms": 1e3 * float(np.median(step_times)) if step_times else None,
-               "backend": jax.default_backend(), "dtype": cfg.dtype,
-               "placement": m.placement,
-               "afd": {"micro_batches": plan.micro_batches,
-                       "tokens_per_micro_batch": rows_per_mb,
-                       "a2f_bytes_per_layer": per_layer["a2f"] * plan.micro_batches,
-                       "f2a_bytes_per_layer": per_layer["f2a"] * plan.micro_batches,
-                       "transfer_dtype": plan.transfer_dtype, "schedule": schedule,
-                       "timeline_source": "jax.profiler" if profiled else None}}
+    step_s = float(np.median(step_times)) if step_times else decode_s / step if step else None
+    metrics = report(cfg, batch=n, mesh={"attention": {"dp": A},
+                                         "ffn": {"ep": plan.ffn_ep, "tp": plan.ffn_tp}},
+                     prefill_bucket=chunk, cache_capacity=capacity,
+                     generated_tokens=sum(len(out[b]) for b in range(n)), decode_steps=step,
+                     compile_s=clock.seconds(), prefill_s=prefill_s, decode_s=decode_s,
+                     decode_step_s=step_s)
+    metrics |= {"placement": m.placement,
+                "afd": {"micro_batches": plan.micro_batches,
+                        "tokens_per_micro_batch": rows_per_mb,
+                        "a2f_bytes_per_layer": per_layer["a2f"] * plan.micro_batches,
+                        "f2a_bytes_per_layer": per_layer["f2a"] * plan.micro_batches,
+                        "transfer_dtype": plan.transfer_dtype, "schedule": schedule,
+                        "timeline_source": "jax.profiler" if profiled else None}}
     if profiled:
         stats, waits = summarize(profiled, cfg.num_hidden_layers, schedule == "lockstep")
         metrics["afd"].update({k: round(v, 4) for k, v in stats.items()})
         if keep_timeline:
             metrics["afd"]["timeline"] = profiled + waits
     return results, metrics
+
+
+def _timed(fn, *args):
+    """``(*fn(*args), seconds)``, its outputs awaited: a pass timed inside a profiler trace."""
+    started = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return (*out, time.perf_counter() - started)
 
 
 def _by_mb(feeds: list, per_mb: int) -> list[list]:

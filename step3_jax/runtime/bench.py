@@ -11,12 +11,21 @@ once (the embedding only for the ``batch`` rows it gathers), each MoE layer's ro
 the *expected* number of distinct experts the batch touches under uniform routing,
 ``E * (1 - (1 - k/E) ** batch)``, and the KV cache as the kernel reads it (the whole capacity,
 K and V, every layer).
+
+An MBU over 1 cannot be right: the step would read faster than the machine can. It happens when
+the probe ran while the machine was busy (a shared machine: 5-16 GB/s probes beside steps that
+were not slowed) or when the bytes a step reads fit in the CPU's last-level cache, so the step
+reads cache, not DRAM. :func:`plausibility` flags both in the report (``mbu_over_1``,
+``fits_in_cache``, ``warnings``) and on stderr.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
+import logging
 import math
+import os
 import platform
 import statistics
 import time
@@ -30,6 +39,8 @@ from step3_jax.model.config import Step3Config
 from step3_jax.model.weights import declare, is_spec
 
 ROOFLINE_N = 8192
+CPU_CACHE_DIR = "/sys/devices/system/cpu/cpu0/cache"
+_log = logging.getLogger("step3_jax")
 
 
 class Flusher:
@@ -110,6 +121,51 @@ def bytes_per_step(cfg: Step3Config, batch: int, capacity: int) -> dict:
             "expected_distinct_experts_per_layer": distinct}
 
 
+def last_level_cache_bytes(cache_dir: str = CPU_CACHE_DIR) -> int | None:
+    """The CPU's largest cache from sysfs (``index*/size``: ``32768K``, ``16M``), else what
+    ``os.sysconf`` says of L3 or L2; None where neither knows."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    sizes = []
+    for path in glob.glob(os.path.join(cache_dir, "index*", "size")):
+        try:
+            text = open(path).read().strip()
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        except (OSError, ValueError, IndexError):
+            continue
+    if not sizes:
+        for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+            try:
+                sizes.append(os.sysconf(name))
+            except (ValueError, OSError):  # a name this platform does not know
+                pass
+    return max((s for s in sizes if s > 0), default=None)
+
+
+def plausibility(bytes_per_step: float, mbu: float, step_ms: float, peak_gbs: float,
+                 backend: str) -> dict:
+    """Whether the MBU can be right: ``mbu_over_1``, the CPU's last-level cache (``cache_bytes``,
+    None when unknown or not on CPU), whether a step's bytes fit in it (``fits_in_cache``,
+    None when unknown), and a ``warnings`` line for each problem (also logged)."""
+    cache = last_level_cache_bytes() if backend == "cpu" else None
+    fits = None if cache is None else bytes_per_step <= cache
+    warnings = []
+    if mbu > 1:
+        warnings.append(
+            f"MBU {mbu:.3f} is over 1, which cannot be right: the bandwidth probe read "
+            f"{peak_gbs:.1f} GB/s but the decode step {bytes_per_step / step_ms / 1e6:.1f} GB/s "
+            "(a busy machine slows the probe; the step's bytes may sit in cache): not a "
+            "measurement of this machine's MBU")
+    if fits:
+        warnings.append(
+            f"the {bytes_per_step / 1e6:.1f} MB a step reads fit in the CPU's "
+            f"{cache / 1e6:.1f} MB last-level cache: the step may read cache, not DRAM, so the "
+            "MBU against the DRAM probe overstates it")
+    for w in warnings:
+        _log.warning("%s", w)
+    return {"mbu_over_1": mbu > 1, "cache_bytes": cache, "fits_in_cache": fits,
+            "warnings": warnings}
+
+
 AFD_MIN_NEW_TOKENS = 4  # afd.generate times decode steps from the second on, one is traced
 
 
@@ -123,10 +179,10 @@ def run(params, cfg: Step3Config, *, batch: int, prompt_len: int, new_tokens: in
     flush, and the medians of their prefill time and per-step decode time.
 
     ``afd_model`` (an ``afd.AfdModel``; ``params`` is then unused): the same through
-    ``afd.generate``. Its decode step is the median of each run's unprofiled steps (the first,
-    which may compile, excluded); ``compile_s`` is the first call's wall time minus the median
-    timed call's; the report adds ``placement`` and ``afd`` (the byte counts, and the
-    median over the runs of each traced stage metric, ``afd_trace.summarize``). ``bytes_per_step``
+    ``afd.generate``, whose metrics have the same schema (``runtime/metrics.py``: its decode
+    step is the median of each run's unprofiled steps after the first); the report adds
+    ``placement`` and ``afd`` (the byte counts, and the median over the runs of each traced
+    stage metric, ``afd_trace.summarize``). ``bytes_per_step``
     is the same model-level figure as colocated: AFD's micro-batches each re-read the experts
     they touch, so its real traffic is higher. ``prefill_chunk``: as ``Generator``'s (default
     its default; AFD prefills the whole prompt in one pass).
@@ -150,21 +206,18 @@ def run(params, cfg: Step3Config, *, batch: int, prompt_len: int, new_tokens: in
 
         gen = functools.partial(afd.generate, afd_model, schedule=schedule)
     log(f"compiling and warming up (batch {batch}, prompt {prompt_len}, {new_tokens} new tokens)")
-    started = time.perf_counter()
     _, first = gen(prompts, max_new_tokens=new_tokens, eos_ids=[])
-    first_s = time.perf_counter() - started
-    runs, walls = [], []
+    runs = []
     for i in range(repeats):
         flush()
-        started = time.perf_counter()
         _, m = gen(prompts, max_new_tokens=new_tokens, eos_ids=[])
-        walls.append(time.perf_counter() - started)
         runs.append(m)
         log(f"run {i + 1}/{repeats}: decode {m['decode_step_ms']:.2f} ms/step, "
             f"prefill {m['prefill_ms']:.1f} ms")
     step_ms = statistics.median(m["decode_step_ms"] for m in runs)
     need = bytes_per_step(cfg, batch, first["cache_capacity"])
     peak = roof["gb_per_s"] * 1e9
+    mbu = need["total"] / (step_ms / 1e3) / peak
     out = {
         "config": cfg.name, "dtype": cfg.dtype, "batch": batch, "prompt_len": prompt_len,
         "new_tokens": new_tokens, "mesh": first["mesh"], "backend": jax.default_backend(),
@@ -172,12 +225,12 @@ def run(params, cfg: Step3Config, *, batch: int, prompt_len: int, new_tokens: in
         "decode_step_ms": step_ms,
         "decode_tokens_per_s": batch * 1e3 / step_ms,
         "prefill_ms": statistics.median(m["prefill_ms"] for m in runs),
-        "compile_s": (first["compile_s"] if afd_model is None
-                      else max(0.0, first_s - statistics.median(walls))),
+        "compile_s": first["compile_s"],
         "bytes_per_step": need["total"], "bytes_breakdown": need,
         "peak_bandwidth_gbs": roof["gb_per_s"],
         "peak_bandwidth_gbs_by_layout": roof["gb_per_s_by_layout"],
-        "mbu": need["total"] / (step_ms / 1e3) / peak,
+        "mbu": mbu,
+        **plausibility(need["total"], mbu, step_ms, roof["gb_per_s"], jax.default_backend()),
         "repeats": repeats, "runs_decode_step_ms": [m["decode_step_ms"] for m in runs],
     }
     if afd_model is not None:

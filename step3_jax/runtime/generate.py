@@ -31,6 +31,7 @@ from step3_jax.model.config import Step3Config
 from step3_jax.model.sharding import make_mesh, named, replicated
 from step3_jax.model.weights import Params
 from step3_jax.runtime import sampling
+from step3_jax.runtime.metrics import report
 
 log = logging.getLogger("step3_jax")
 
@@ -106,6 +107,14 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg: Step3Config) -> list[li
                              f"(max_position_embedding={cfg.max_position_embedding})")
         out.append(prompt)
     return out
+
+
+def check_eos(eos_ids: Sequence[int] | None, cfg: Step3Config) -> None:
+    """Stop ids must be token ids of the vocabulary (one outside it could never stop anything:
+    a one-line :class:`Step3Error`). None means the config's ``eos_token_id``."""
+    for t in eos_ids or ():
+        if not 0 <= t < cfg.vocab_size:
+            raise Step3Error(f"--eos-id {t} is outside the vocabulary (0..{cfg.vocab_size - 1})")
 
 
 @struct.dataclass
@@ -214,6 +223,7 @@ class Generator:
         """Generate for ``prompts``; returns ``(list[GenerationResult], metrics dict)``."""
         cfg = self.cfg
         prompts = check_prompts(prompts, cfg)
+        check_eos(eos_ids, cfg)
         sampling.check(temperature, top_k, top_p)
         if max_new_tokens < 1:
             raise Step3Error(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
@@ -259,17 +269,11 @@ class Generator:
                                     finish_reason=FINISH_REASONS[reason[b]])
                    for b, p in enumerate(prompts)]
         steps = int(state.step)
-        batch = len(prompts)
-        metrics = {
-            "batch": batch, "mesh": dict(self.mesh.shape), "prefill_bucket": chunk,
-            "prefill_chunk": piece, "cache_capacity": capacity,
-            "generated_tokens": int(n_gen[:batch].sum()), "decode_steps": steps,
-            "compile_s": round(compile_prefill + compile_decode, 3),
-            "prefill_ms": round(prefill_s * 1e3, 3), "decode_ms": round(decode_s * 1e3, 3),
-            "decode_step_ms": round(decode_s * 1e3 / steps, 3) if steps else None,
-            "decode_tokens_per_s": round(batch * steps / decode_s, 2) if steps else None,
-            "backend": jax.default_backend(), "dtype": cfg.dtype,
-        }
+        metrics = report(cfg, batch=len(prompts), mesh=dict(self.mesh.shape),
+                         prefill_bucket=chunk, prefill_chunk=piece, cache_capacity=capacity,
+                         generated_tokens=int(n_gen[: len(prompts)].sum()), decode_steps=steps,
+                         compile_s=compile_prefill + compile_decode, prefill_s=prefill_s,
+                         decode_s=decode_s, decode_step_s=decode_s / steps if steps else None)
         return results, metrics
 
 

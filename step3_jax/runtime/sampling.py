@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from step3_jax.errors import Step3Error
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # the temperature is a float32 on device
 
 
 def check(temperature: float, top_k: int, top_p: float) -> None:
     """Raise a one-line :class:`Step3Error` for an out-of-range sampling setting."""
-    if not temperature >= 0:
-        raise Step3Error(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature <= _FLOAT32_MAX:  # NaN and inf fail too
+        raise Step3Error(f"--temperature must be >= 0 and finite in float32 (0 = greedy), got "
+                         f"{temperature}")
     if not (isinstance(top_k, int) and top_k >= 0):
         raise Step3Error(f"--top-k must be an integer >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
@@ -58,11 +62,15 @@ def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax
     """Next tokens ``[B]`` from ``logits [B, V]``; sequence ``b`` draws from ``fold_in(keys[b], step)``.
 
     ``temperature`` is a scalar: at 0 only the argmax runs (drawing the Gumbel noise for a
-    ``[16, 32000]`` step costs ~6.5 ms on XLA:CPU, more than the LM head)."""
+    ``[16, 32000]`` step costs ~6.5 ms on XLA:CPU, more than the LM head). A token whose logit
+    is ``-inf`` (the vocabulary padding) is never drawn, whatever the temperature: the logits
+    are shifted so the largest is 0 before dividing, so no temperature turns ``-inf`` into NaN
+    or every real token into ``-inf``."""
     logits = logits.astype(jnp.float32)
 
     def draw(logits):
-        scaled = logits / temperature
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        scaled = jnp.where(logits > -jnp.inf, (logits - top) / temperature, -jnp.inf)
         scaled = jax.lax.cond((top_k > 0) | (top_p < 1), filter_logits, lambda x, *_: x,
                               scaled, top_k, top_p)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
