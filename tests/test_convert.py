@@ -5,7 +5,9 @@ independently of ``step3_jax.model.quant``: ``w[r, c] = fp8[r, c] * scale[r // 1
 """
 
 import json
+import os
 import shutil
+import stat
 import weakref
 
 import jax
@@ -353,6 +355,46 @@ def test_non_empty_out_needs_force_and_force_replaces(capsys, tmp_path, hub_dir)
                            "-q")
     assert code == 0, err
     assert store.is_store(out) and not (out / "keep.txt").exists()
+
+
+def test_an_impossible_out_is_one_line(capsys, tmp_path, hub_dir, store_dir):
+    """Issue 17 item 3: ``--out`` under /proc or under a regular file was a FileNotFoundError /
+    FileExistsError traceback (exit 1); now one line naming the path and why, exit 2."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    for command in (["convert", "--hf", str(hub_dir)], ["export", "--checkpoint", str(store_dir)]):
+        for out, why in (("/proc/x", "No such file or directory"),
+                         (str(afile / "sub"), f"{afile} is not a directory")):
+            code, stdout, err = run_cli(capsys, *command, "--out", out, "-q")
+            assert code == 2 and stdout == "" and "Traceback" not in err, err
+            assert err.strip() == f"step3-jax: error: cannot create output directory {out}" + (
+                f" ({why})" if out == "/proc/x" else f": {why}"), err
+    assert afile.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]
+
+
+def _modes(root) -> set[tuple[bool, int]]:
+    return {(p.is_dir(), stat.S_IMODE(p.stat().st_mode)) for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask(tmp_path, hub_dir, umask):
+    """Issue 17 item 7: convert/export outputs were 0700 (tempfile's staging directory) whatever
+    the umask, unreadable by colleagues on a shared disk. Every directory and file written
+    (orbax's and tensorstore's included, and the copied tokenizer, whatever its own mode) now
+    has the mode the umask gives a new one."""
+    hub = tmp_path / "hub"
+    shutil.copytree(hub_dir, hub)
+    (hub / "tokenizer.json").write_text("{}")
+    os.chmod(hub / "tokenizer.json", 0o600)
+    previous = os.umask(umask)
+    try:
+        convert(hub, tmp_path / "st", weights="fp8", progress=False)
+        export(tmp_path / "st", tmp_path / "back", progress=False)
+    finally:
+        os.umask(previous)
+    want = {(True, 0o777 & ~umask), (False, 0o666 & ~umask)}
+    assert _modes(tmp_path / "st") == want and _modes(tmp_path / "back") == want
+    assert (tmp_path / "back" / "tokenizer.json").is_file()
 
 
 def test_interrupted_run_leaves_nothing_and_a_rerun_starts_clean(capsys, tmp_path, hub_dir,
