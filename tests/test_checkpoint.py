@@ -174,6 +174,25 @@ def test_broken_index_and_corrupt_shards_are_named(tmp_path, tiny_raw, hub_state
     _expect(empty, tiny_cfg, "no model.safetensors or model.safetensors.index.json")
 
 
+def test_overrides_that_change_the_checkpoints_architecture_are_named(monkeypatch, hub_dir):
+    """A config or override beside a checkpoint must describe it (issue 17 item 5): refused in one
+    line naming the field, before any tensor is read; numerics (dtype, MoE kernel) are free."""
+    from step3_jax.checkpoint import hub
+    from step3_jax.checkpoint.loader import model_config
+    from step3_jax.errors import ConfigError
+
+    monkeypatch.setattr(hub, "read_leaves", lambda *a, **k: pytest.fail("a tensor was read"))
+    with pytest.raises(ConfigError, match=r"^overrides moe_intermediate_size=16 does not match "
+                                          r"the checkpoint .*: moe_intermediate_size 16 "
+                                          r"\(checkpoint: 32\);"):
+        load(hub_dir, moe_intermediate_size=16)
+    with pytest.raises(ConfigError,
+                       match=r"^config 'tiny' .*: vocab_size 300 \(checkpoint: 250\);"):
+        load(hub_dir, config="tiny", vocab_size=300)
+    cfg = model_config(hub_dir, "tiny", dtype="bfloat16", moe_impl="loop")
+    assert (cfg.dtype, cfg.moe_impl, cfg.hidden_size) == ("bfloat16", "loop", 64)
+
+
 def test_missing_checkpoint_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load(tmp_path / "nowhere")
