@@ -5,6 +5,7 @@ independently of ``step3_jax.model.quant``: ``w[r, c] = fp8[r, c] * scale[r // 1
 """
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -334,6 +335,24 @@ def test_bad_inputs_are_named(capsys, tmp_path, tiny_raw, hub_state):
         set(index["weight_map"].values()))[0]
     (listed / "model.safetensors.index.json").write_text(json.dumps(index))
     _convert_fails(capsys, listed, out, "model.layers.0.extra.weight", "absent")
+
+
+def test_a_tensor_that_cannot_be_read_while_writing_is_one_line(capsys, caplog, monkeypatch,
+                                                                tmp_path, hub_dir):
+    """A read that fails mid-conversion (headers were fine) stops the save before any of its
+    batch's writes starts: one line, nothing at --out, and no traceback logged by orbax's writer
+    thread."""
+    original = HubReader.read
+
+    def failing(self, name):
+        if name == "model.layers.2.self_attn.wq.weight":
+            raise CheckpointError(f"{name}: disk went away")
+        return original(self, name)
+
+    monkeypatch.setattr(HubReader, "read", failing)
+    _convert_fails(capsys, hub_dir, tmp_path / "out",
+                   "model.layers.2.self_attn.wq.weight: disk went away")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_fp8_scale_grid_mismatch_is_named_before_writing(capsys, tmp_path, tiny_raw, hub_state):

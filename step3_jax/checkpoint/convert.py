@@ -159,7 +159,7 @@ def _hub_tensors(spec, value, cfg) -> dict[str, np.ndarray]:
     return {spec.hub: leaf_to_hub(np.asarray(value), spec, cfg)}
 
 
-def _hub_layout(specs, cfg, weights: str) -> dict[str, tuple]:
+def _hub_layout(specs, weights: str) -> dict[str, tuple]:
     """The Hub tensors of a chunk's weights as ``name -> (shape, dtype)``, in declaration order:
     the header of its safetensors shard, known before any weight is restored."""
     out = {}
@@ -201,7 +201,7 @@ def export(checkpoint: str | Path, out: str | Path, *, force: bool = False,
             for i, name in enumerate(tqdm(names, desc="exporting", unit="layer",
                                           disable=not progress)):
                 file = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
-                layout = _hub_layout(store.chunk_of(decl, name), cfg, manifest["weights"])
+                layout = _hub_layout(store.chunk_of(decl, name), manifest["weights"])
                 with streaming.SafetensorsWriter(tmp / file, layout, {"format": "pt"}) as shard:
                     for spec, value in reader.leaves(name):
                         for tensor, array in _hub_tensors(spec, value, cfg).items():

@@ -5,9 +5,8 @@ Host memory while converting is set by the largest *tensor*, not the largest lay
 * **orbax** (:func:`save_lazy`): a chunk (one orbax checkpoint, e.g. a layer) is handed to orbax
   as :class:`Lazy` leaves — shape and dtype now, values read only when orbax writes that leaf —
   written a few at a time (up to :data:`BATCH_BYTES`; a large tensor alone) without orbax's
-  defensive copy.
-  The files are orbax's own (the ``np.ndarray`` type, the standard metadata), so any orbax
-  reader restores them.
+  defensive copy. The files are orbax's own (the ``np.ndarray`` type, the standard metadata), so
+  any orbax reader restores them.
 * **safetensors** (:class:`SafetensorsWriter`): the header is written first from the declared
   names, dtypes and shapes, then each tensor's bytes as it arrives.
 
@@ -33,7 +32,7 @@ import numpy as np
 
 from step3_jax.errors import CheckpointError, Step3Error
 
-# ----- orbax: one leaf at a time --------------------------------------------------------------
+# ----- orbax: a few leaves at a time --------------------------------------------------------------
 
 
 class Lazy:
@@ -105,20 +104,27 @@ def batches(sizes: list[int], limit: int | None = None) -> list[list[int]]:
 
 
 def _handler():
-    """orbax's NumPy handler, writing its leaves a few at a time (:func:`batches`, each read by
-    :meth:`Lazy.load` just before) instead of all at once, without a defensive copy."""
+    """orbax's NumPy handler for :class:`Lazy` leaves, writing them a few at a time
+    (:func:`batches`) instead of all at once, without a defensive copy. A batch is read whole
+    before any of its writes starts; a :class:`Step3Error` from a read (a tensor that cannot be
+    read) stops the writing and is kept in ``failure`` for :func:`save_lazy` to raise, rather
+    than raised in orbax's writer thread (which would log it with a traceback)."""
     import orbax.checkpoint as ocp
 
     class FewAtATime(ocp.type_handlers.NumpyHandler):
+        failure: Step3Error | None = None
+
         async def _background_serialize(self, values, infos, args=None):
             args = args or [ocp.SaveArgs()] * len(values)
             for group in batches([v.nbytes for v in values]):
-                await super()._background_serialize([values[i] for i in group],
-                                                    [infos[i] for i in group],
+                try:
+                    arrays = [values[i].load() for i in group]
+                except Step3Error as e:
+                    self.failure = e
+                    return
+                await super()._background_serialize(arrays, [infos[i] for i in group],
                                                     [args[i] for i in group])
-
-        async def _open_and_write(self, value, tspec, ts_context):
-            await super()._open_and_write(value.load(), tspec, ts_context)
+                del arrays
 
     return FewAtATime(deepcopy_host_arrays=False)
 
@@ -126,23 +132,17 @@ def _handler():
 def save_lazy(path: Path, state) -> None:
     """Save ``state`` (a nested dict of :class:`Lazy` leaves) as one orbax checkpoint at ``path``,
     holding one batch of leaves (:func:`batches`) at a time. A :class:`Step3Error` raised by a
-    leaf's ``load`` (a tensor that cannot be read) comes out as itself, not wrapped by orbax's
-    writer thread."""
+    leaf's ``load`` comes out as itself (what is at ``path`` then is incomplete: the caller
+    discards it)."""
     import orbax.checkpoint as ocp
 
+    handler = _handler()
     registry = ocp.type_handlers.create_type_handler_registry(  # jax.Array: never used; its
-        (jax.Array, ocp.type_handlers.ArrayHandler()), (Lazy, _handler()))  # absence warns
-    try:
-        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(
-                type_handler_registry=registry)) as ckpt:
-            ckpt.save(path, args=ocp.args.PyTreeSave(state))
-    except Exception as e:
-        cause = e
-        while cause is not None and not isinstance(cause, Step3Error):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise cause from None
-        raise
+        (jax.Array, ocp.type_handlers.ArrayHandler()), (Lazy, handler))  # absence warns
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry)) as ckpt:
+        ckpt.save(path, args=ocp.args.PyTreeSave(state))
+    if handler.failure is not None:
+        raise handler.failure
 
 
 def release_memory() -> None:
@@ -155,7 +155,7 @@ def release_memory() -> None:
         trim(0)
 
 
-# ----- safetensors: the header first, then one tensor at a time ----------------------------------
+# ----- safetensors: the header first, then one tensor at a time -----------------------------------
 
 SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
                       np.dtype(ml_dtypes.bfloat16): "BF16",
