@@ -79,6 +79,48 @@ def test_vision_tensors_are_skipped_with_a_notice(tmp_path, tiny_raw, hub_state,
     assert _leaves_equal(params, tiny_params)
 
 
+def _transformers_names(state: dict) -> dict:
+    """``state`` as transformers' save_pretrained writes it from StepFun's model code: text
+    tensors under ``model.language_model.``, ``lm_head.weight`` unchanged."""
+    return {"model.language_model." + k[len("model."):] if k.startswith("model.") else k: v
+            for k, v in state.items()}
+
+
+def test_transformers_save_pretrained_layout_loads(tmp_path, tiny_raw, hub_state, tiny_params,
+                                                   caplog, monkeypatch):
+    """Issue 17 item 13: a checkpoint in transformers' layout was refused as "unknown tensor
+    model.language_model.embed_tokens.weight (and 89 more)". It now loads to the same weights,
+    its vision tensors (model.vision_model.*, model.vit_*) skipped with the notice."""
+    state = _transformers_names(hub_state)
+    state["model.vision_model.embeddings.patch_embedding.weight"] = np.zeros((4, 3), np.float32)
+    state["model.vit_downsampler.weight"] = np.zeros((2, 2), np.float32)
+    state["model.vit_large_projector.weight"] = np.zeros((2, 2), np.float32)
+    directory = write_hub_checkpoint(tmp_path, tiny_raw, state, shards=2, wrapper=True)
+    monkeypatch.setattr(logging.getLogger("step3_jax"), "propagate", True)
+    with caplog.at_level(logging.INFO, logger="step3_jax"):
+        params, _ = load(directory, progress=False, moe_impl="ragged")
+    assert _leaves_equal(params, tiny_params)
+    assert "skipping 3 vision-encoder tensors" in caplog.text
+    assert "reading the 54 model.language_model.* tensors as model.*" in caplog.text
+
+
+def test_transformers_layout_errors_name_its_tensors(tmp_path, tiny_raw, hub_state, tiny_cfg):
+    """Header checks work in the transformers layout too, naming tensors as its files do."""
+    state = _transformers_names(hub_state)
+    missing = {k: v for k, v in state.items()
+               if k != "model.language_model.layers.2.moe.up_proj.weight"}
+    _expect(write_hub_checkpoint(tmp_path / "a", tiny_raw, missing), tiny_cfg,
+            "missing tensor model.language_model.layers.2.moe.up_proj.weight")
+    shaped = dict(state, **{"model.language_model.layers.3.mlp.down_proj.weight":
+                            np.zeros((96, 64), np.float32)})
+    _expect(write_hub_checkpoint(tmp_path / "b", tiny_raw, shaped), tiny_cfg,
+            "model.language_model.layers.3.mlp.down_proj.weight: expected shape [64, 96]")
+    both = dict(state, **{"model.norm.weight": hub_state["model.norm.weight"]})
+    _expect(write_hub_checkpoint(tmp_path / "c", tiny_raw, both), tiny_cfg,
+            "tensor model.norm.weight is stored twice, as model.norm.weight and as "
+            "model.language_model.norm.weight")
+
+
 def _expect(directory, cfg, *fragments):
     with pytest.raises(CheckpointError) as e:
         load_hub(directory, cfg, progress=False)
@@ -130,6 +172,25 @@ def test_broken_index_and_corrupt_shards_are_named(tmp_path, tiny_raw, hub_state
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps(tiny_raw))
     _expect(empty, tiny_cfg, "no model.safetensors or model.safetensors.index.json")
+
+
+def test_overrides_that_change_the_checkpoints_architecture_are_named(monkeypatch, hub_dir):
+    """A config or override beside a checkpoint must describe it (issue 17 item 5): refused in one
+    line naming the field, before any tensor is read; numerics (dtype, MoE kernel) are free."""
+    from step3_jax.checkpoint import hub
+    from step3_jax.checkpoint.loader import model_config
+    from step3_jax.errors import ConfigError
+
+    monkeypatch.setattr(hub, "read_leaves", lambda *a, **k: pytest.fail("a tensor was read"))
+    with pytest.raises(ConfigError, match=r"^overrides moe_intermediate_size=16 does not match "
+                                          r"the checkpoint .*: moe_intermediate_size 16 "
+                                          r"\(checkpoint: 32\);"):
+        load(hub_dir, moe_intermediate_size=16)
+    with pytest.raises(ConfigError,
+                       match=r"^config 'tiny' .*: vocab_size 300 \(checkpoint: 250\);"):
+        load(hub_dir, config="tiny", vocab_size=300)
+    cfg = model_config(hub_dir, "tiny", dtype="bfloat16", moe_impl="loop")
+    assert (cfg.dtype, cfg.moe_impl, cfg.hidden_size) == ("bfloat16", "loop", 64)
 
 
 def test_missing_checkpoint_directory(tmp_path):

@@ -164,6 +164,12 @@ def test_an_argparse_error_exits_2_in_a_process_without_starting_jax():
     (lambda d: (d / "config.json").write_text("{broken"), "invalid JSON"),
     (lambda d: (d / "config.json").write_text(json.dumps({"hidden_size": 64})),
      "missing required key(s)"),
+    # Issue 17 item 14: was "unknown tensor model.layers.1.moe.down_proj.weight (and 27 more)".
+    (lambda d: (d / "config.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((d / "config.json").read_text()).items()
+         if k != "moe_layers_enum"})),
+     'moe_layers_enum is missing (8 experts configured but no MoE layers named): add it, e.g. '
+     '"1,2,3" for every layer after the first'),
 ])
 def test_bad_checkpoint_config_is_one_line(capsys, tmp_path, hub_dir, mutate, fragment):
     directory = tmp_path / "ckpt"
@@ -171,6 +177,21 @@ def test_bad_checkpoint_config_is_one_line(capsys, tmp_path, hub_dir, mutate, fr
     mutate(directory)
     code, out, err = run_cli(capsys, "generate", "--checkpoint", str(directory), "--prompt-ids", "1")
     assert code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_a_config_that_does_not_match_the_checkpoint_is_named(capsys, hub_dir):
+    """Issue 17 item 5: --config beside --checkpoint replaced the checkpoint's config, and a
+    mismatch surfaced as "unknown tensor ... (and 17 more)"; now one line naming the fields."""
+    code, out, err = run_cli(capsys, "generate", "--config", "bench", "--checkpoint", str(hub_dir),
+                             "--prompt-ids", "1")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"step3-jax: error: config 'bench' does not match the checkpoint "
+                          f"{hub_dir}: hidden_size 1024 (checkpoint: 64), "), err
+    assert "without --config the checkpoint's own config.json is used" in err
+    # The checkpoint's own config.json, named explicitly, matches.
+    code, out, err = run_cli(capsys, "score", "--config", str(hub_dir / "config.json"),
+                             "--checkpoint", str(hub_dir), "--ids", "1,2,3", "--json", "-q")
+    assert code == 0 and json.loads(out)["ids"] == [1, 2, 3], err
 
 
 def test_help_on_every_subcommand(capsys):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from step3_jax.errors import ConfigError
-from step3_jax.model.config import from_hub_dict, load_config
+from step3_jax.model.config import from_hub_dict, load_config, presets_dir
 from step3_jax.model.weights import Mlp, Moe, count_params, declare
 
 
@@ -80,6 +80,23 @@ def test_unsupported_or_inconsistent_values_are_named(tiny_raw):
         from_hub_dict(dict(tiny_raw, moe_layers_enum="1,x"))
     with pytest.raises(ConfigError, match="hidden_size must be a number"):
         from_hub_dict(dict(tiny_raw, hidden_size="big"))
+
+
+def test_missing_moe_layers_enum_is_named_not_guessed(tiny_raw):
+    """Issue 17 item 14. StepFun's model code would make every layer after the first MoE when
+    the key is missing, its config class Step-3's 4..59 whatever the depth: no default to apply,
+    so the field is named. Without experts a missing key means a dense model."""
+    step3 = json.loads((presets_dir() / "step3.json").read_text())
+    for raw, example in ((tiny_raw, '"1,2,3"'), (step3, '"1,2,...,60"')):
+        bare = {k: v for k, v in raw.items() if k != "moe_layers_enum"}
+        with pytest.raises(ConfigError) as e:
+            from_hub_dict(bare, where="ckpt/config.json")
+        assert str(e.value) == (f"ckpt/config.json: moe_layers_enum is missing "
+                                f"({raw['moe_num_experts']} experts configured but no MoE "
+                                f"layers named): add it, e.g. {example} for every layer after "
+                                "the first")
+    dense = {k: v for k, v in tiny_raw.items() if k not in ("moe_layers_enum", "moe_num_experts")}
+    assert from_hub_dict(dense).moe_layers == ()
 
 
 def test_unknown_preset_lists_the_presets():

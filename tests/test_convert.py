@@ -5,7 +5,11 @@ independently of ``step3_jax.model.quant``: ``w[r, c] = fp8[r, c] * scale[r // 1
 """
 
 import json
+import logging
+import os
 import shutil
+import stat
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +18,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from step3_jax.checkpoint import store
+from step3_jax.checkpoint import store, streaming
 from step3_jax.checkpoint.convert import convert, export
 from step3_jax.checkpoint.hub import HubReader
 from step3_jax.checkpoint.loader import load
@@ -196,6 +200,55 @@ def test_converted_checkpoint_gives_the_hub_logits(tmp_path, hub_dir, tiny_raw, 
     np.testing.assert_array_equal(_logits(st_params, cfg), _logits(hub_params, cfg))
 
 
+# ----- streaming: a tensor at a time, whatever the layer size -----------------------------------
+
+def _track(monkeypatch, owner, method: str) -> list[int]:
+    """Wrap ``owner.method`` so that every array it returns is counted while alive; returns the
+    list of live counts seen at each call (the arrays still held when the next one is read)."""
+    original, alive, seen = getattr(owner, method), [0], []
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        for a in jax.tree.leaves(out):
+            if isinstance(a, np.ndarray):
+                alive[0] += 1
+                weakref.finalize(a, lambda: alive.__setitem__(0, alive[0] - 1))
+        seen.append(alive[0])
+        return out
+
+    monkeypatch.setattr(owner, method, counted)
+    return seen
+
+
+def test_batches_group_consecutive_sizes_within_the_limit():
+    assert streaming.batches([5, 30, 40, 1, 1], limit=32) == [[0], [1], [2], [3, 4]]
+    assert streaming.batches([], limit=32) == []
+
+
+@pytest.mark.parametrize("weights", ["float32", "fp8"])
+def test_convert_and_export_hold_about_one_tensor(monkeypatch, tmp_path, hub_dir, weights):
+    """Issue 17 item 15: the converter held ~5 layers (a 968 MiB checkpoint of ~200 MB layers
+    peaked at 0.96x its size). With batching off, conversion reads the next Hub tensor only once
+    the previous one is written and freed (1 alive), and export restores the next weight while
+    holding at most the one it just wrote (2 weights alive: the loop variable still names it;
+    an FP8 weight is two arrays, values and scales)."""
+    monkeypatch.setattr(streaming, "BATCH_BYTES", 0)
+    reads = _track(monkeypatch, HubReader, "read")
+    convert(hub_dir, tmp_path / "st", weights=weights, progress=False)
+    assert len(reads) == 55 and max(reads) == 1, reads  # tiny: 55 tensors, one at a time
+    restores = _track(monkeypatch, store.Reader, "_read")
+    export(tmp_path / "st", tmp_path / "hub", progress=False)
+    assert len(restores) == 55 and max(restores) <= (4 if weights == "fp8" else 2), restores
+    back, source = HubReader(tmp_path / "hub"), HubReader(hub_dir)
+    name = "model.layers.1.moe.down_proj.weight"
+    if weights == "float32":
+        np.testing.assert_array_equal(back.read(name), source.read(name))
+    else:  # e4m3 keeps 3 mantissa bits: each value within 2^-4 of itself, so of the block max
+        np.testing.assert_allclose(
+            _reference_dequantize(back.read(name), back.read(name + "_scale_inv")),
+            source.read(name), rtol=0, atol=2 ** -4 * np.abs(source.read(name)).max())
+
+
 # ----- sharded restore ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -284,6 +337,24 @@ def test_bad_inputs_are_named(capsys, tmp_path, tiny_raw, hub_state):
     _convert_fails(capsys, listed, out, "model.layers.0.extra.weight", "absent")
 
 
+def test_a_tensor_that_cannot_be_read_while_writing_is_one_line(capsys, caplog, monkeypatch,
+                                                                tmp_path, hub_dir):
+    """A read that fails mid-conversion (headers were fine) stops the save before any of its
+    batch's writes starts: one line, nothing at --out, and no traceback logged by orbax's writer
+    thread."""
+    original = HubReader.read
+
+    def failing(self, name):
+        if name == "model.layers.2.self_attn.wq.weight":
+            raise CheckpointError(f"{name}: disk went away")
+        return original(self, name)
+
+    monkeypatch.setattr(HubReader, "read", failing)
+    _convert_fails(capsys, hub_dir, tmp_path / "out",
+                   "model.layers.2.self_attn.wq.weight: disk went away")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_fp8_scale_grid_mismatch_is_named_before_writing(capsys, tmp_path, tiny_raw, hub_state):
     fp8, _ = _fp8_state(hub_state)
     fp8["model.layers.0.self_attn.wq.weight_scale_inv"] = np.ones((2, 1), np.float32)
@@ -303,6 +374,46 @@ def test_non_empty_out_needs_force_and_force_replaces(capsys, tmp_path, hub_dir)
                            "-q")
     assert code == 0, err
     assert store.is_store(out) and not (out / "keep.txt").exists()
+
+
+def test_an_impossible_out_is_one_line(capsys, tmp_path, hub_dir, store_dir):
+    """Issue 17 item 3: ``--out`` under /proc or under a regular file was a FileNotFoundError /
+    FileExistsError traceback (exit 1); now one line naming the path and why, exit 2."""
+    afile = tmp_path / "afile.txt"
+    afile.write_text("x")
+    for command in (["convert", "--hf", str(hub_dir)], ["export", "--checkpoint", str(store_dir)]):
+        for out, why in (("/proc/x", "No such file or directory"),
+                         (str(afile / "sub"), f"{afile} is not a directory")):
+            code, stdout, err = run_cli(capsys, *command, "--out", out, "-q")
+            assert code == 2 and stdout == "" and "Traceback" not in err, err
+            assert err.strip() == f"step3-jax: error: cannot create output directory {out}" + (
+                f" ({why})" if out == "/proc/x" else f": {why}"), err
+    assert afile.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]
+
+
+def _modes(root) -> set[tuple[bool, int]]:
+    return {(p.is_dir(), stat.S_IMODE(p.stat().st_mode)) for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_follow_the_umask(tmp_path, hub_dir, umask):
+    """Issue 17 item 7: convert/export outputs were 0700 (tempfile's staging directory) whatever
+    the umask, unreadable by colleagues on a shared disk. Every directory and file written
+    (orbax's and tensorstore's included, and the copied tokenizer, whatever its own mode) now
+    has the mode the umask gives a new one."""
+    hub = tmp_path / "hub"
+    shutil.copytree(hub_dir, hub)
+    (hub / "tokenizer.json").write_text("{}")
+    os.chmod(hub / "tokenizer.json", 0o600)
+    previous = os.umask(umask)
+    try:
+        convert(hub, tmp_path / "st", weights="fp8", progress=False)
+        export(tmp_path / "st", tmp_path / "back", progress=False)
+    finally:
+        os.umask(previous)
+    want = {(True, 0o777 & ~umask), (False, 0o666 & ~umask)}
+    assert _modes(tmp_path / "st") == want and _modes(tmp_path / "back") == want
+    assert (tmp_path / "back" / "tokenizer.json").is_file()
 
 
 def test_interrupted_run_leaves_nothing_and_a_rerun_starts_clean(capsys, tmp_path, hub_dir,

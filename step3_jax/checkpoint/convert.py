@@ -1,7 +1,8 @@
 """``step3-jax convert`` (Hub safetensors -> orbax store) and ``step3-jax export`` (back).
 
-Both stream one layer at a time — read a layer's tensors, write them, free them — so host
-memory peaks at about one layer (an MoE layer of the full model is ~10.6 GB in BF16), never the
+Both stream one weight at a time — read a tensor, write it, free it
+(:mod:`step3_jax.checkpoint.streaming`) — so host memory peaks at a few of the largest tensor
+(a stacked expert weight of the full model is 3.5 GB in BF16), whatever the layer size, never the
 model (642 GB). Everything that can be checked from the safetensors headers (names, shapes,
 dtypes, FP8 block grids) is checked before the first byte is written; the output is built in a
 temporary sibling directory and renamed into place only when complete, so a failed or
@@ -12,19 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from step3_jax.checkpoint import store
+from step3_jax.checkpoint import store, streaming
 from step3_jax.checkpoint.hub import (INDEX_FILE, SCALE_SUFFIX, HubReader, _check_names,
                                       leaf_to_hub, read_leaf)
 from step3_jax.checkpoint.loader import checkpoint_dir
@@ -107,25 +104,23 @@ def convert(hf_dir: str | Path, out: str | Path, *, weights: str = "bfloat16",
                       extra={"source": str(src)}) as w, \
             tqdm(total=source_bytes, unit="B", unit_scale=True, desc="converting",
                  disable=not progress) as bar:
+
+        def read(spec):
+            """One weight in the storage dtype (FP8 storage: an Fp8Weight), counted on the bar."""
+            leaf = read_leaf(reader, spec, cfg, fp8, keep_fp8=weights == "fp8")
+            bar.update(reader.nbytes(spec.hub) + (reader.nbytes(spec.hub + SCALE_SUFFIX)
+                                                  if spec.hub in fp8 else 0))
+            if weights != "fp8":
+                return leaf.astype(_STORAGE[weights], copy=False)
+            if quant.is_quantized(spec) and not isinstance(leaf, quant.Fp8Weight):
+                return quant.quantize_leaf(leaf, spec)
+            return leaf if isinstance(leaf, quant.Fp8Weight) else leaf.astype(ml_dtypes.bfloat16)
+
         for name in store.chunk_names(cfg):
-            specs = store.chunk_of(decl, name)
-
-            def one(spec):
-                leaf = read_leaf(reader, spec, cfg, fp8, keep_fp8=weights == "fp8")
-                bar.update(reader.nbytes(spec.hub) + (reader.nbytes(spec.hub + SCALE_SUFFIX)
-                                                      if spec.hub in fp8 else 0))
-                if weights != "fp8":
-                    leaf = leaf.astype(_STORAGE[weights], copy=False)
-                elif quant.is_quantized(spec) and not isinstance(leaf, quant.Fp8Weight):
-                    leaf = quant.quantize_leaf(leaf, spec)
-                elif not isinstance(leaf, quant.Fp8Weight):
-                    leaf = leaf.astype(ml_dtypes.bfloat16)
-                return leaf
-
-            chunk = jax.tree.map(one, specs, is_leaf=is_spec)
+            chunk = jax.tree.map(lambda spec: _lazy_leaf(spec, weights, read),
+                                 store.chunk_of(decl, name), is_leaf=is_spec)
             written += sum(a.nbytes for a in jax.tree.leaves(chunk))
             w.write_chunk(name, chunk)
-            del chunk
         for side in SIDE_FILES:
             if (src / side).is_file():
                 w.copy_beside(src / side)
@@ -139,28 +134,52 @@ def convert(hf_dir: str | Path, out: str | Path, *, weights: str = "bfloat16",
             "seconds": round(seconds, 3)}
 
 
-def _hub_tensors(chunk, specs, cfg) -> dict[str, np.ndarray]:
-    """One restored chunk as Hub-named torch-layout tensors (FP8: values + ``_scale_inv``)."""
-    tensors = {}
+def _lazy_leaf(spec, weights: str, read):
+    """The :class:`streaming.Lazy` leaf (an FP8 weight: a pair) of one weight, ``read(spec)``
+    only when orbax writes it."""
+    if weights == "fp8" and quant.is_quantized(spec):
+        abstract = quant.abstract_fp8(spec)
 
-    def one(spec, value):
-        if isinstance(value, quant.Fp8Weight):
-            v = np.asarray(value.values).reshape(quant.matrix_view(spec))
-            s = np.asarray(value.scales)
-            tensors[spec.hub] = np.ascontiguousarray(v)
-            tensors[spec.hub + SCALE_SUFFIX] = np.ascontiguousarray(s)
+        def parts():
+            weight = read(spec)
+            return np.asarray(weight.values), np.asarray(weight.scales, np.float32)
+
+        values, scales = streaming.lazy_pair(parts, (abstract.values.shape, abstract.values.dtype),
+                                             (abstract.scales.shape, abstract.scales.dtype))
+        return quant.Fp8Weight(values, scales, abstract.view)
+    dtype = ml_dtypes.bfloat16 if weights == "fp8" else _STORAGE[weights]
+    return streaming.Lazy(spec.shape, dtype, lambda: read(spec))
+
+
+def _hub_tensors(spec, value, cfg) -> dict[str, np.ndarray]:
+    """One restored weight as Hub-named torch-layout tensors (FP8: values + ``_scale_inv``)."""
+    if isinstance(value, quant.Fp8Weight):
+        return {spec.hub: np.asarray(value.values).reshape(quant.matrix_view(spec)),
+                spec.hub + SCALE_SUFFIX: np.asarray(value.scales)}
+    return {spec.hub: leaf_to_hub(np.asarray(value), spec, cfg)}
+
+
+def _hub_layout(specs, weights: str) -> dict[str, tuple]:
+    """The Hub tensors of a chunk's weights as ``name -> (shape, dtype)``, in declaration order:
+    the header of its safetensors shard, known before any weight is restored."""
+    out = {}
+    for spec in jax.tree.leaves(specs, is_leaf=is_spec):
+        if weights == "fp8" and quant.is_quantized(spec):
+            view = quant.matrix_view(spec)
+            out[spec.hub] = (view, ml_dtypes.float8_e4m3fn)
+            out[spec.hub + SCALE_SUFFIX] = (quant.scale_grid(view), np.float32)
         else:
-            tensors[spec.hub] = leaf_to_hub(np.asarray(value), spec, cfg)
-
-    jax.tree.map(one, specs, chunk, is_leaf=is_spec)
-    return tensors
+            out[spec.hub] = (spec.hub_shape, ml_dtypes.bfloat16 if weights == "fp8"
+                             else _STORAGE[weights])
+    return out
 
 
 def export(checkpoint: str | Path, out: str | Path, *, force: bool = False,
            progress: bool = True) -> dict:
     """Write a store back in the Hub format: one safetensors shard per layer (plus the embedding
     and the head), ``model.safetensors.index.json``, ``config.json`` and the side files. The
-    stored dtype is kept (FP8 stores become block-FP8 Hub tensors with ``weight_scale_inv``)."""
+    stored dtype is kept (FP8 stores become block-FP8 Hub tensors with ``weight_scale_inv``).
+    Streams a weight at a time: each is restored alone and appended to its shard."""
     src = checkpoint_dir(checkpoint)
     if not store.is_store(src):
         raise CheckpointError(f"{src}: not a step3-jax orbax checkpoint (no {store.MANIFEST}); "
@@ -173,8 +192,7 @@ def export(checkpoint: str | Path, out: str | Path, *, force: bool = False,
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise CheckpointError(f"output directory {out} is not empty (pass --force to replace it)")
     _clean_stale(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = streaming.staging_dir(out)
     decl = declare(cfg)
     names = store.chunk_names(cfg)
     weight_map, total = {}, 0
@@ -182,23 +200,23 @@ def export(checkpoint: str | Path, out: str | Path, *, force: bool = False,
         with store.Reader(src, cfg) as reader:
             for i, name in enumerate(tqdm(names, desc="exporting", unit="layer",
                                           disable=not progress)):
-                tensors = _hub_tensors(reader.read(name), store.chunk_of(decl, name), cfg)
                 file = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
-                save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-                weight_map.update({t: file for t in tensors})
-                total += sum(a.nbytes for a in tensors.values())
+                layout = _hub_layout(store.chunk_of(decl, name), manifest["weights"])
+                with streaming.SafetensorsWriter(tmp / file, layout, {"format": "pt"}) as shard:
+                    for spec, value in reader.leaves(name):
+                        for tensor, array in _hub_tensors(spec, value, cfg).items():
+                            shard.write(tensor, array)
+                            total += array.nbytes
+                weight_map.update({t: file for t in layout})
+                streaming.release_memory()
         (tmp / INDEX_FILE).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
             indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         for side in SIDE_FILES:
             if (src / side).is_file():
-                shutil.copy2(src / side, tmp / side)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.rename(tmp, out)
+                shutil.copyfile(src / side, tmp / side)
+        streaming.publish(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -206,12 +224,3 @@ def export(checkpoint: str | Path, out: str | Path, *, force: bool = False,
              total / 1e9)
     return {"input": str(src), "output": str(out), "weights": manifest["weights"],
             "tensors": len(weight_map), "shards": len(names), "bytes": total}
-
-
-def peak_layer_bytes(cfg, weights: str) -> int:
-    """The largest chunk's array bytes in ``weights`` storage: the streaming memory unit."""
-    itemsize = 1 if weights == "fp8" else np.dtype(_STORAGE[weights]).itemsize
-    decl = declare(cfg)
-    return max(sum(math.prod(s.shape) * itemsize
-                   for s in jax.tree.leaves(store.chunk_of(decl, n), is_leaf=is_spec))
-               for n in store.chunk_names(cfg))

@@ -8,7 +8,10 @@ transform come from its declaration (``weights.WeightSpec``).
 Checks, each a one-line :class:`CheckpointError` naming the culprit, made from the safetensors
 headers before any tensor data is read: a missing text tensor, an unknown tensor, a wrong shape,
 an unsupported dtype, an index naming a file or tensor that is not there, a corrupt file. Vision
-tensors of the ``step3_vl`` wrapper are skipped with a notice. Block-FP8 checkpoints (``F8_E4M3``
+tensors of the ``step3_vl`` wrapper are skipped with a notice. Two name layouts are read: the
+Hub's (``model.layers.0...``) and what transformers' ``save_pretrained`` writes from StepFun's
+model code (text under ``model.language_model.``, vision under ``model.vision_model.`` and
+``model.vit_*``; ``lm_head.weight`` at the top in both); errors name tensors as the files do. Block-FP8 checkpoints (``F8_E4M3``
 values with ``weight_scale_inv`` siblings) are read from the raw bytes and dequantized per
 128x128 block (:mod:`step3_jax.model.quant`); an FP8 weight whose scale has the wrong block
 grid is an error naming the scale tensor.
@@ -35,8 +38,11 @@ from step3_jax.model.weights import Params, WeightSpec, declare, is_spec, stack_
 
 log = logging.getLogger("step3_jax")
 
-VISION_PREFIXES = ("vision_model.", "vit_downsampler.", "vit_downsampler2.",
-                   "vit_large_projector.")
+_VISION = ("vision_model.", "vit_downsampler.", "vit_downsampler2.", "vit_large_projector.")
+VISION_PREFIXES = _VISION + tuple("model." + p for p in _VISION)  # both layouts
+# transformers' save_pretrained of StepFun's model code nests the text model one level down
+# (``model.language_model.layers.0...``; ``lm_head.weight`` stays at the top).
+TRANSFORMERS_TEXT = "model.language_model."
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _SUPPORTED_DTYPES = {"F32", "F16", "BF16"}
@@ -75,6 +81,31 @@ class HubReader:
             self.files = {name: path for name in self._open(path).keys()}
         else:
             raise CheckpointError(f"{self.directory}: no {SINGLE_FILE} or {INDEX_FILE}")
+        self._stored: dict[str, str] = {}  # our name -> its name in the files, where they differ
+        self._read_transformers_layout()
+
+    def _read_transformers_layout(self) -> None:
+        """Name ``model.language_model.X`` tensors ``model.X``, as the weight declaration does; a
+        tensor stored under both names is an error."""
+        renamed = {n: "model." + n[len(TRANSFORMERS_TEXT):] for n in self.files
+                   if n.startswith(TRANSFORMERS_TEXT)}
+        if not renamed:
+            return
+        for stored, ours in sorted(renamed.items()):
+            if ours in self.files:
+                raise CheckpointError(f"{self.directory}: tensor {ours} is stored twice, as "
+                                      f"{ours} and as {stored}")
+        for stored, ours in renamed.items():
+            self.files[ours] = self.files.pop(stored)
+            self._stored[ours] = stored
+        log.info("transformers layout: reading the %d %s* tensors as model.*", len(renamed),
+                 TRANSFORMERS_TEXT)
+
+    def stored_name(self, name: str) -> str:
+        """What tensor ``name`` is (or would be) called in this checkpoint's files."""
+        if name in self.files or not self._stored or not name.startswith("model."):
+            return self._stored.get(name, name)
+        return TRANSFORMERS_TEXT + name[len("model."):]
 
     def _open(self, path: Path):
         if path not in self._handles:
@@ -85,7 +116,7 @@ class HubReader:
         return self._handles[path]
 
     def _slice(self, name: str):
-        return self._open(self.files[name]).get_slice(name)
+        return self._open(self.files[name]).get_slice(self.stored_name(name))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
@@ -106,23 +137,23 @@ class HubReader:
         gives the byte range; safetensors itself validated the header at open. This also reads
         ``F8_E4M3``, for which NumPy has no dtype (``ml_dtypes`` supplies it).
         """
-        path = self.files[name]
+        path, stored = self.files[name], self.stored_name(name)
         dtype = self.dtype(name)
         if dtype not in _NUMPY_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+            raise CheckpointError(f"{path}: tensor {stored} has unsupported dtype {dtype}")
         try:
             header_len, header = self._header(path)
-            entry = header[name]
+            entry = header[stored]
             begin, end = entry["data_offsets"]
             with open(path, "rb") as f:
                 f.seek(8 + header_len + begin)
                 raw = f.read(end - begin)
         except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
+            raise CheckpointError(f"{path}: cannot read tensor {stored} ({e})") from None
         np_dtype = np.dtype(_NUMPY_DTYPES[dtype])
         shape = tuple(entry["shape"])
         if len(raw) != math.prod(shape) * np_dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name} is truncated ({len(raw)} of "
+            raise CheckpointError(f"{path}: tensor {stored} is truncated ({len(raw)} of "
                                   f"{math.prod(shape) * np_dtype.itemsize} bytes)")
         return np.frombuffer(raw, dtype=np_dtype).reshape(shape)
 
@@ -166,36 +197,46 @@ def _check_names(reader: HubReader, specs: list[WeightSpec]) -> set[str]:
     unknown = sorted(present - expected - scales - set(vision))
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise CheckpointError(f"{reader.directory}: unknown tensor {unknown[0]}{more}")
+        raise CheckpointError(f"{reader.directory}: unknown tensor "
+                              f"{reader.stored_name(unknown[0])}{more}")
     missing = sorted(expected - present)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"{reader.directory}: missing tensor {missing[0]}{more}")
+        raise CheckpointError(f"{reader.directory}: missing tensor "
+                              f"{reader.stored_name(missing[0])}{more}")
     for spec in specs:
-        dtype = reader.dtype(spec.hub)
-        if spec.hub in fp8:
-            if not quant.is_quantized(spec):
-                raise CheckpointError(f"{spec.hub}: has a {SCALE_SUFFIX} but this weight is "
-                                      "never block-FP8 (router, embedding, LM head, norms)")
-            if dtype != "F8_E4M3":
-                raise CheckpointError(f"{spec.hub}: has a {SCALE_SUFFIX} sibling, so expected "
-                                      f"dtype F8_E4M3, got {dtype}")
-            scale = spec.hub + SCALE_SUFFIX
-            grid = quant.scale_grid(spec.hub_shape)
-            if reader.shape(scale) != grid:
-                raise CheckpointError(f"{scale}: block grid {list(reader.shape(scale))} does not "
-                                      f"match {spec.hub} {list(spec.hub_shape)} in "
-                                      f"{quant.BLOCK}x{quant.BLOCK} blocks (expected {list(grid)})")
-            if reader.dtype(scale) not in _SUPPORTED_DTYPES:
-                raise CheckpointError(f"{scale}: unsupported scale dtype {reader.dtype(scale)}")
-        elif dtype not in _SUPPORTED_DTYPES:
-            what = (f" without a {SCALE_SUFFIX} sibling" if dtype.startswith("F8") else "")
-            raise CheckpointError(f"{spec.hub}: unsupported dtype {dtype}{what} "
-                                  f"(expected one of {', '.join(sorted(_SUPPORTED_DTYPES))})")
-        if reader.shape(spec.hub) != spec.hub_shape:
-            raise CheckpointError(f"{spec.hub}: expected shape {list(spec.hub_shape)}, "
-                                  f"got {list(reader.shape(spec.hub))}")
+        _check_tensor(reader, spec, spec.hub in fp8)
     return fp8
+
+
+def _check_tensor(reader: HubReader, spec: WeightSpec, is_fp8: bool) -> None:
+    """The dtype and shape of one weight (and of its FP8 scale), from the headers; errors name
+    the tensor as the checkpoint's files do."""
+    name, dtype = reader.stored_name(spec.hub), reader.dtype(spec.hub)
+    if is_fp8:
+        if not quant.is_quantized(spec):
+            raise CheckpointError(f"{name}: has a {SCALE_SUFFIX} but this weight is "
+                                  "never block-FP8 (router, embedding, LM head, norms)")
+        if dtype != "F8_E4M3":
+            raise CheckpointError(f"{name}: has a {SCALE_SUFFIX} sibling, so expected "
+                                  f"dtype F8_E4M3, got {dtype}")
+        scale = spec.hub + SCALE_SUFFIX
+        grid = quant.scale_grid(spec.hub_shape)
+        if reader.shape(scale) != grid:
+            raise CheckpointError(f"{reader.stored_name(scale)}: block grid "
+                                  f"{list(reader.shape(scale))} does not match {name} "
+                                  f"{list(spec.hub_shape)} in {quant.BLOCK}x{quant.BLOCK} "
+                                  f"blocks (expected {list(grid)})")
+        if reader.dtype(scale) not in _SUPPORTED_DTYPES:
+            raise CheckpointError(f"{reader.stored_name(scale)}: unsupported scale dtype "
+                                  f"{reader.dtype(scale)}")
+    elif dtype not in _SUPPORTED_DTYPES:
+        what = (f" without a {SCALE_SUFFIX} sibling" if dtype.startswith("F8") else "")
+        raise CheckpointError(f"{name}: unsupported dtype {dtype}{what} "
+                              f"(expected one of {', '.join(sorted(_SUPPORTED_DTYPES))})")
+    if reader.shape(spec.hub) != spec.hub_shape:
+        raise CheckpointError(f"{name}: expected shape {list(spec.hub_shape)}, "
+                              f"got {list(reader.shape(spec.hub))}")
 
 
 def read_leaf(reader: HubReader, spec: WeightSpec, cfg: Step3Config, fp8: set[str],

@@ -2,7 +2,8 @@
 
     source -> host pytree -> runtime layout -> placement
 
-1. **which model**: a checkpoint's ``config.json`` or a preset, with overrides (:func:`config`);
+1. **which model**: a checkpoint's ``config.json`` or a preset, with overrides; a config given
+   beside a checkpoint must describe it (:func:`model_config`);
 2. **targets**: where each weight goes: a mesh through the rules table
    (``sharding.param_shardings``), or an explicit tree of shardings (AFD's two groups);
 3. **runtime layout**: whether the MoE kernel wants per-expert arrays, asked once of
@@ -18,13 +19,14 @@ tensor (Hub) or one layer (orbax).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from step3_jax.checkpoint import hub, store
-from step3_jax.errors import CheckpointError
+from step3_jax.errors import CheckpointError, ConfigError
 from step3_jax.model.config import Step3Config, load_config
 from step3_jax.model.moe import per_expert_layout
 from step3_jax.model.sharding import drop_first_axis, param_shardings
@@ -40,6 +42,36 @@ def checkpoint_dir(checkpoint: str | Path) -> Path:
         what = "is not a directory" if directory.exists() else "does not exist"
         raise CheckpointError(f"checkpoint directory {directory} {what}")
     return directory
+
+
+# Step3Config fields that say how to run a model, not what its weights are.
+_NOT_ARCHITECTURE = ("dtype", "moe_impl", "attention_impl", "name")
+
+
+def model_config(checkpoint: str | Path | None = None, config: str | Path | None = None,
+                 **overrides) -> Step3Config:
+    """Which model: ``config`` (a preset name or a ``config.json`` path), else the checkpoint's
+    own ``config.json``, else the ``tiny`` preset, with ``overrides`` (``dtype``, ``moe_impl``,
+    or architecture fields). Beside a checkpoint the result must describe it: a config or an
+    override that changes its architecture is a one-line error naming the fields that differ,
+    raised before any tensor is read (it would surface as unknown or missing tensors)."""
+    if checkpoint is None:
+        return load_config(config if config is not None else "tiny", **overrides)
+    directory = checkpoint_dir(checkpoint)
+    cfg = load_config(config if config is not None else directory, **overrides)
+    own = load_config(directory)
+    differ = [f.name for f in dataclasses.fields(cfg) if f.name not in _NOT_ARCHITECTURE
+              and getattr(cfg, f.name) != getattr(own, f.name)]
+    if differ:
+        what = (f"config {str(config)!r}" if config is not None else
+                "overrides " + ", ".join(f"{k}={v!r}" for k, v in overrides.items()
+                                         if k in differ))
+        shown = ", ".join(f"{name} {getattr(cfg, name)!r} (checkpoint: {getattr(own, name)!r})"
+                          for name in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise ConfigError(f"{what} does not match the checkpoint {directory}: {shown}{more}; "
+                          "without --config the checkpoint's own config.json is used")
+    return cfg
 
 
 def load_tokenizer(directory: str | Path | None):
@@ -121,8 +153,7 @@ def load(checkpoint: str | Path | None = None, config: str | Path | None = None,
     if mesh is not None and shardings is not None:
         raise ValueError("give mesh or shardings, not both")
     directory = None if checkpoint is None else checkpoint_dir(checkpoint)
-    source = config if config is not None else (directory or "tiny")
-    cfg = load_config(source, dtype=dtype, **config_overrides)
+    cfg = model_config(directory, config, dtype=dtype, **config_overrides)
     targets = param_shardings(cfg, mesh) if mesh is not None else shardings
     ep = expert_parallel or (1 if mesh is None else mesh.shape.get("ep", 1))
     per_expert = per_expert_layout(cfg, ep)

@@ -8,8 +8,9 @@ Layout of a directory written by :func:`save` (``step3-jax convert`` and ``tools
     DIR/layer_000/ ...       each decoder layer (canonical stacked experts),
     DIR/head/                the final norm and the LM head
 
-One orbax checkpoint per layer is what makes conversion streaming (a layer is read, written and
-freed before the next) and restore sharded: each chunk is restored straight onto its target
+A chunk is written a tensor at a time (:mod:`step3_jax.checkpoint.streaming`: each weight is
+read, written and freed before the next), and one orbax checkpoint per layer is what makes
+restore sharded and layer by layer: each chunk is restored straight onto its target
 shardings (``jax.ShapeDtypeStruct`` targets from the weight declaration), so no weight is ever
 whole on one device, and shapes are checked against the stored metadata first, because orbax
 would otherwise pad or crop a mismatched array silently.
@@ -23,9 +24,8 @@ stay bfloat16, as in the paper.
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -36,6 +36,7 @@ from flax import serialization
 from tqdm.auto import tqdm
 
 from step3_jax import interrupts
+from step3_jax.checkpoint import streaming
 from step3_jax.errors import CheckpointError
 from step3_jax.model import quant
 from step3_jax.model.config import Step3Config
@@ -107,12 +108,11 @@ class Writer:
     """Writes a store chunk by chunk into a temporary sibling directory; :meth:`commit` renames
     it into place, so an interrupted run leaves nothing loadable at the destination (and the
     next run starts clean). Use as a context manager: leaving it without commit removes the
-    temporary directory."""
+    temporary directory. Each chunk is written a tensor at a time
+    (:func:`streaming.save_lazy`); directories and files follow the umask."""
 
     def __init__(self, directory: str | Path, raw_config: dict, weights: str, *,
                  force: bool = False, extra: dict | None = None):
-        import orbax.checkpoint as ocp
-
         if weights not in STORAGE_DTYPES:
             raise CheckpointError(f"unknown storage dtype {weights!r} "
                                   f"(expected one of {', '.join(STORAGE_DTYPES)})")
@@ -122,36 +122,35 @@ class Writer:
         if self.final.is_dir() and any(self.final.iterdir()) and not force:
             raise CheckpointError(f"output directory {self.final} is not empty "
                                   "(pass --force to replace it)")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-",
-                                         dir=self.final.parent))
+        self.tmp = streaming.staging_dir(self.final)
         self.weights = weights
         self.manifest = {"format": FORMAT, "version": VERSION, "weights": weights,
                          "chunks": [], **(extra or {})}
         (self.tmp / "config.json").write_text(json.dumps(raw_config, indent=2) + "\n")
-        self._ckpt = ocp.StandardCheckpointer()
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         with interrupts.deferred():  # the cleanup is not cut short by another Ctrl-C
-            self._ckpt.close()
             if self.tmp.exists():
                 shutil.rmtree(self.tmp, ignore_errors=True)
         return False
 
     def write_chunk(self, name: str, chunk) -> None:
-        """Save one chunk (a pytree of host or device arrays) and wait until it is on disk.
-        A Ctrl-C meanwhile is raised once the chunk is written: interrupting orbax mid-save
-        leaves its threads writing into the directory the cleanup removes."""
+        """Save one chunk (a pytree of host or device arrays, or :class:`streaming.Lazy` leaves
+        read as they are written) and wait until it is on disk. A Ctrl-C meanwhile is raised
+        once the chunk is written: interrupting orbax mid-save leaves its threads writing into
+        the directory the cleanup removes."""
         with interrupts.deferred():
-            self._ckpt.save(self.tmp / name, _state(chunk))
-            self._ckpt.wait_until_finished()
+            streaming.save_lazy(self.tmp / name, jax.tree.map(streaming.lazy, _state(chunk)))
+        streaming.release_memory()
         self.manifest["chunks"].append(name)
 
     def copy_beside(self, source: Path) -> None:
-        shutil.copy2(source, self.tmp / source.name)
+        """Copy a side file (tokenizer, generation config) into the store; its mode follows the
+        umask."""
+        shutil.copyfile(source, self.tmp / source.name)
 
     def commit(self) -> Path:
         """Move the finished store into place (a Ctrl-C waits until it is there: between the
@@ -161,13 +160,7 @@ class Writer:
 
     def _commit(self) -> Path:
         (self.tmp / MANIFEST).write_text(json.dumps(self.manifest, indent=2) + "\n")
-        trash = None
-        if self.final.exists():
-            trash = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.rename(self.final, trash)
-        os.rename(self.tmp, self.final)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        streaming.publish(self.tmp, self.final)
         return self.final
 
 
@@ -191,7 +184,7 @@ def save(params: Params, cfg: Step3Config, directory: str | Path, *, weights: st
     """Write ``params`` (any layout, any placement) as a store at ``directory``, atomically.
 
     ``weights``: the stored dtype (``bfloat16``, ``float32``; default the params' dtype). Each
-    layer is gathered to the host, written and freed in turn. ``raw_config``: the Hub config to
+    weight is gathered to the host, written and freed in turn. ``raw_config``: the Hub config to
     write beside (default: ``cfg``'s own fields, :meth:`Step3Config.to_hub_dict`).
     """
     weights = weights or str(jnp.dtype(cfg.dtype))
@@ -205,17 +198,18 @@ def save(params: Params, cfg: Step3Config, directory: str | Path, *, weights: st
             tqdm(names, desc="saving", unit="chunk", disable=not progress, leave=False) as bar:
         for name in bar:
             chunk = chunk_of(params, name)
-            if dtype is not None:
-                chunk = jax.tree.map(lambda a: np.asarray(a).astype(dtype), chunk)
+            if dtype is not None:  # each weight gathered and cast only when it is written
+                chunk = jax.tree.map(lambda a: streaming.Lazy(
+                    a.shape, dtype, lambda a=a: np.asarray(a).astype(dtype)), chunk)
             w.write_chunk(name, chunk)
         return w.commit()
 
 
 # ----- reading --------------------------------------------------------------------------------------
 
-def _abstract_chunk(name: str, cfg: Step3Config, weights: str, shardings):
+def _abstract_chunk(name: str, cfg: Step3Config, weights: str, shardings, host: bool = False):
     """The restore target of one chunk: ShapeDtypeStructs in the stored structure, cast to the
-    compute dtype, with their shardings."""
+    compute dtype, with their shardings (``host``: none, so orbax returns host NumPy arrays)."""
     specs = chunk_of(declare(cfg), name)
     compute = jnp.dtype(cfg.dtype)
 
@@ -225,7 +219,7 @@ def _abstract_chunk(name: str, cfg: Step3Config, weights: str, shardings):
         return jax.ShapeDtypeStruct(spec.shape, compute, sharding=sharding)
 
     if shardings is None:  # without a target sharding orbax returns host NumPy arrays
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        one = None if host else jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.tree.map(lambda s: target(s, one), specs, is_leaf=is_spec)
     return jax.tree.map(target, specs, chunk_of(shardings, name), is_leaf=is_spec)
 
@@ -303,11 +297,27 @@ class Reader:
         default device), in ``cfg.dtype``; FP8 weights as :class:`quant.Fp8Weight`. ``keep``: a
         params-shaped tree of bools; weights marked False are not read (orbax's partial restore)
         and come back as None."""
+        return self._read(name, shardings, None if keep is None else chunk_of(keep, name))
+
+    def leaves(self, name: str):
+        """The weights of chunk ``name`` one at a time, as ``(spec, value)`` in declaration
+        order (a host array, or an FP8 weight of host arrays), restored a few at a time
+        (``streaming.batches``; orbax's partial restore): a caller that writes each before
+        asking for the next holds about one large weight."""
+        specs, treedef = jax.tree.flatten(chunk_of(declare(self.cfg), name), is_leaf=is_spec)
+        itemsize = jnp.dtype(self.cfg.dtype).itemsize
+        for group in streaming.batches([math.prod(s.shape) * itemsize for s in specs]):
+            keep = treedef.unflatten([i in group for i in range(len(specs))])
+            values = treedef.flatten_up_to(self._read(name, None, keep, host=True))
+            for i in group:
+                yield specs[i], values[i]
+                values[i] = None
+
+    def _read(self, name: str, shardings, chunk_keep, host: bool = False):
         path = self.directory / name
         if not path.is_dir():
             raise CheckpointError(f"{path}: missing chunk directory")
-        target = _abstract_chunk(name, self.cfg, self.manifest["weights"], shardings)
-        chunk_keep = None if keep is None else chunk_of(keep, name)
+        target = _abstract_chunk(name, self.cfg, self.manifest["weights"], shardings, host)
         if chunk_keep is not None:
             target = jax.tree.map(
                 lambda k, t: t if k else jax.tree.map(lambda _: _PLACEHOLDER, t),

@@ -65,7 +65,8 @@ def model_args(p: argparse.ArgumentParser) -> None:
                         "shipped in the package (step3_jax/demo_model, byte-level tokenizer)")
     g.add_argument("--config", metavar="PRESET|FILE",
                    help="preset name (tiny, bench, step3, demo) or config.json path, with "
-                        "seeded random weights")
+                        "seeded random weights; beside --checkpoint it must match the "
+                        "checkpoint's config.json")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="weight and activation dtype (default float32: XLA:CPU runs bfloat16 "
                         "matmuls ~25x slower)")
@@ -116,14 +117,12 @@ def output_args(p: argparse.ArgumentParser) -> None:
 
 def config(args):
     """The config alone (cheap): flags and ids are checked against it before weights load."""
-    from step3_jax.checkpoint.loader import checkpoint_dir
-    from step3_jax.model.config import load_config
+    from step3_jax.checkpoint.loader import model_config
 
     if args.checkpoint is None and args.config is None:
         default_model(args)
-    source = args.config if args.config is not None else checkpoint_dir(args.checkpoint)
-    return load_config(source, dtype=args.dtype, moe_impl=args.moe_impl,
-                       attention_impl=args.attention_impl)
+    return model_config(args.checkpoint, args.config, dtype=args.dtype, moe_impl=args.moe_impl,
+                        attention_impl=args.attention_impl)
 
 
 def default_model(args) -> None:

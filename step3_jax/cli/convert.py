@@ -11,11 +11,12 @@ from step3_jax.cli import common
 def add_parser(sub) -> argparse.ArgumentParser:
     conv = sub.add_parser(
         "convert", help="Hub safetensors (bf16 or block-FP8) -> orbax checkpoint, streaming",
-        description="Convert a Hub checkpoint directory into an orbax checkpoint, one layer at "
-                    "a time (host memory about one layer). Headers are validated before "
-                    "anything is written; the output appears only when complete. "
-                    "generate/score/bench --checkpoint accept the result and restore each "
-                    "weight straight onto its sharding.")
+        description="Convert a Hub checkpoint directory into an orbax checkpoint (one per "
+                    "layer), one tensor at a time (host memory a few of the largest tensor, "
+                    "whatever the layer size). Headers are validated before anything is "
+                    "written; the output appears only when complete, with the modes the umask "
+                    "gives. generate/score/bench --checkpoint accept the result and restore "
+                    "each weight straight onto its sharding.")
     conv.add_argument("--hf", required=True, metavar="DIR",
                       help="Hub checkpoint directory (config.json + safetensors)")
     conv.add_argument("--out", required=True, metavar="DIR", help="output directory")

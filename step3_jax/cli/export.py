@@ -13,7 +13,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "export", help="orbax checkpoint -> Hub safetensors (sharded, with index and config)",
         description="Write an orbax checkpoint made by `convert` back in the Hub format: one "
                     "safetensors shard per layer, model.safetensors.index.json, config.json "
-                    "and tokenizer files, in the stored dtype (fp8 stores as block-FP8).")
+                    "and tokenizer files, in the stored dtype (fp8 stores as block-FP8), one "
+                    "weight at a time.")
     exp.add_argument("--checkpoint", required=True, metavar="DIR", help="orbax checkpoint")
     exp.add_argument("--out", required=True, metavar="DIR", help="output Hub directory")
     exp.add_argument("--force", action="store_true", help="replace a non-empty --out")

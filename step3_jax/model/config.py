@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from step3_jax.errors import ConfigError
 
@@ -126,7 +126,17 @@ _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_di
              "share_q_dim", "vocab_size")
 
 
-def _moe_layers(raw: Any, where: str) -> tuple[int, ...]:
+def _moe_layers(text: dict, layers: int, experts: int, where: str) -> tuple[int, ...]:
+    """``moe_layers_enum`` (a string or a list) as sorted layer indices. Missing while experts
+    are configured is an error, not a guess: StepFun's model code would make every layer after
+    the first MoE, its config class Step-3's 4..59, whatever the depth."""
+    if "moe_layers_enum" not in text and experts > 0:
+        after_first = (",".join(map(str, range(1, layers))) if layers <= 6
+                       else f"1,2,...,{layers - 1}")
+        raise ConfigError(f"{where}: moe_layers_enum is missing ({experts} experts configured "
+                          f"but no MoE layers named): add it, e.g. \"{after_first}\" for every "
+                          "layer after the first")
+    raw = text.get("moe_layers_enum")
     if raw is None or raw == "":
         return ()
     try:
@@ -175,7 +185,8 @@ def from_hub_dict(raw: dict, *, where: str = "config.json", **overrides) -> Step
         moe_top_k=num("moe_top_k", 0),
         moe_intermediate_size=num("moe_intermediate_size", 0),
         share_expert_dim=num("share_expert_dim", num("moe_intermediate_size", 0)),
-        moe_layers=_moe_layers(text.get("moe_layers_enum"), where),
+        moe_layers=_moe_layers(text, num("num_hidden_layers", None), num("moe_num_experts", 0),
+                               where),
         norm_expert_weight=bool(text.get("norm_expert_weight", False)),
         vocab_size=num("vocab_size", None),
         rms_norm_eps=num("rms_norm_eps", 1e-5, float),

@@ -103,12 +103,23 @@ def dequantize_np(values: np.ndarray, scales: np.ndarray, name: str = "tensor") 
                               f"{name} {list(values.shape)} in {BLOCK}x{BLOCK} blocks (expected "
                               f"{list(expected)})")
     rows, cols = values.shape[-2:]
+    if values.ndim > 2:  # matrix by matrix: the temporaries of one expert, not of the stack
+        out = np.empty(values.shape, np.float32)
+        for i in np.ndindex(*values.shape[:-2]):
+            out[i] = dequantize_np(values[i], scales[i], name)
+        return out
     return values.astype(np.float32) * _expand(scales.astype(np.float32), rows, cols, np)
 
 
 def quantize_np(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Block-quantize a matrix(-stack) ``[..., rows, cols]``: e4m3 values and float32 scales
     ``absmax / 448`` per block (an all-zero block gets scale 1)."""
+    if w.ndim > 2:  # matrix by matrix: the temporaries of one expert, not of the stack
+        values = np.empty(w.shape, ml_dtypes.float8_e4m3fn)
+        scales = np.empty(scale_grid(w.shape), np.float32)
+        for i in np.ndindex(*w.shape[:-2]):
+            values[i], scales[i] = quantize_np(w[i])
+        return values, scales
     w = np.asarray(w, np.float32)
     rows, cols = w.shape[-2:]
     grid = scale_grid(w.shape)
@@ -129,7 +140,7 @@ def from_hub(values: np.ndarray, scales: np.ndarray, spec) -> Fp8Weight:
 def quantize_leaf(w: np.ndarray, spec) -> Fp8Weight:
     """A weight in the declared layout, block-quantized over its matrix view."""
     view = matrix_view(spec)
-    values, scales = quantize_np(np.asarray(w, np.float32).reshape(view))
+    values, scales = quantize_np(np.asarray(w).reshape(view))
     return Fp8Weight(values.reshape(spec.shape), scales, view)
 
 

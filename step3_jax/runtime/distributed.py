@@ -36,9 +36,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from step3_jax.checkpoint.loader import checkpoint_dir, load
+from step3_jax.checkpoint.loader import load, model_config
 from step3_jax.errors import Step3Error
-from step3_jax.model.config import load_config
 from step3_jax.model.weights import Moe, declare, is_spec
 from step3_jax.runtime import afd, afd_schedule
 from step3_jax.runtime.launch import ProcessGroup
@@ -120,9 +119,8 @@ def load_part(args, plan, devices, role: str):
     """This process's weights only (``--checkpoint``: Hub tensors or orbax arrays of the part
     alone; random weights: the part's leaves, identical to a whole-model init), each straight
     onto its AFD sharding; placed as :func:`afd.place` places them."""
-    source = args.config if args.config is not None else checkpoint_dir(args.checkpoint)
-    cfg = load_config(source, dtype=args.dtype, moe_impl=args.moe_impl,
-                      attention_impl=args.attention_impl)
+    cfg = model_config(args.checkpoint, args.config, dtype=args.dtype, moe_impl=args.moe_impl,
+                       attention_impl=args.attention_impl)
     shardings = afd.afd_shardings(cfg, plan, devices)
     params, cfg = load(args.checkpoint, args.config, dtype=args.dtype, seed=args.seed,
                        moe_impl=args.moe_impl, attention_impl=args.attention_impl,
