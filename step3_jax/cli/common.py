@@ -9,7 +9,7 @@ import re
 import sys
 
 from step3_jax.errors import Step3Error
-from step3_jax.runtime.generate import DEFAULT_PREFILL_CHUNK
+from step3_jax.model.config import DEFAULT_PREFILL_CHUNK
 
 log = logging.getLogger("step3_jax")
 

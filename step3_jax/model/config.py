@@ -20,6 +20,11 @@ VOCAB_PAD_MULTIPLE = 128
 MoEImpl = Literal["auto", "loop", "ragged", "blocks"]
 AttentionImpl = Literal["auto", "plain", "blocked"]
 ATTENTION_IMPLS = ("auto", "plain", "blocked")
+# Prompts longer than this are prefilled this many tokens at a time against the growing cache
+# (decoder.prefill's chunked path, the runtimes' default), so activation memory follows the
+# chunk, not the prompt. Here, not in runtime/generate.py, so the CLI's flags can name it
+# without importing JAX. BENCHMARKS.md "Long context" has the chunk sizes measured.
+DEFAULT_PREFILL_CHUNK = 2048
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from step3_jax.errors import Step3Error
 from step3_jax.model import decoder
 from step3_jax.model.cache import K_AXES, V_AXES, KVCache, init_cache
-from step3_jax.model.config import Step3Config
+from step3_jax.model.config import DEFAULT_PREFILL_CHUNK, Step3Config
 from step3_jax.model.sharding import make_mesh, named, replicated
 from step3_jax.model.weights import Params
 from step3_jax.runtime import sampling
@@ -39,10 +39,6 @@ FINISH_REASONS = ("running", "eos", "length", "capacity")
 MIN_PREFILL_BUCKET = 16
 MIN_CAPACITY = 64
 BUCKET_STEP = 256
-# Prompts longer than this are prefilled this many tokens at a time against the growing cache
-# (decoder.prefill's chunked path), so activation memory follows the chunk, not the prompt.
-# Chosen by measurement (tools/bench_long_context.py, BENCHMARKS.md "Long context").
-DEFAULT_PREFILL_CHUNK = 2048
 
 
 @dataclasses.dataclass
