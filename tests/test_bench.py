@@ -92,3 +92,16 @@ def test_last_level_cache_from_sysfs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench.os, "sysconf", unknown)
     assert bench.last_level_cache_bytes(str(tmp_path / "absent")) is None
+
+
+def test_bench_help_names_the_model_it_runs_without_flags(capsys):
+    """Issue 17: ``bench --help`` said "with neither, the demo model"; bench runs the ``bench``
+    preset (its context, 8192, names it in the error below)."""
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "with neither, the 'bench' preset with seeded random weights" in text
+    assert "demo model" not in text
+    assert "or an orbax store written by `step3-jax convert`" in text
+    assert cli.main(["bench", "--prompt-len", "8192", "--new-tokens", "1"]) == 2
+    assert "exceeds the context (8192)" in capsys.readouterr().err

@@ -202,6 +202,15 @@ def test_help_on_every_subcommand(capsys):
         assert "usage: step3-jax" in capsys.readouterr().out
 
 
+def test_checkpoint_help_names_both_formats_and_the_default(capsys):
+    for sub in ("generate", "score"):
+        with pytest.raises(SystemExit):
+            cli.main([sub, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "a Hub checkpoint directory (config.json + safetensors) or an orbax store" in text
+        assert "with neither, the demo model shipped in the package" in text
+
+
 def test_console_script_end_to_end():
     """The README's main job: the installed script, default embedded model, JSON on stdout."""
     exe = shutil.which("step3-jax") or pytest.fail("step3-jax console script not installed")

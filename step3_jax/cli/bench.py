@@ -10,6 +10,8 @@ from step3_jax.cli import common, launch
 from step3_jax.cli.common import log
 from step3_jax.errors import Step3Error
 
+DEFAULT_PRESET = "bench"  # without --checkpoint and --config: a model worth benchmarking
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     be = sub.add_parser(
@@ -17,7 +19,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Benchmark decoding: the median decode step over repeated runs, the bytes "
                     "that step must read, the machine's memory bandwidth (a float32 "
                     "[1,8192]x[8192,8192] matvec, same run) and the resulting MBU.")
-    common.model_args(be)
+    common.model_args(be, neither=f"the {DEFAULT_PRESET!r} preset with seeded random weights")
     be.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     be.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     be.add_argument("--new-tokens", type=int, default=32, help="tokens per sequence (default 32)")
@@ -41,7 +43,7 @@ def run(args) -> dict | None:
             raise Step3Error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     check_prefill_chunk(args.prefill_chunk)
     if args.checkpoint is None and args.config is None:
-        args.config = "bench"
+        args.config = DEFAULT_PRESET
     cfg = common.config(args)
     if args.prompt_len + args.new_tokens > cfg.max_position_embedding:
         raise Step3Error(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} "

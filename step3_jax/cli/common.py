@@ -57,12 +57,16 @@ def check_stdin_once(*paths: list[str]) -> None:
         raise Step3Error("'-' (standard input) can be given to only one file flag, once")
 
 
-def model_args(p: argparse.ArgumentParser) -> None:
+DEMO_MODEL = "the demo model shipped in the package (step3_jax/demo_model, byte-level tokenizer)"
+
+
+def model_args(p: argparse.ArgumentParser, neither: str = DEMO_MODEL) -> None:
+    """The model flags; ``neither``: what runs without --checkpoint and --config."""
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", metavar="DIR",
-                   help="Hub checkpoint directory (config.json + safetensors). Without it, "
-                        "--config with seeded random weights; with neither, the demo model "
-                        "shipped in the package (step3_jax/demo_model, byte-level tokenizer)")
+                   help="a Hub checkpoint directory (config.json + safetensors) or an orbax "
+                        "store written by `step3-jax convert`. Without it, --config with seeded "
+                        f"random weights; with neither, {neither}")
     g.add_argument("--config", metavar="PRESET|FILE",
                    help="preset name (tiny, bench, step3, demo) or config.json path, with "
                         "seeded random weights; beside --checkpoint it must match the "
