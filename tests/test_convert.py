@@ -395,7 +395,7 @@ def _modes(root) -> set[tuple[bool, int]]:
     return {(p.is_dir(), stat.S_IMODE(p.stat().st_mode)) for p in [root, *root.rglob("*")]}
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077])
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask022", "umask077"])
 def test_outputs_follow_the_umask(tmp_path, hub_dir, umask):
     """Issue 17 item 7: convert/export outputs were 0700 (tempfile's staging directory) whatever
     the umask, unreadable by colleagues on a shared disk. Every directory and file written
