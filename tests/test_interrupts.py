@@ -142,8 +142,7 @@ SAVE_DELAYS = (0.0, 0.002, 0.005, 0.01, 0.02)  # s after orbax's save of the thi
 
 CONVERT_WITH_A_SIGNAL = """
     import os, signal, sys, threading
-    import orbax.checkpoint as ocp
-    from step3_jax.checkpoint import store
+    from step3_jax.checkpoint import store, streaming
     from step3_jax.cli import app
 
     where, argv = sys.argv[1], sys.argv[2:]
@@ -157,13 +156,13 @@ CONVERT_WITH_A_SIGNAL = """
         sys.argv[1:] = argv
         sys.exit(app.main())  # an owned process: the real exit
     # "save": while orbax saves the third chunk (its threads writing), once per delay, in-process
-    save, calls = ocp.StandardCheckpointer.save, []
-    def signalled(self, *args, **kwargs):
+    save, calls = streaming.save_lazy, []
+    def signalled(*args, **kwargs):
         calls.append(1)
         if len(calls) % 6 == 3:  # 6 chunks per conversion (tiny: embed, 4 layers, head)
             threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT)).start()
-        return save(self, *args, **kwargs)
-    ocp.StandardCheckpointer.save = signalled
+        return save(*args, **kwargs)
+    streaming.save_lazy = signalled
     base = argv.pop()
     for i, delay in enumerate(map(float, where.split(","))):
         assert app.main([*argv, "--out", f"{base}-{i}"]) == 130

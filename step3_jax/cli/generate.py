@@ -38,7 +38,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float, default=1.0,
                    help="nucleus: keep the most likely tokens up to this mass, in (0, 1]")
     s.add_argument("--eos-id", type=int, action="append", default=None, metavar="ID",
-                   help="stop token id (repeatable); default: the config's eos_token_id")
+                   help="stop token id (repeatable; -1 alone: none, decode to the budget); "
+                        "default: the config's eos_token_id")
     common.afd_args(gen)
     launch.add_process_args(gen)
     common.output_args(gen)

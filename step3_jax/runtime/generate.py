@@ -107,7 +107,10 @@ def check_prompts(prompts: Sequence[Sequence[int]], cfg: Step3Config) -> list[li
 
 def check_eos(eos_ids: Sequence[int] | None, cfg: Step3Config) -> None:
     """Stop ids must be token ids of the vocabulary (one outside it could never stop anything:
-    a one-line :class:`Step3Error`). None means the config's ``eos_token_id``."""
+    a one-line :class:`Step3Error`). None means the config's ``eos_token_id``; ``[-1]`` alone
+    means no stop token (decode to the budget)."""
+    if list(eos_ids or ()) == [-1]:
+        return
     for t in eos_ids or ():
         if not 0 <= t < cfg.vocab_size:
             raise Step3Error(f"--eos-id {t} is outside the vocabulary (0..{cfg.vocab_size - 1})")
