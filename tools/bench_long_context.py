@@ -39,8 +39,10 @@ loaded by ``step3_jax.load`` from a config written to a temporary directory.
     python tools/bench_long_context.py --render docs/long_context.json --plot docs/long_context.png
     python tools/bench_long_context.py --prefill 65536 --decode 65536 --batches 1   # 64K only
 
-The default run (prefill 1K-32K, decode 4K-64K at batch 1 and 16) takes about 15 minutes on
-2 quiet cores; most of it is the 32K prefill.
+The default run (prefill 1K-32K, decode 4K-64K at batch 1 and 16) took 53 minutes on this 2-core
+machine at load average 5-8 from other jobs (about 21 of them compiling: 22 programs; 7 the 32K
+prefill); on quiet cores expect a quarter to a third of that. ``--prefill``, ``--decode``,
+``--batches``, ``--whole-max 0`` and ``--no-decode`` cut it down.
 """
 
 from __future__ import annotations
@@ -333,7 +335,7 @@ def plot(doc: dict, path: str) -> None:
         if rows:
             axes[1].plot([r["T"] for r in rows], [r["VmHWM"] / GB for r in rows], style,
                          label=f"peak, {label}")
-    base = [r for r in doc["prefill"] if r.get("baseline_rss")]
+    base = [r for r in doc["prefill"] if r.get("baseline_rss") and r["chunk"]]
     if base:
         axes[1].plot([r["T"] for r in base], [r["baseline_rss"] / GB for r in base], "k:",
                      label="after loading the weights")
