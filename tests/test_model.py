@@ -130,12 +130,18 @@ def test_generation_stops_cleanly_at_the_context_end(tiny_params, tiny_cfg):
         generate(tiny_params, cfg, [list(range(21))], max_new_tokens=1)
 
 
-@pytest.mark.parametrize("eos", [[250], [-1], [3, 99999]])
+@pytest.mark.parametrize("eos", [[250], [3, -1], [3, 99999]])
 def test_a_stop_id_outside_the_vocabulary_is_refused(tiny_params, tiny_cfg, eos):
-    """Issue 17: such an id can never stop a sequence; refused before anything compiles."""
+    """Issue 17: such an id can never stop a sequence; refused before anything compiles.
+    ``-1`` is refused too unless it stands alone (``--eos-id -1``: no stop token)."""
     with pytest.raises(Step3Error, match=rf"--eos-id {eos[-1]} is outside the vocabulary "
                                          r"\(0..249\)"):
         generate(tiny_params, tiny_cfg, [[1, 2]], max_new_tokens=2, eos_ids=eos)
+
+
+def test_eos_minus_one_alone_means_no_stop_token(tiny_params, tiny_cfg):
+    (r,), _ = generate(tiny_params, tiny_cfg, [[1, 2]], max_new_tokens=3, eos_ids=[-1])
+    assert r.finish_reason == "length" and len(r.generated_ids) == 3
 
 
 def test_eos_stops_one_sequence_and_not_the_others(tiny_params, tiny_cfg):
