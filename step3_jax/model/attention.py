@@ -45,6 +45,12 @@ def attend(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> jax.A
     """
     scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("btnd,bds->btns", q, k_t, preferred_element_type=jnp.float32) * scale
+    return mix(scores, mask, v)
+
+
+def mix(scores: jax.Array, mask: jax.Array, v: jax.Array) -> jax.Array:
+    """The masked softmax of float32 ``scores [B, T, n, S]`` (``mask [B, T, S]``) applied to
+    ``v [B, S, d]``: ``[B, T, n, d]``."""
     scores = jnp.where(mask[:, :, None, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1)
     return jnp.einsum("btns,bsd->btnd", probs.astype(v.dtype), v)

@@ -78,18 +78,39 @@ def _key_block_range(q_pos, key_len, window, k_block, n_kblocks):
     return jnp.clip(first // k_block, 0, hi), hi
 
 
-def _attend_task(q_rows, q_pos, b, k_t, v, key_len, window, k_block):
+def _contiguous_block(k_t, v, b, j, k_block):
+    """Key block ``j`` of row ``b`` of a contiguous cache: ``(start, k [d, kb], v [kb, d])``.
+    It nominally covers ``[j * k_block, (j + 1) * k_block)``; when ``S`` is not a multiple of
+    ``k_block`` the last block's slice is clamped to end at ``S`` (``dynamic_slice``
+    semantics) and the caller masks its keys below ``j * k_block``, already seen: no padded copy
+    of the cache is ever made."""
+    d, s_cap = k_t.shape[1], k_t.shape[2]
+    start = jnp.minimum(j * k_block, s_cap - k_block)
+    k_blk = jax.lax.dynamic_slice(k_t, (b, 0, start), (1, d, k_block))[0]
+    v_blk = jax.lax.dynamic_slice(v, (b, start, 0), (1, k_block, d))[0]
+    return start, k_blk, v_blk
+
+
+def _paged_block(k_pages, v_pages, table, b, j, k_block):
+    """Key block ``j`` of row ``b`` of a paged cache (``k_pages [P, d, page]``, ``v_pages
+    [P, page, d]``, ``table [B, W]`` page ids, W a multiple of the block's pages): the block's
+    ``k_block / page`` pages read from the pool by id, in the row's position order."""
+    _, d, page = k_pages.shape
+    per = k_block // page
+    ids = jax.lax.dynamic_slice(table, (b, j * per), (1, per))[0]
+    k_blk = jnp.moveaxis(jnp.take(k_pages, ids, axis=0), 0, 1).reshape(d, k_block)
+    v_blk = jnp.take(v_pages, ids, axis=0).reshape(k_block, d)
+    return j * k_block, k_blk, v_blk
+
+
+def _attend_task(q_rows, q_pos, b, k_t, v, key_len, window, k_block, table=None):
     """One (batch row ``b``, query block) task: ``q_rows [Tq * n, d]`` (heads folded into rows)
     at positions ``q_pos [Tq]``. Returns the output rows ``[Tq * n, d]`` and the number of key
-    blocks visited.
-
-    Key block ``j`` nominally covers ``[j * k_block, (j + 1) * k_block)``. When ``S`` is not a
-    multiple of ``k_block`` the last block's slice is clamped to end at ``S`` (``dynamic_slice``
-    semantics) and its keys below ``j * k_block``, already seen, are masked: no padded copy of
-    the cache is ever made."""
+    blocks visited. ``table``: ``k_t``/``v`` are page pools read through it
+    (:func:`_paged_block`), else a contiguous cache (:func:`_contiguous_block`)."""
     rows, d = q_rows.shape
     tq = q_pos.shape[0]
-    s_cap = k_t.shape[-1]
+    s_cap = k_t.shape[-1] if table is None else table.shape[1] * k_t.shape[-1]
     n_kblocks = -(-s_cap // k_block)
     length = key_len[b]
     scale = d ** -0.5
@@ -97,9 +118,10 @@ def _attend_task(q_rows, q_pos, b, k_t, v, key_len, window, k_block):
 
     def body(j, carry):
         m, l, acc, visits = carry
-        start = jnp.minimum(j * k_block, s_cap - k_block)
-        k_blk = jax.lax.dynamic_slice(k_t, (b, 0, start), (1, d, k_block))[0]
-        v_blk = jax.lax.dynamic_slice(v, (b, start, 0), (1, k_block, d))[0]
+        if table is None:
+            start, k_blk, v_blk = _contiguous_block(k_t, v, b, j, k_block)
+        else:
+            start, k_blk, v_blk = _paged_block(k_t, v, table, b, j, k_block)
         s = jnp.dot(q_rows, k_blk, preferred_element_type=jnp.float32) * scale
         k_pos = start + jnp.arange(k_block, dtype=jnp.int32)
         mask = visible(q_pos, k_pos, length, window) & (k_pos >= j * k_block)  # [Tq, kb]
@@ -121,12 +143,15 @@ def _attend_task(q_rows, q_pos, b, k_t, v, key_len, window, k_block):
 
 
 @functools.partial(jax.jit, static_argnames=("window", "q_block", "k_block"))
-def blocked_attend_stats(q, k_t, v, q_pos, key_len, *, window=None, q_block=None,
+def blocked_attend_stats(q, k_t, v, q_pos, key_len, table=None, *, window=None, q_block=None,
                          k_block=None):
     """``blocked_attend`` plus the number of key blocks each task visited, ``[B, T_blocks]``
     int32: the evidence that invisible blocks are skipped (tests, benchmarks)."""
     b_size, t_len, n, d = q.shape
-    qb, kb = block_sizes(t_len, n, k_t.shape[-1], q_block, k_block)
+    if table is None:
+        qb, kb = block_sizes(t_len, n, k_t.shape[-1], q_block, k_block)
+    else:
+        qb, kb = paged_block_sizes(t_len, n, k_t.shape[-1], table.shape[1], q_block, k_block)
     n_qblocks = -(-t_len // qb)
     pad = n_qblocks * qb - t_len
     # Padded queries repeat the last position, so they widen no block's key range.
@@ -137,14 +162,26 @@ def blocked_attend_stats(q, k_t, v, q_pos, key_len, *, window=None, q_block=None
     key_len = key_len.astype(jnp.int32)
 
     def task(xs):
-        return _attend_task(*xs, k_t, v, key_len, window, kb)
+        return _attend_task(*xs, k_t, v, key_len, window, kb, table)
 
     out, visits = jax.lax.map(task, tasks)
     out = out.reshape(b_size, n_qblocks * qb, n, d)[:, :t_len]
     return out, visits.reshape(b_size, n_qblocks)
 
 
-def blocked_attend(q, k_t, v, q_pos, key_len, *, window=None, q_block=None, k_block=None):
+def paged_block_sizes(t_len, n, page, width, q_block=None, k_block=None):
+    """:func:`block_sizes` for a paged cache of ``width`` pages of ``page`` slots per row: the
+    key block is a whole number of pages that divides ``width`` (a block never straddles the
+    end of the page table)."""
+    q_block, k_block = block_sizes(t_len, n, page * width, q_block, k_block)
+    per = max(1, min(k_block // page, width))
+    while width % per:
+        per -= 1
+    return q_block, per * page
+
+
+def blocked_attend(q, k_t, v, q_pos, key_len, *, window=None, q_block=None, k_block=None,
+                   table=None):
     """Softmax attention of ``q [B, T, n, d]`` over the shared key head ``k_t [B, d, S]`` (keys
     transposed, the KV-cache layout) and value head ``v [B, S, d]``, one key block at a time.
 
@@ -152,8 +189,13 @@ def blocked_attend(q, k_t, v, q_pos, key_len, *, window=None, q_block=None, k_bl
     module docstring for the visibility rule. Scores and softmax are float32; the result is
     ``[B, T, n, d]`` in ``v``'s dtype. A query with no visible key gets zeros. ``T`` and ``S``
     need not be multiples of the (static) block sizes, None picks ``block_sizes``' defaults.
-    Peak score memory is one ``[q_block * n, k_block]`` float32 tile."""
-    out, _ = blocked_attend_stats(q, k_t, v, q_pos, key_len, window=window,
+    Peak score memory is one ``[q_block * n, k_block]`` float32 tile.
+
+    With ``table [B, W]`` (page ids), ``k_t [P, d, page]`` and ``v [P, page, d]`` are page pools
+    (:mod:`step3_jax.model.paged`): row ``b``'s slot ``s`` is slot ``s % page`` of page
+    ``table[b, s // page]``, and each key block is read from the pool in place, a whole number
+    of pages at a time (:func:`paged_block_sizes`)."""
+    out, _ = blocked_attend_stats(q, k_t, v, q_pos, key_len, table, window=window,
                                   q_block=q_block, k_block=k_block)
     return out
 

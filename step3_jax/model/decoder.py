@@ -19,11 +19,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from step3_jax.model import attention
+from step3_jax.model import attention, paged
 from step3_jax.model.cache import KVCache, init_cache, update, update_keys, write_positions
 from step3_jax.model.config import Step3Config
 from step3_jax.model.layers import linear, rms_norm, swiglu
 from step3_jax.model.moe import moe
+from step3_jax.model.paged import PagedCache
 from step3_jax.model.weights import Layer, Mlp, Moe, Params
 
 
@@ -33,15 +34,24 @@ def attention_block(p: Layer, x, positions, kv, cfg: Step3Config):
     ``kv`` is ``None`` (no cache) or ``(k_cache, v_cache, slots, key_len)``: this chunk's K/V are
     written at ``slots``; with ``key_len [B]`` the queries attend over the cache's first
     ``key_len[b]`` slots, with ``key_len=None`` over the chunk itself (prefill into an empty cache).
+    A fifth element, a page table ``[B, W]``, makes ``k_cache``/``v_cache`` the layer's page pools
+    (:mod:`.paged`), ``slots`` flat pool slots, and the queries attend over each row's pages.
     """
     with jax.named_scope("mfa"):
         q, k, v = attention.project_qkv(p.attn, rms_norm(x, p.input_norm, cfg.rms_norm_eps),
                                         positions, cfg)
-        new_kv = None
+        new_kv, table = None, None
         if kv is not None:
-            k_cache, v_cache, slots, key_len = kv
-            k_cache, v_cache = update_keys(k_cache, slots, k), update(v_cache, slots, v)
+            k_cache, v_cache, slots, key_len, *rest = kv
+            table = rest[0] if rest else None
+            if table is None:
+                k_cache, v_cache = update_keys(k_cache, slots, k), update(v_cache, slots, v)
+            else:
+                k_cache, v_cache = paged.write(k_cache, v_cache, slots, k, v)
             new_kv = (k_cache, v_cache)
+        if table is not None:
+            o = paged.attend_pages(q, k_cache, v_cache, table, positions, key_len, cfg)
+            return x + attention.output(p.attn, o), new_kv
         if kv is not None and key_len is not None:
             keys_t, values = k_cache, v_cache
         else:  # attention within the chunk itself (no earlier keys; positions start at 0)
@@ -69,13 +79,13 @@ def _layer(p: Layer, x, positions, kv, cfg: Step3Config):
 
 
 def _stack(params: Params, x, positions, kv, cfg: Step3Config):
-    """All decoder layers. ``kv``: None or ``(k_caches, v_caches, slots, key_len)``.
+    """All decoder layers. ``kv``: None or ``(k_caches, v_caches, slots, key_len[, table])``.
 
     Returns the final hidden states and the updated per-layer ``(k_caches, v_caches)`` (or None).
     """
     new_k, new_v = [], []
     for i, p in enumerate(params.layers):
-        layer_kv = None if kv is None else (kv[0][i], kv[1][i], kv[2], kv[3])
+        layer_kv = None if kv is None else (kv[0][i], kv[1][i], *kv[2:])
         x, updated = _layer(p, x, positions, layer_kv, cfg)
         if updated is not None:
             new_k.append(updated[0])
@@ -110,6 +120,20 @@ def extend(params: Params, tokens: jax.Array, cache: KVCache, cfg: Step3Config,
     x, (k, v) = _stack(params, embed(params, tokens), positions,
                        (cache.k, cache.v, slots, key_len), cfg)
     return x, KVCache(k=k, v=v, lengths=key_len)
+
+
+def extend_paged(params: Params, tokens: jax.Array, pages: PagedCache, table: jax.Array,
+                 lengths: jax.Array, num_new: jax.Array, cfg: Step3Config):
+    """:func:`extend` over a paged cache: hidden states ``[B, T, H]`` of ``tokens`` placed at
+    positions ``lengths[b] + t`` (for ``t < num_new[b]``) of the sequences whose pages
+    ``table [B, W]`` lists, and the updated pools. Row ``b`` attends over its first
+    ``lengths[b] + num_new[b]`` positions; its table must hold a page for each of them."""
+    chunk = tokens.shape[1]
+    positions = lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    slots = paged.pool_slots(table, lengths, num_new, chunk, pages.page_size, pages.num_pages)
+    x, (k, v) = _stack(params, embed(params, tokens), positions,
+                       (pages.k, pages.v, slots, lengths + num_new, table), cfg)
+    return x, PagedCache(k=k, v=v)
 
 
 def forward(params: Params, tokens: jax.Array, cache: KVCache | None, cfg: Step3Config,

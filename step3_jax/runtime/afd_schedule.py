@@ -65,17 +65,20 @@ def _quantize(y, dtype: str):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "transfer"),
                    donate_argnames=("k_cache", "v_cache"))
-def attention_step(layer, h, f, positions, k_cache, v_cache, slots, key_len, after=None, *,
-                    cfg, transfer):
+def attention_step(layer, h, f, positions, k_cache, v_cache, slots, key_len, after=None,
+                   table=None, *, cfg, transfer):
     """Residual add of the previous layer's FFN output, MFA, post-norm, router, quantize.
 
     ``k_cache``/``v_cache``: this layer's cache (donated: updated in place), or None (no cache).
     ``after``: arrays the step must wait for and otherwise ignores (the lockstep schedule).
+    ``table``: the rows' page tables when ``k_cache``/``v_cache`` are page pools (the engine).
     """
     x = h + f.astype(h.dtype)
     if after is not None:
         x, _ = jax.lax.optimization_barrier((x, after))
     kv = None if k_cache is None else (k_cache, v_cache, slots, key_len)
+    if table is not None:
+        kv = (*kv, table)
     with jax.named_scope("afd_attention"):
         h, new_kv = decoder.attention_block(layer, x, positions, kv, cfg)
         y = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
@@ -163,7 +166,9 @@ def slots(lengths: np.ndarray, num_new: np.ndarray, chunk: int, capacity: int) -
 def stack_pass(m, mbs: list[list[Shard]], feeds: list[list[dict]],
                 schedule: str = "pipelined"):
     """All layers for every micro-batch. ``feeds[j][s]`` holds shard ``mbs[j][s]``'s host inputs:
-    ``tokens``, ``positions`` and, with a cache, ``slots`` and ``key_len`` (None in prefill).
+    ``tokens``, ``positions`` and, with a cache, ``slots`` and ``key_len`` (None in prefill), and
+    with a paged cache (the engine: the shard's ``k``/``v`` are its device's page pools, shared
+    by its micro-batches) ``table``.
     Returns ``(state, tail)``: the final ``(h, f)`` per shard, and per micro-batch the last
     layer's FFN outputs (one per shard) on the whole FFN group (empty with a remote FFN). Each
     shard copies its ``f`` from one FFN device, so when ``state`` is ready another FFN device may
@@ -202,7 +207,7 @@ def stack_pass(m, mbs: list[list[Shard]], feeds: list[list[dict]],
                         sh.k[i] if cached else None, sh.v[i] if cached else None,
                         x.get("slots"), x.get("key_len"),
                         last_back.get(sh.index) if schedule == "lockstep" else None,
-                        cfg=cfg, transfer=plan.transfer_dtype))
+                        x.get("table"), cfg=cfg, transfer=plan.transfer_dtype))
                     if cached:
                         sh.k[i], sh.v[i] = k, v
                     state[j][s] = [h, None]

@@ -30,12 +30,13 @@ def check(temperature: float, top_k: int, top_p: float) -> None:
 def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     """Mask to ``-inf`` every token outside the top-k, then outside the top-p nucleus.
 
-    ``logits [B, V]`` float32; ``top_k``, ``top_p`` scalars. The nucleus is the smallest set of
+    ``logits [B, V]`` float32; ``top_k``, ``top_p`` scalars or one per row ``[B]``. The nucleus is the smallest set of
     most-likely tokens whose probability reaches ``top_p`` (the most likely token is always kept).
     Tokens tied with the last one kept are kept too.
     """
     vocab = logits.shape[-1]
     ordered = -jnp.sort(-logits, axis=-1)
+    top_k, top_p = jnp.reshape(top_k, (-1, 1)), jnp.reshape(top_p, (-1, 1))  # scalars or [B]
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     ordered = jnp.where(jnp.arange(vocab) < k, ordered, -jnp.inf)
     probs = jax.nn.softmax(ordered, axis=-1)
@@ -77,3 +78,27 @@ def sample(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax
         return jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, draw, argmax, logits)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, index: jax.Array, temperature: jax.Array,
+                top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """:func:`sample` with every knob per row (the engine's batches mix requests): row ``b``
+    draws its token number ``index[b]`` from ``fold_in(keys[b], index[b])`` with its own
+    ``temperature[b]`` (0: greedy), ``top_k[b]`` and ``top_p[b]``, so what a request samples
+    depends only on its own key, settings and logits — never on the other rows. The Gumbel
+    draw and the vocabulary sort run only when some row needs them."""
+    logits = logits.astype(jnp.float32)
+    greedy = argmax(logits)
+
+    def draw(logits):
+        hot = temperature > 0
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        t = jnp.where(hot, temperature, 1.0)[:, None]
+        scaled = jnp.where(logits > -jnp.inf, (logits - top) / t, -jnp.inf)
+        scaled = jax.lax.cond(jnp.any(hot & ((top_k > 0) | (top_p < 1))), filter_logits,
+                              lambda x, *_: x, scaled, top_k, top_p)
+        row_keys = jax.vmap(jax.random.fold_in)(keys, index)
+        drawn = jax.vmap(jax.random.categorical)(row_keys, scaled).astype(jnp.int32)
+        return jnp.where(hot, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, logits)
