@@ -326,3 +326,21 @@ def test_what_does_not_run_step35_yet_says_so_in_one_line(capsys, argv):
     lines = [line for line in err.splitlines() if line.startswith("step3-jax: error:")]
     assert code == 2 and out == "" and len(lines) == 1 and "Traceback" not in err
     assert "model_type 'step3p5' is a Step-3.5-family model" in lines[0]
+
+
+def test_more_malformed_fields_and_the_one_block_rope_parameters(flash_raw):
+    hf = _transformers_spelling(flash_raw)
+    for change, fragment in (
+            (dict(hf, rope_parameters=[1]), "rope_parameters must map layer types"),
+            (dict(flash_raw, attention_other_setting=96), "attention_other_setting must be"),
+            (dict(flash_raw, rope_scaling="llama3"), "rope_scaling must be a JSON object"),
+            (_without(flash_raw, "max_position_embeddings"),
+             "missing required key max_position_embeddings"),
+            (dict(flash_raw, moe_num_experts=288.5), "moe_num_experts must be an integer")):
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            from_step35_dict(change)
+    # transformers' single-block form applies one theta to every layer type.
+    one = dict(_without(hf, "rope_parameters"), rope_parameters={"rope_theta": 1e4})
+    assert set(from_step35_dict(one).rope_theta) == {1e4}
+    # The same value under two spellings (int and float) is no disagreement.
+    assert from_step35_dict(dict(flash_raw, num_key_value_heads=8.0)).num_attention_groups == 8

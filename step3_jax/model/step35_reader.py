@@ -45,7 +45,7 @@ class _Reader:
     def get(self, *names, default=_MISSING):
         """The value under the first present spelling; two present spellings must agree."""
         found = [(n, self.text[n]) for n in names if self.text.get(n) is not None]
-        if len({repr(v) for _, v in found}) > 1:
+        if any(v != found[0][1] for _, v in found[1:]):
             self.fail(" and ".join(f"{n}={v!r}" for n, v in found) + " disagree")
         if found:
             return found[0][1]
@@ -107,6 +107,8 @@ def _moe_layers(r: _Reader, layers: int, padded: int, experts: int) -> tuple[int
 def _rope_scaling(r: _Reader, value, what: str) -> RopeScaling | None:
     if not value:
         return None
+    if not isinstance(value, dict):
+        r.fail(f"{what} must be a JSON object, got {value!r}")
     kind = value.get("rope_type", value.get("type", "default"))
     if kind == "default":
         return None
@@ -143,6 +145,8 @@ def from_step35_dict(raw: dict, *, where: str = "config.json", **overrides) -> S
         r.fail(f"layer_types must be a list of {FULL!r}/{SLIDING!r}, got {kinds!r}")
     kinds = r.per_layer("layer_types", kinds, layers, padded)
     other = r.get("attention_other_setting", default=None) or {}
+    if not isinstance(other, dict):
+        r.fail(f"attention_other_setting must be a JSON object, got {other!r}")
     for key, value in (("num_attention_groups", kv), ("head_dim", head_dim)):
         if other.get(key, value) != value:
             r.fail(f"attention_other_setting.{key}={other[key]} differs from {key}={value}: one "
@@ -162,8 +166,10 @@ def from_step35_dict(raw: dict, *, where: str = "config.json", **overrides) -> S
 
     # RoPE: StepFun's per-layer lists, or transformers' rope_parameters keyed by layer type.
     by_type = r.get("rope_parameters", default=None) or {}
-    if "rope_theta" in by_type:  # one block for every type
+    if isinstance(by_type, dict) and "rope_theta" in by_type:  # one block for every type
         by_type = {t: by_type for t in LAYER_TYPES}
+    if not isinstance(by_type, dict) or not all(isinstance(v, dict) for v in by_type.values()):
+        r.fail(f"rope_parameters must map layer types to JSON objects, got {by_type!r}")
     hub_theta, hub_partial = r.get("rope_theta", default=None), \
         r.get("partial_rotary_factors", default=None)
     thetas = r.per_layer("rope_theta", hub_theta, layers, padded) if hub_theta is not None \
@@ -217,8 +223,7 @@ def from_step35_dict(raw: dict, *, where: str = "config.json", **overrides) -> S
         use_moe_router_bias=bool(r.get("use_moe_router_bias", default=True)),
         num_nextn_predict_layers=nextn,
         rms_norm_eps=r.number("rms_norm_eps", default=1e-5, kind=float),
-        max_position_embeddings=r.number("max_position_embeddings", "max_position_embedding",
-                                         "max_seq_len", default=262144),
+        max_position_embeddings=r.number("max_position_embeddings", "max_position_embedding"),
         tie_word_embeddings=bool(r.get("tie_word_embeddings",
                                        default=raw.get("tie_word_embeddings", False))),
         bos_token_id=None if bos is None else int(bos),
