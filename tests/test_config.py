@@ -100,7 +100,7 @@ def test_missing_moe_layers_enum_is_named_not_guessed(tiny_raw):
 
 
 def test_unknown_preset_lists_the_presets():
-    with pytest.raises(ConfigError, match="bench, demo, step3, tiny"):
+    with pytest.raises(ConfigError, match="bench, demo, step3, step35-bench, step35-flash, step35-tiny, tiny"):
         load_config("nope")
 
 

@@ -201,11 +201,16 @@ NOTES = (
 )
 
 
-def report(context: int = 8192, cfg: Step3Config | None = None) -> dict:
-    """The ``step3-jax cost --json`` document."""
+def report(context: int = 8192, cfg: Step3Config | None = None, extra: tuple = ()) -> dict:
+    """The ``step3-jax cost --json`` document: the paper's nine models, then ``extra`` archs
+    (``analysis.step35.cost_report`` adds the configs ``cost --config`` names)."""
     check_context(context)
     archs = all_archs(cfg)
     step3 = archs[-1]
+    names = [a.name for a in archs + tuple(extra)]
+    if len(set(names)) < len(names):
+        raise Step3Error(f"a model is named twice in the cost table: {', '.join(names[9:])}")
+    archs += tuple(extra)
     models = {}
     for arch in archs:
         costs = {}
@@ -228,7 +233,7 @@ def report(context: int = 8192, cfg: Step3Config | None = None) -> dict:
             "moe_sparsity": moe_sparsity(arch),
             "source": arch.source,
         }
-    assert tuple(models) == MODEL_NAMES
+    assert tuple(models)[:len(MODEL_NAMES)] == MODEL_NAMES
     hardware = {hw.name: {"usd_per_hour": hw.usd_per_hour, "bf16_flops": hw.bf16_flops,
                           "fp8_flops": hw.fp8_flops, "bandwidth": hw.bandwidth,
                           "server_network": hw.server_net, "roofline": hw.roofline,
@@ -268,7 +273,21 @@ def format_report(doc: dict) -> str:
                      + f"{m['afd_usd_per_m_tokens']:>9.4f}  "
                        f"{m['afd_choice']['attention']} + {m['afd_choice']['ffn']}")
     lines += ["", "Minimum MoE sparsity for high FFN MFU (Step-3's H and L): "
-              + ", ".join(f"{h} {s:.4f}" for h, s in doc["min_sparsity"].items()), "", "Notes:"]
+              + ", ".join(f"{h} {s:.4f}" for h, s in doc["min_sparsity"].items())]
+    for name, m in doc["models"].items():
+        if "min_sparsity" in m:  # a model added with --config: its own H and L
+            lines.append(f"  {name}'s H and L: "
+                         + ", ".join(f"{h} {s:.4f}" for h, s in m["min_sparsity"].items())
+                         + f" (its sparsity {m['moe_sparsity']:.4f})")
+    for name, m in doc["models"].items():
+        kinds = m.get("by_attention_kind", {})
+        if kinds:
+            lines.append("")
+            lines.append(f"{name} by attention kind at context {doc['context']:,}: " + "; ".join(
+                f"{k.split('_')[0]} {v['layers']} layers, KV {v['kv_bytes']:.3g} B, attention "
+                f"{v['attn_flops']:.3g} FLOPs, intensity {v['arithmetic_intensity']:.4g}"
+                for k, v in kinds.items()))
+    lines += ["", "Notes:"]
     lines += [f"  - {n}" for n in doc["notes"]]
     return "\n".join(lines)
 
@@ -286,7 +305,7 @@ def plot_report(doc: dict, path: str) -> None:
     for name, m in doc["models"].items():
         x = m["activated_params"] / 1e9
         afd, h800 = m["afd_usd_per_m_tokens"], m["cost_usd_per_m_tokens"]["H800"]["total"]
-        color = "tab:red" if name == "Step-3" else "tab:blue"
+        color = "tab:red" if name.startswith("Step-3") else "tab:blue"
         ax.scatter([x], [afd], color=color, zorder=3)
         ax.scatter([x], [h800], facecolors="none", edgecolors=color, zorder=3)
         ax.plot([x, x], [afd, h800], color=color, lw=0.6, alpha=0.5)

@@ -1,5 +1,5 @@
 """``step3-jax info``: parameter counts and KV-cache bytes of a config, from the weight
-declaration."""
+declaration (Step-3) or the spec's tensor table (Step-3.5, :mod:`step3_jax.analysis.step35`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     info = sub.add_parser(
         "info", help="parameter counts and KV-cache size of a config",
         description="Parameters (total and activated per token, from the weight declaration) "
-                    "and KV-cache bytes per token.")
+                    "and KV-cache bytes per token. A Step-3.5-family config (step35-flash, "
+                    "step35-bench, step35-tiny) also gives the sliding window's KV, the KV per "
+                    "sequence at 8K and 32K, attention arithmetic intensity and MoE sparsity.")
     info.add_argument("--config", default="step3", metavar="PRESET|FILE",
                       help="preset name or config.json path (default step3)")
     info.add_argument("--checkpoint", metavar="DIR", help="read config.json from this directory")
@@ -21,10 +23,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from step3_jax.model.config import load_config
+    from step3_jax.model.step35_config import Step35Config
+    from step3_jax.model.step35_reader import load_any_config
+
+    cfg = load_any_config(args.checkpoint or args.config)
+    if isinstance(cfg, Step35Config):
+        from step3_jax.analysis import step35
+
+        out = step35.info(cfg)
+        if not args.json:
+            print(step35.format_info(out))
+        return out
     from step3_jax.model.weights import count_params
 
-    cfg = load_config(args.checkpoint or args.config)
     counts = count_params(cfg)
     kv_elems = cfg.kv_elements_per_token
     out = {

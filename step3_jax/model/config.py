@@ -128,6 +128,22 @@ class Step3Config:
 
 # ----- building a config from a Hub dict ----------------------------------------------------------
 
+# Hub ``model_type`` values of the Step-3.5 family (``shared/spec/step35.md``): Step-3.5-Flash's
+# text model, and Step-3.7's vision wrapper holding it under ``text_config``.
+STEP35_MODEL_TYPES = ("step3p5", "step3p7")
+
+
+def step35_model_type(raw) -> str | None:
+    """The Step-3.5-family ``model_type`` of a Hub dict (top level or ``text_config``), or None."""
+    if not isinstance(raw, dict):
+        return None
+    text = raw.get("text_config")
+    for value in (raw.get("model_type"), text.get("model_type") if isinstance(text, dict) else None):
+        if value in STEP35_MODEL_TYPES:
+            return value
+    return None
+
+
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "head_dim",
              "share_q_dim", "vocab_size")
 
@@ -160,6 +176,10 @@ def from_hub_dict(raw: dict, *, where: str = "config.json", **overrides) -> Step
     text = raw.get("text_config", raw)
     if not isinstance(text, dict):
         raise ConfigError(f"{where}: text_config must be a JSON object")
+    family = step35_model_type(raw)
+    if family is not None:
+        raise ConfigError(f"{where}: model_type {family!r} is a Step-3.5-family model: the "
+                          "Step-3 model code does not run it (step3-jax info and cost read it)")
     missing = [k for k in _REQUIRED if k not in text]
     if missing:
         raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
@@ -230,18 +250,28 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path}: cannot read ({e})") from None
 
 
-def load_config(spec: str | Path, **overrides) -> Step3Config:
-    """A config from a preset name (``tiny``), a ``config.json`` file, or a checkpoint directory."""
+def read_config_source(spec: str | Path) -> tuple[dict, str, str | None]:
+    """The raw JSON a config spec names: ``(dict, where, preset name or None)``. A spec is a
+    preset name (``tiny``), a ``config.json`` file, or a checkpoint directory."""
     spec_str = str(spec)
     path = Path(spec_str).expanduser()
     if not path.exists() and "/" not in spec_str and not spec_str.endswith(".json"):
         if spec_str not in preset_names():
             raise ConfigError(f"unknown config {spec_str!r}: not a file, and not one of the presets "
                               f"{', '.join(preset_names())}")
-        return from_hub_dict(_read_json(presets_dir() / f"{spec_str}.json"),
-                             where=f"preset {spec_str}", **{"name": spec_str, **overrides})
+        return _read_json(presets_dir() / f"{spec_str}.json"), f"preset {spec_str}", spec_str
     if path.is_dir():
         path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"{path}: no such file (a checkpoint directory needs a config.json)")
-    return from_hub_dict(_read_json(path), where=str(path), **overrides)
+    return _read_json(path), str(path), None
+
+
+def load_config(spec: str | Path, **overrides) -> Step3Config:
+    """A Step-3 config from a preset name (``tiny``), a ``config.json`` file, or a checkpoint
+    directory. A Step-3.5-family config is refused (:data:`STEP35_MODEL_TYPES`); its reader is
+    ``step35_config.load_any_config``."""
+    raw, where, preset = read_config_source(spec)
+    if preset is not None:
+        overrides = {"name": preset, **overrides}
+    return from_hub_dict(raw, where=where, **overrides)
