@@ -27,16 +27,99 @@ def add_parser(sub) -> argparse.ArgumentParser:
     be.add_argument("--flush-mb", type=int, default=1024,
                     help="cache-flush buffer rewritten before each timed run (0 = off)")
     common.prefill_args(be)
+    o = be.add_argument_group(
+        "offline throughput",
+        "--requests N benchmarks the continuous-batching engine instead: N seeded random "
+        "requests, all queued at once, run to completion twice (a warm-up that compiles, then "
+        "the timed run); reports output tokens/s, wall time, "
+        "time to first token, time per output token, the longest inter-token gap and the KV "
+        "bytes held (tools/bench_engine.py compares it with the static batch)")
+    o.add_argument("--requests", type=int, metavar="N", help="requests in the mix")
+    o.add_argument("--prompt-lens", type=_range, default=(128, 1024), metavar="MIN:MAX",
+                   help="prompt lengths, uniform (default 128:1024)")
+    o.add_argument("--output-lens", type=_range, default=(16, 128), metavar="MIN:MAX",
+                   help="output budgets, uniform (default 16:128)")
+    common.engine_args(be, "--requests")
     common.afd_args(be)
     launch.add_process_args(be)
     common.output_args(be)
     return be
 
 
+def _range(text: str) -> tuple[int, int]:
+    """``MIN:MAX`` (an argparse type)."""
+    lo, sep, hi = text.partition(":")
+    if not (sep and lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi)):
+        raise argparse.ArgumentTypeError(f"expected MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return int(lo), int(hi)
+
+
+def offline(args) -> dict:
+    """``bench --requests``: the engine's offline throughput over a seeded request mix."""
+    from step3_jax.runtime.bench import cpu_model, loadavg
+    from step3_jax.runtime.engine_setup import generate_requests, request_mix
+
+    if args.requests < 1:
+        raise Step3Error(f"--requests must be >= 1, got {args.requests}")
+    common.check_engine_flags(args)
+    if args.checkpoint is None and args.config is None:
+        args.config = DEFAULT_PRESET
+    cfg = common.config(args)
+    plan = common.afd_plan(args)
+    if args.num_processes is not None:
+        raise Step3Error("bench --requests runs in one process (--afd without --num-processes)")
+    common.check_memory(args, cfg, plan, batch=min(args.requests, args.max_num_seqs or 8),
+                        longest=args.prompt_lens[1], new_tokens=args.output_lens[1])
+    prompts, budgets = request_mix(args.requests, args.prompt_lens, args.output_lens,
+                                   cfg.vocab_size, seed=args.seed)
+    params, cfg = common.load(args, plan)
+    model = None
+    if plan is not None:
+        from step3_jax.runtime import afd
+
+        model = afd.place(params, cfg, plan)
+    engine = common.engine(args, params, cfg, model)
+    log.info("%d requests: prompts %d-%d tokens (%d in all), budgets %d-%d (%d in all)",
+             args.requests, *args.prompt_lens, sum(map(len, prompts)), *args.output_lens,
+             sum(budgets))
+    log.info("warm-up: the mix once, compiling every program it needs")
+    _, warm = generate_requests(engine, prompts, max_new_tokens=budgets, eos_ids=[-1])
+    for rid in list(engine.requests):
+        engine.forget(rid)
+    engine.reset_stats()
+    log.info("timed run")
+    _, metrics = generate_requests(engine, prompts, max_new_tokens=budgets, eos_ids=[-1])
+    metrics["compile_s"] = round(warm["compile_s"] + metrics["compile_s"], 3)
+    out = {"config": cfg.name, "dtype": cfg.dtype, "mode": "offline",
+           "prompt_lens": list(args.prompt_lens), "output_lens": list(args.output_lens),
+           "prompt_tokens": sum(map(len, prompts)), "cpu": cpu_model(), "loadavg": loadavg(),
+           **metrics}
+    if not args.json:
+        print(f"config {cfg.name} ({cfg.dtype}), {out['requests']} requests, prompts "
+              f"{args.prompt_lens[0]}-{args.prompt_lens[1]}, outputs {args.output_lens[0]}-"
+              f"{args.output_lens[1]}, at most {out['max_num_seqs']} at once")
+        print(f"throughput       {out['output_tokens_per_s']:.1f} output tokens/s "
+              f"({out['generated_tokens']} tokens in {out['wall_s']:.1f} s; compiling "
+              f"{out['compile_s']:.1f} s in the warm-up run)")
+        print(f"latency          TTFT {out['ttft_ms_mean']:.0f} ms mean, TPOT "
+              f"{out['tpot_ms_p50']:.1f} / {out['tpot_ms_p90']:.1f} ms p50 / p90, longest "
+              f"inter-token gap {out['itl_ms_max']:.0f} ms")
+        print(f"KV cache         peak {out['peak_pages_used']} of {out['pages_total']} pages of "
+              f"{out['page_size']} tokens ({out['kv_bytes_peak'] / 1e6:.1f} MB); "
+              f"{out['preemptions']} preemptions")
+    return out
+
+
 def run(args) -> dict | None:
     from step3_jax.runtime import bench
     from step3_jax.runtime.generate import check_prefill_chunk
     from step3_jax.runtime.launch import process_group
+
+    if args.requests is not None:
+        return offline(args)
+    if common.uses_engine(args):
+        raise Step3Error("--max-num-seqs, --page-size, --num-pages and --decode-steps go with "
+                         "--requests (the offline-throughput mode)")
 
     for flag in ("batch", "prompt_len", "new_tokens", "repeats"):
         if getattr(args, flag) < 1:

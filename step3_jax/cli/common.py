@@ -9,7 +9,8 @@ import re
 import sys
 
 from step3_jax.errors import Step3Error
-from step3_jax.model.config import DEFAULT_PREFILL_CHUNK
+from step3_jax.model.config import (DEFAULT_DECODE_STEPS, DEFAULT_MAX_NUM_SEQS,
+                                    DEFAULT_PAGE_SIZE, DEFAULT_PREFILL_CHUNK)
 
 log = logging.getLogger("step3_jax")
 
@@ -111,6 +112,56 @@ def prefill_args(p: argparse.ArgumentParser) -> None:
                    help="prefill a longer prompt N tokens at a time against the growing KV "
                         "cache, so activation memory follows N, not the prompt (0: the whole "
                         f"prompt at once; default {DEFAULT_PREFILL_CHUNK})")
+
+
+ENGINE_FLAGS = ("max_num_seqs", "page_size", "num_pages", "decode_steps")
+
+
+def engine_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The continuous-batching engine's flags; any of them runs ``what`` through the engine."""
+    e = p.add_argument_group(
+        "continuous batching",
+        f"any of these flags runs {what} through the continuous-batching engine: at most "
+        "--max-num-seqs sequences at once, the next request taking a finished one's slot, a "
+        "paged KV cache, chunked prefill (--prefill-chunk tokens per step) between decode "
+        "bursts")
+    e.add_argument("--max-num-seqs", type=int, metavar="N",
+                   help=f"sequences in flight (default {DEFAULT_MAX_NUM_SEQS})")
+    e.add_argument("--page-size", type=int, metavar="N",
+                   help=f"KV-cache page size in tokens (default {DEFAULT_PAGE_SIZE})")
+    e.add_argument("--num-pages", type=int, metavar="N",
+                   help="KV-cache pages (per attention device under --afd); default: enough "
+                        "for --max-num-seqs full contexts or what fits in the free memory "
+                        "after the weights and working set, whichever is smaller; when pages "
+                        "run out the newest sequence is preempted and recomputed later")
+    e.add_argument("--decode-steps", type=int, metavar="N",
+                   help=f"decode steps per on-device loop, one host round trip each "
+                        f"(default {DEFAULT_DECODE_STEPS})")
+
+
+def uses_engine(args) -> bool:
+    return any(getattr(args, f, None) is not None for f in ENGINE_FLAGS)
+
+
+def engine(args, params, cfg, afd_model=None):
+    """The engine the flags describe (defaults for the ones not given)."""
+    from step3_jax.runtime.engine_setup import make_engine
+
+    return make_engine(params, cfg, afd=afd_model,
+                       max_num_seqs=args.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
+                       page_size=args.page_size or DEFAULT_PAGE_SIZE,
+                       num_pages=args.num_pages, prefill_chunk=args.prefill_chunk,
+                       decode_steps=args.decode_steps or DEFAULT_DECODE_STEPS)
+
+
+def check_engine_flags(args) -> None:
+    """Bad engine flags fail before any weight loads."""
+    from step3_jax.runtime.engine_pages import check_engine_args
+
+    if uses_engine(args):
+        given = lambda f, d: d if getattr(args, f) is None else getattr(args, f)  # noqa: E731
+        check_engine_args(given("max_num_seqs", 1), given("page_size", 1),
+                          given("num_pages", 1), args.prefill_chunk, given("decode_steps", 1))
 
 
 def output_args(p: argparse.ArgumentParser) -> None:

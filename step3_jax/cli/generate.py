@@ -40,6 +40,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--eos-id", type=int, action="append", default=None, metavar="ID",
                    help="stop token id (repeatable; -1 alone: none, decode to the budget); "
                         "default: the config's eos_token_id")
+    common.engine_args(gen, "the prompts (results still in prompt order)")
     common.afd_args(gen)
     launch.add_process_args(gen)
     common.output_args(gen)
@@ -79,8 +80,15 @@ def run(args) -> dict | None:
     knobs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_ids=args.eos_id)
     check_prefill_chunk(args.prefill_chunk)
+    common.check_engine_flags(args)
+    engine = common.uses_engine(args)
+    if engine and group is not None:
+        raise Step3Error("the continuous-batching engine (--max-num-seqs, --page-size, "
+                         "--num-pages, --decode-steps) does not run across processes yet; "
+                         "use --afd in one process")
     if group is None:  # a multi-process run: each process holds a part (not checked here)
-        common.check_memory(args, cfg, plan, batch=len(prompts),
+        common.check_memory(args, cfg, plan, batch=min(len(prompts), args.max_num_seqs or
+                                                       len(prompts)),
                             longest=max(len(p) for p in prompts), new_tokens=args.max_new_tokens)
     if group is not None:  # attention and FFN groups in separate processes
         from step3_jax.runtime import distributed
@@ -89,6 +97,18 @@ def run(args) -> dict | None:
         if ran is None:  # an FFN process: the attention process (0) prints the results
             return None
         results, metrics, cfg = ran
+    elif engine:
+        from step3_jax.runtime.engine_setup import generate_requests
+
+        params, cfg = common.load(args, plan)
+        model = None
+        if plan is not None:
+            from step3_jax.runtime import afd
+
+            model = afd.place(params, cfg, plan)
+        results, metrics = generate_requests(common.engine(args, params, cfg, model), prompts,
+                                             **knobs)
+        metrics = {"engine": True, **metrics}
     elif plan is not None:
         from step3_jax.runtime import afd
 
@@ -127,6 +147,14 @@ def _print(args, results, metrics, out, plan) -> None:
         if given[i] is not None:
             prompt += f" ({len(r.prompt_ids):,} tokens)"
         print(f"[{i}] {prompt} -> {shown}  ({r.finish_reason})")
+    if metrics.get("engine"):
+        log.info("engine: %d requests, at most %d at once; %d tokens in %.2f s (%.1f tokens/s "
+                 "after %.1f s compiling); peak %d of %d pages of %d tokens; %d preemptions",
+                 metrics["requests"], metrics["max_num_seqs"], metrics["generated_tokens"],
+                 metrics["wall_s"], metrics["output_tokens_per_s"], metrics["compile_s"],
+                 metrics["peak_pages_used"], metrics["pages_total"], metrics["page_size"],
+                 metrics["preemptions"])
+        return
     log.info("%d tokens in %d decode steps, %.1f ms/step, compile %.1f s",
              metrics["generated_tokens"], metrics["decode_steps"],
              metrics["decode_step_ms"] or 0.0, metrics["compile_s"])

@@ -26,6 +26,12 @@ ATTENTION_IMPLS = ("auto", "plain", "blocked")
 # at 8K the speed equals the whole prompt's within the loaded machine's noise: BENCHMARKS.md
 # "Long context"). Here, not in runtime/generate.py, so the CLI names it without JAX.
 DEFAULT_PREFILL_CHUNK = 2048
+# The continuous-batching engine's defaults (runtime/engine.py; here so the CLI names them
+# without JAX): sequences in flight, KV-cache page size in tokens, and decode steps per on-device
+# burst (tools/bench_engine.py measures the burst length, BENCHMARKS.md "Engine").
+DEFAULT_MAX_NUM_SEQS = 8
+DEFAULT_PAGE_SIZE = 128
+DEFAULT_DECODE_STEPS = 8
 
 
 @dataclasses.dataclass(frozen=True)

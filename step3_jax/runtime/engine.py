@@ -34,16 +34,12 @@ import jax
 import numpy as np
 
 from step3_jax.errors import Step3Error
-from step3_jax.model.config import DEFAULT_PREFILL_CHUNK, Step3Config
+from step3_jax.model.config import DEFAULT_DECODE_STEPS, DEFAULT_PREFILL_CHUNK, Step3Config
+from step3_jax.model.paged import page_bytes
 from step3_jax.runtime import sampling
-from step3_jax.runtime.engine_pages import PagePool, bucket_pow2
+from step3_jax.runtime.engine_pages import PagePool, bucket_pow2, check_engine_args
 from step3_jax.runtime.generate import MIN_PREFILL_BUCKET, GenerationResult, bucket, check_eos
-
-DEFAULT_MAX_NUM_SEQS = 8
-DEFAULT_PAGE_SIZE = 128
-# Tokens per on-device decode loop: the bench preset's per-step dispatch (~1 ms of a 9-20 ms step
-# on this CPU) is amortized by 8 (tools/bench_engine.py, BENCHMARKS.md "Engine").
-DEFAULT_DECODE_STEPS = 8
+MIN_TABLE_TOKENS = 512
 
 
 @dataclasses.dataclass
@@ -100,7 +96,8 @@ class Engine:
     """Continuous batching over a paged KV cache; see the module docstring.
 
     ``runner``: the device side (:class:`~step3_jax.runtime.engine_steps.DeviceRunner` or
-    :class:`~step3_jax.runtime.engine_afd.AfdRunner`); build both with :func:`make_engine`.
+    :class:`~step3_jax.runtime.engine_afd.AfdRunner`); build both with
+    :func:`step3_jax.runtime.engine_setup.make_engine`.
     """
 
     def __init__(self, runner, cfg: Step3Config, *, max_num_seqs: int, page_size: int,
@@ -121,12 +118,21 @@ class Engine:
         self.pools = [PagePool(num_pages) for _ in range(self.groups)]
         self.num_pages = num_pages
         self.max_pages = -(-self.max_model_len // page_size)
+        # Page tables are passed at power-of-two widths (one compiled program per width), at
+        # least MIN_TABLE_TOKENS positions wide: short sequences share one program.
+        self.min_width = min(self.max_pages, max(1, MIN_TABLE_TOKENS // page_size))
+        self.page_bytes = page_bytes(cfg, page_size, np.dtype(cfg.dtype).itemsize)
         self.waiting: collections.deque[Request] = collections.deque()
         self.slots: list[Request | None] = [None] * max_num_seqs
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._admissions = itertools.count()
         self.stats = collections.Counter()
+        self.busy_s = 0.0
+
+    def reset_stats(self) -> None:
+        """Zero the counters :meth:`metrics` reports (between a warm-up and a timed run)."""
+        self.stats.clear()
         self.busy_s = 0.0
 
     # ----- requests ------------------------------------------------------------------------
@@ -181,6 +187,14 @@ class Engine:
         self.stats["cancelled"] += 1
         return True
 
+    def forget(self, request_id: str) -> Request:
+        """Drop a finished request from :attr:`requests` (a long-running server calls this once
+        it has delivered the result); returns it."""
+        req = self.requests[str(request_id)]
+        if req.status != "finished":
+            raise ValueError(f"request {request_id} has not finished")
+        return self.requests.pop(str(request_id))
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.slots)
 
@@ -232,6 +246,8 @@ class Engine:
             if victim is req:
                 return False
         req.pages += pool.take(max(need, 0))
+        used = sum(p.size - p.free for p in self.pools)
+        self.stats["peak_pages"] = max(self.stats["peak_pages"], used)
         return True
 
     def _finish(self, req: Request, reason: str) -> None:
@@ -295,7 +311,8 @@ class Engine:
             chunk = min(bucket(n, MIN_PREFILL_BUCKET), bucket_pow2(n, MIN_PREFILL_BUCKET))
             tokens = np.zeros((1, chunk), np.int32)
             tokens[0, :n] = prefix[req.cached: req.cached + n]
-            width = bucket_pow2(-(-(req.cached + n) // self.page_size), 1, self.max_pages)
+            width = bucket_pow2(-(-(req.cached + n) // self.page_size), self.min_width,
+                                self.max_pages)
             token = self.runner.prefill(req.slot, tokens, self._table([req], width),
                                         np.array([req.cached], np.int32),
                                         np.array([n], np.int32), self._knobs([req]))
@@ -319,7 +336,7 @@ class Engine:
         live = [r for r in slots if r is not None]
         if not live:
             return
-        width = bucket_pow2(max(len(r.pages) for r in live), 1, self.max_pages)
+        width = bucket_pow2(max(len(r.pages) for r in live), self.min_width, self.max_pages)
         stop_width = bucket_pow2(max([len(r.stop_ids) for r in live] + [1]), 1)
         rows_in = _decode_rows(slots, stop_width, self._knobs)
         tokens, ran = self.runner.decode(steps, rows_in, self._table(slots, width))
@@ -351,6 +368,7 @@ class Engine:
         return {"running": len(running), "waiting": len(self.waiting),
                 "pages_used": sum(p.size - p.free for p in self.pools),
                 "pages_total": sum(p.size for p in self.pools),
+                "peak_pages_used": self.stats["peak_pages"],
                 "page_size": self.page_size, "max_num_seqs": self.max_num_seqs,
                 "preemptions": self.stats["preemptions"], "finished": self.stats["finished"],
                 "cancelled": self.stats["cancelled"], "generated_tokens": gen,
@@ -374,73 +392,3 @@ def _decode_rows(slots: list[Request | None], stop_width: int, knobs) -> tuple:
     keys, n_gen, temperature, top_k, top_p = knobs([r or placeholder for r in slots])
     return tokens, lengths, active, n_gen, budget, stop, keys, temperature, top_k, top_p
 
-
-def check_engine_args(max_num_seqs: int, page_size: int, num_pages: int,
-                      prefill_chunk: int | None, decode_steps: int) -> None:
-    for flag, value in (("--max-num-seqs", max_num_seqs), ("--page-size", page_size),
-                        ("--num-pages", num_pages), ("--decode-steps", decode_steps)):
-        if value < 1:
-            raise Step3Error(f"{flag} must be >= 1, got {value}")
-    if prefill_chunk is not None and prefill_chunk < 0:
-        raise Step3Error(f"--prefill-chunk must be >= 0 (0: each prompt whole), got "
-                         f"{prefill_chunk}")
-
-
-def make_engine(params, cfg: Step3Config, *, mesh=None, afd=None, max_num_seqs: int =
-                DEFAULT_MAX_NUM_SEQS, page_size: int = DEFAULT_PAGE_SIZE,
-                num_pages: int | None = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
-                decode_steps: int = DEFAULT_DECODE_STEPS,
-                max_model_len: int | None = None) -> Engine:
-    """An :class:`Engine` on one device or a colocated mesh (``params`` placed by ``load``;
-    ``mesh`` defaults to theirs), or, with ``afd`` (an ``afd.AfdModel``), on AFD's two groups.
-    ``num_pages`` None: :func:`engine_pages.default_num_pages`; an explicit pool the device
-    cannot hold is refused before it is allocated."""
-    from step3_jax.runtime import engine_pages
-    from step3_jax.runtime.generate import _mesh_of
-
-    check_engine_args(max_num_seqs, page_size, num_pages or 1, prefill_chunk, decode_steps)
-    max_len = min(max_model_len or cfg.max_position_embedding, cfg.max_position_embedding)
-    itemsize = np.dtype(cfg.dtype).itemsize
-    if afd is not None:
-        device = afd.attn_devices[0]
-    else:
-        mesh = mesh or _mesh_of(params)
-        device = next(iter(mesh.devices.flat))
-    if num_pages is None:
-        num_pages = engine_pages.default_num_pages(
-            cfg, page_size=page_size, max_num_seqs=max_num_seqs, max_model_len=max_len,
-            piece=prefill_chunk or max_len, itemsize=itemsize, device=device)
-    else:
-        engine_pages.check_pool_fits(cfg, num_pages, page_size, itemsize, device)
-    if afd is not None:
-        from step3_jax.runtime.engine_afd import AfdRunner
-
-        runner = AfdRunner(afd, num_pages, page_size, max_num_seqs)
-    else:
-        from step3_jax.runtime.engine_steps import DeviceRunner
-
-        runner = DeviceRunner(params, cfg, mesh, num_pages, page_size)
-    return Engine(runner, cfg, max_num_seqs=max_num_seqs, page_size=page_size,
-                  num_pages=num_pages, prefill_chunk=prefill_chunk, decode_steps=decode_steps,
-                  max_model_len=max_len)
-
-
-def generate_requests(engine: Engine, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                      seed: int = 0, eos_ids: Sequence[int] | None = None):
-    """``generate``'s contract through the engine: every prompt queued at once (request ``i``
-    seeded ``seed + i``), run to completion; ``(results in prompt order, metrics)``."""
-    ids = [engine.add_request(p, max_tokens=max_new_tokens, temperature=temperature,
-                              top_k=top_k, top_p=top_p, seed=seed + i, stop_ids=eos_ids)
-           for i, p in enumerate(prompts)]
-    engine.run()
-    results = [engine.result(i) for i in ids]
-    per_request = [engine.requests[i].timings() for i in ids]
-    ttft = [t["ttft_s"] for t in per_request if t["ttft_s"] is not None]
-    itl = [g for t in per_request for g in t["itl_s"]]
-    metrics = engine.metrics() | {
-        "requests": len(ids),
-        "ttft_ms_mean": round(1e3 * float(np.mean(ttft)), 3) if ttft else None,
-        "itl_ms_max": round(1e3 * max(itl), 3) if itl else None,
-        "placement": engine.runner.placement}
-    return results, metrics

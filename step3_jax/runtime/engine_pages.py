@@ -98,3 +98,14 @@ def check_pool_fits(cfg: Step3Config, num_pages: int, page_size: int, itemsize: 
     if free is not None and need > free:
         raise Step3Error(f"--num-pages {num_pages} x --page-size {page_size} needs "
                          f"{need / 1e9:.1f} GB of KV cache; {free / 1e9:.1f} GB is free")
+
+
+def check_engine_args(max_num_seqs: int, page_size: int, num_pages: int,
+                      prefill_chunk: int | None, decode_steps: int) -> None:
+    for flag, value in (("--max-num-seqs", max_num_seqs), ("--page-size", page_size),
+                        ("--num-pages", num_pages), ("--decode-steps", decode_steps)):
+        if value < 1:
+            raise Step3Error(f"{flag} must be >= 1, got {value}")
+    if prefill_chunk is not None and prefill_chunk < 0:
+        raise Step3Error(f"--prefill-chunk must be >= 0 (0: each prompt whole), got "
+                         f"{prefill_chunk}")

@@ -20,8 +20,6 @@ placed them, the pool and the per-slot arrays replicated over the mesh.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +78,11 @@ def decode_burst(params: Params, pages: PagedCache, tokens, lengths, active, n_g
     return pages, out, ran
 
 
+# Module-level, so engines built for the same config and shapes share compiled programs.
+_prefill_jit = jax.jit(prefill_chunk, static_argnames=("cfg",), donate_argnums=(1,))
+_burst_jit = jax.jit(decode_burst, static_argnames=("cfg", "steps"), donate_argnums=(1,))
+
+
 class DeviceRunner:
     """The page pool on one device or a colocated mesh, and the two programs compiled per
     shape (prefill chunk length and table width; decode table width and burst length)."""
@@ -90,9 +93,6 @@ class DeviceRunner:
         self.rep = replicated(mesh)
         self.pages = init_pages(cfg, num_pages, page_size, dtype=params.embed.dtype,
                                 sharding=self.rep)
-        jit = functools.partial(jax.jit, donate_argnums=(1,))
-        self._prefill = jit(functools.partial(prefill_chunk, cfg=cfg))
-        self._bursts: dict[int, object] = {}
 
     @property
     def placement(self) -> dict:
@@ -111,18 +111,16 @@ class DeviceRunner:
         awaited)."""
         del slot  # every slot shares the one pool
         with jax.set_mesh(self.mesh):
-            self.pages, token = self._prefill(self.params, self.pages,
-                                              *self._put(tokens, table, start, num_new, *knobs))
+            self.pages, token = _prefill_jit(self.params, self.pages,
+                                             *self._put(tokens, table, start, num_new, *knobs),
+                                             cfg=self.cfg)
         return token
 
     def decode(self, steps: int, rows: tuple, table: np.ndarray):
         """One :func:`decode_burst` of at most ``steps`` steps; ``rows``: ``(tokens, lengths,
         active, n_gen, budget, stop_ids, keys, temperature, top_k, top_p)`` host arrays.
         Returns ``(tokens [S, steps], steps run)`` on the host."""
-        if steps not in self._bursts:
-            self._bursts[steps] = jax.jit(functools.partial(decode_burst, cfg=self.cfg,
-                                                            steps=steps), donate_argnums=(1,))
         with jax.set_mesh(self.mesh):
-            self.pages, out, ran = self._bursts[steps](self.params, self.pages,
-                                                       *self._put(*rows, table))
+            self.pages, out, ran = _burst_jit(self.params, self.pages, *self._put(*rows, table),
+                                              cfg=self.cfg, steps=steps)
         return np.asarray(out), int(ran)
