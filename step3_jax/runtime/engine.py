@@ -143,7 +143,9 @@ class Engine:
         (``[-1]`` or ``[]``: none). Refused with a one-line :class:`Step3Error` when a setting
         is out of range or the request could never fit the context or the page pool."""
         cfg = self.cfg
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id is None:
+            request_id = next(str(i) for i in self._ids if str(i) not in self.requests)
+        request_id = str(request_id)
         if request_id in self.requests:
             raise Step3Error(f"request id {request_id!r} is already in use")
         prompt = [int(t) for t in prompt]
