@@ -49,6 +49,8 @@ between parts and at the end, so the figures can be read against the machine's l
     python tools/bench_engine.py                                    # markdown on stdout
     python tools/bench_engine.py --json --plot docs/engine.png > docs/engine.json
     python tools/bench_engine.py --render docs/engine.json --plot docs/engine.png
+    python tools/bench_engine.py --parts decode_steps --json > k.json   # one part again, then
+    python tools/bench_engine.py --render docs/engine.json,k.json     # merged (k.json's part wins)
     python tools/bench_engine.py --parts attention,decode_steps --k-presets tiny
 """
 
@@ -441,9 +443,20 @@ def markdown(doc: dict) -> str:
            f"top-{m['top_k']}, {m['dtype']}, {m['params_total'] / 1e6:.0f}M parameters, KV "
            f"{m['kv_bytes_per_token']} bytes/token", f"- wall time of the run: "
            f"{doc.get('total_s', 0) / 60:.1f} min; command: `{doc['command']}`", ""]
+    if doc.get("sources"):  # merged documents: each source's own setting instead
+        out = [line for line in out if not line.startswith(("- uptime", "- wall time"))]
+        out[3] = "- sources (each part from the last that measured it; matmul peak in GFLOP/s):"
+    for i, src in enumerate(doc.get("sources", [])):
+        out.insert(4 + i, f"- {src['file']} ({', '.join(src['parts'] or PARTS)}): {src['date']}, "
+                   f"`{src['command']}`, {src['total_s'] / 60:.1f} min, matmul peak "
+                   f"{', '.join(f'{p:.0f}' for p in src['peak_gflops_runs'])} GFLOP/s, uptime "
+                   f"`{src['uptime_start']}` -> `{src['uptime_end']}`")
     t = doc.get("throughput")
     if t:
         s, e = t["static"], t["engine"]
+        s_steps = sum(b["longest_budget"] - 1 for b in s["batches"])  # first token: prefill
+        s_step_ms = 1e3 * sum(b["decode_s"] for b in s["batches"]) / s_steps
+        s_prefill = sum(b["prefill_s"] for b in s["batches"])
         reqs = ", ".join(f"{r['prompt']}/{r['max_tokens']}" for r in t["requests"])
         out += ["## Offline throughput", "",
                 f"{len(t['requests'])} requests (prompt/budget): {reqs}; {t['prompt_tokens']} "
@@ -455,16 +468,19 @@ def markdown(doc: dict) -> str:
                 f"| static batches of {t['max_num_seqs']} | {s['wall_s']:.1f} "
                 f"| {s['tokens_per_s']:.1f} | {s['compile_s']:.1f} "
                 f"| {s['kv_bytes_peak'] / MB:.0f} MB | {len(s['batches'])} batches, each to its "
-                f"longest budget ({s['generated_incl_discarded']} tokens decoded) |",
+                f"longest budget ({s['generated_incl_discarded']} tokens decoded); prefill "
+                f"{s_prefill:.1f} s, {s_steps} decode steps at {s_step_ms:.0f} ms |",
                 f"| engine | {e['wall_s']:.1f} | {e['tokens_per_s']:.1f} "
                 f"| {e['first_pass']['compile_s']:.1f} (first pass {e['first_pass']['wall_s']:.1f}"
                 f" s) | {e['kv_bytes_peak'] / MB:.0f} MB ({e['peak_pages']} pages) "
                 f"| {e['steps']} steps, {e['decode_bursts']} bursts, {e['decode_steps']} decode "
-                f"steps, decode {e['decode_s']:.1f} s |",
+                f"steps at {1e3 * e['decode_s'] / e['decode_steps']:.0f} ms (decode "
+                f"{e['decode_s']:.1f} s) |",
                 f"| engine / static | {e['wall_s'] / s['wall_s']:.2f}x "
                 f"| **{t['ratio_tokens_per_s']:.2f}x** | | **{t['ratio_kv_bytes']:.2f}x** | |",
                 "", "| static batch | rows | to budget | prompt bucket | capacity | prefill s "
-                "| decode s | compile s | KV MB |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| decode s | compile s | KV MB |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for i, b in enumerate(s["batches"]):
             out.append(f"| {i} | {b['batch']} | {b['longest_budget']} | {b['prefill_bucket']} "
                        f"| {b['cache_capacity']} | {b['prefill_s']:.1f} | {b['decode_s']:.1f} "
@@ -536,13 +552,14 @@ def plot(doc: dict, path: str) -> None:
         ax2.legend(loc="upper right", fontsize=8)
         ax.set_title(f"offline throughput, {len(t['requests'])} requests")
     ax = axes[1]
-    styles = {"contiguous_plain": "o-", "contiguous_blocked": "s-", "paged_gather": "o--",
-              "paged_blocked": "s--"}
-    for batch in sorted({r["batch"] for r in doc.get("attention", [])}):
+    colors = {"contiguous_plain": "tab:blue", "contiguous_blocked": "tab:green",
+              "paged_gather": "tab:red", "paged_blocked": "tab:purple"}
+    for batch, style in zip(sorted({r["batch"] for r in doc.get("attention", [])}),
+                            ("o-", "s--", "^:")):
         rows = [r for r in doc["attention"] if r["batch"] == batch]
-        for name, style in styles.items():
+        for name, color in colors.items():
             ax.plot([r["context"] for r in rows], [r["ms"][name] for r in rows], style,
-                    label=f"B={batch} {name.replace('_', ' ')}")
+                    color=color, label=f"B={batch} {name.replace('_', ' ')}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (keys)")
@@ -579,7 +596,8 @@ def plot(doc: dict, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"engine on {doc['cpus']} cores, {doc['model']['name']}, float32; "
                  f"{doc['uptime_start'].split('load average:')[-1].strip()} (load at start); "
-                 f"matmul peak {max(doc['peak_gflops_runs']):.0f} GFLOP/s", fontsize=10)
+                 f"matmul peak {min(doc['peak_gflops_runs']):.0f}-"
+                 f"{max(doc['peak_gflops_runs']):.0f} GFLOP/s", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -627,8 +645,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout "
                     "(markdown on stderr)")
     ap.add_argument("--plot", default=None, metavar="FILE.png")
-    ap.add_argument("--render", default=None, metavar="JSON",
-                    help="measure nothing: the markdown (and --plot) of a saved --json document")
+    ap.add_argument("--render", default=None, metavar="JSON[,JSON]",
+                    help="measure nothing: the markdown (and --plot) of saved --json documents "
+                         "(several: each part from the last one that measured it)")
     args = ap.parse_args(argv)
     args.parts = [p for p in args.parts.split(",") if p]
     bad = [p for p in args.parts if p not in PARTS]
@@ -676,9 +695,34 @@ def measure(args) -> dict:
     return doc
 
 
+PART_KEYS = {"throughput": ("throughput",), "attention": ("attention",),
+             "itl": ("itl", "itl_setting"), "decode_steps": ("decode_steps",)}
+
+
+def render_docs(paths: list[str]) -> dict:
+    """Saved ``--json`` documents as one: each part from the last document that measured it
+    (a part re-run on its own replaces the first run's); every source's setting is kept."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    if len(docs) == 1:
+        return docs[0]
+    doc = dict(docs[0])
+    doc["sources"] = []
+    for path, d in zip(paths, docs):
+        for part in d.get("parts", PARTS):
+            for key in PART_KEYS[part]:
+                if key in d:
+                    doc[key] = d[key]
+        doc["sources"].append({"file": os.path.basename(path), "parts": d.get("parts"),
+                               **{k: d.get(k) for k in ("date", "command", "uptime_start",
+                                                        "uptime_end", "peak_gflops_runs",
+                                                        "total_s")}})
+    doc["peak_gflops_runs"] = [p for d in docs for p in d["peak_gflops_runs"]]
+    return doc
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    doc = json.loads(Path(args.render).read_text()) if args.render else measure(args)
+    doc = render_docs(args.render.split(",")) if args.render else measure(args)
     if args.plot:
         plot(doc, args.plot)
         log(f"plot written to {args.plot}")
