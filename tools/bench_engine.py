@@ -23,7 +23,9 @@ budget (no stop ids), every prompt is seeded random token ids.
    excludes compiles without a second pass. KV bytes held: the engine's peak pages in use
    (sampled at every prefill chunk and decode burst, after the pages are reserved) x
    ``paged.page_bytes``; the static batch's ``batch x cache capacity x KV bytes per token``
-   (its cache lives the whole batch).
+   (its cache lives the whole batch). ``--engine-decode-roads auto,blocked`` adds an engine
+   whose decode steps take that paged road (``paged.paged_impl`` replaced for one-query calls
+   while its programs trace); every engine compiles before any is timed.
 2. **Attention** (``--contexts`` x ``--batches``, one decode query per row, every row's cache
    full): ``paged.attend_pages`` with ``impl="gather"`` and ``"blocked"`` over a page pool (rows'
    pages scattered by a seeded permutation) against ``attention.attend_positions`` on the
