@@ -83,7 +83,13 @@ from step3_jax.model.attention import attend_positions, resolve_impl  # noqa: E4
 from step3_jax.model.config import presets_dir  # noqa: E402
 from step3_jax.model.weights import count_params  # noqa: E402
 from step3_jax.runtime.bench import cpu_model, csv_ints  # noqa: E402
-from step3_jax.runtime.engine import DEFAULT_DECODE_STEPS, Engine, make_engine  # noqa: E402
+from step3_jax.runtime.engine import Engine  # noqa: E402
+
+try:  # main after 2643e70: make_engine in engine_setup, the defaults in model.config
+    from step3_jax.model.config import DEFAULT_DECODE_STEPS
+    from step3_jax.runtime.engine_setup import make_engine
+except ImportError:  # the engine as this tool was first run against (31cdc15)
+    from step3_jax.runtime.engine import DEFAULT_DECODE_STEPS, make_engine
 from step3_jax.runtime.generate import Generator  # noqa: E402
 from step3_jax.runtime.metrics import CompileClock  # noqa: E402
 
@@ -292,7 +298,9 @@ def bench_throughput(params, cfg, args) -> dict:
 def decode_road(road: str):
     """``auto``: the engine's own choice; ``gather``/``blocked``: that paged road for every
     decode step (one query per row; prefill chunks keep ``paged.paged_impl``'s choice), by
-    replacing ``paged.paged_impl`` while the engine's programs trace."""
+    replacing ``paged.paged_impl`` while the engine's programs trace. Needs per-engine jitted
+    programs (``DeviceRunner`` as of 31cdc15): programs shared across engines and keyed on the
+    config alone would be reused untraced, and the override would not take."""
     if road == "auto":
         yield
         return
