@@ -39,6 +39,7 @@ from step3_jax.model.paged import page_bytes
 from step3_jax.runtime import sampling
 from step3_jax.runtime.engine_pages import PagePool, bucket_pow2, check_engine_args
 from step3_jax.runtime.generate import MIN_PREFILL_BUCKET, GenerationResult, bucket, check_eos
+
 MIN_TABLE_TOKENS = 512
 
 
