@@ -14,8 +14,8 @@ Attention over pages (:func:`attend`) takes one of two roads, chosen by shape li
 contiguous cache's kernels (``attention.resolve_impl``):
 
 * ``gather``: copy each row's pages into a ``[B, W, d, page]`` view and run the plain product
-  over it — one einsum over (page, slot) without any transpose. For decode over short caches
-  and short prompt chunks.
+  over it — one einsum over (page, slot) without any transpose. For short prompt chunks and one
+  sequence's decode over a short cache (:func:`paged_impl`).
 * ``blocked``: the online-softmax kernel reading each key block's pages from the pool in place
   (``blocked_attention._paged_block``): no copy of the cache, causal/filled blocks skipped.
 
@@ -112,9 +112,22 @@ def write(k_pages: jax.Array, v_pages: jax.Array, slots: jax.Array, k_new: jax.A
     return k_pages, v_pages
 
 
+# Decode over pages: gather only for one sequence over at most this many keys. Measured
+# (tools/bench_engine.py, BENCHMARKS.md "Engine"), one layer's decode attention: gather 0.50 ms
+# against blocked 0.70 at 1024 keys and batch 1, but 3.09 against 2.31 at 4096 x 1 and 56.3
+# against 22.3 at 4096 x 8 (the gather copies every row's pages; blocked reads them in place).
+GATHER_MAX_DECODE_KEYS = 1024
+
+
 def paged_impl(cfg: Step3Config, batch: int, queries: int, heads: int, keys: int) -> str:
-    """``gather`` where the contiguous cache would take the plain product, else ``blocked``."""
-    return "gather" if resolve_impl(cfg, batch, queries, heads, keys) == "plain" else "blocked"
+    """The road over pages: ``blocked`` wherever the contiguous cache would take the blocked
+    kernel, and for decode steps except one sequence over a short cache; ``gather`` (then the
+    plain product) for short prompt chunks and that one case. ``--attention-impl plain`` /
+    ``blocked`` force ``gather`` / ``blocked``."""
+    plain = resolve_impl(cfg, batch, queries, heads, keys) == "plain"
+    if cfg.attention_impl != "auto" or not plain or queries > 1:
+        return "gather" if plain else "blocked"
+    return "gather" if batch == 1 and keys <= GATHER_MAX_DECODE_KEYS else "blocked"
 
 
 def attend_pages(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array,

@@ -19,6 +19,7 @@ each matmul (measured 3x slower on dense matvecs, far worse on the MoE; see BENC
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -214,20 +215,25 @@ def init_params(cfg: Step3Config, seed: int = 0, shardings=None, keep=None) -> P
     """
     decl = declare(cfg)
     leaves, treedef = jax.tree.flatten(decl, is_leaf=is_spec)
-    if keep is None:
-        def make(key):
-            keys = [jax.random.fold_in(key, j) for j in range(len(leaves))]
-            return treedef.unflatten([_init_leaf(s, k, cfg) for s, k in zip(leaves, keys)])
+    kept = tuple(range(len(leaves))) if keep is None else tuple(
+        j for j, k in enumerate(treedef.flatten_up_to(keep)) if k)
+    flat_sh = None if shardings is None else tuple(treedef.flatten_up_to(shardings)[j]
+                                                   for j in kept)
+    made = dict(zip(kept, _init_program(cfg, kept, flat_sh)(jax.random.PRNGKey(seed))))
+    return treedef.unflatten([made.get(j) for j in range(len(leaves))])
 
-        return jax.jit(make, out_shardings=shardings)(jax.random.PRNGKey(seed))
-    kept = [j for j, k in enumerate(treedef.flatten_up_to(keep)) if k]
-    flat_sh = None if shardings is None else [treedef.flatten_up_to(shardings)[j] for j in kept]
 
-    def make_kept(key):
+@functools.lru_cache(maxsize=16)
+def _init_program(cfg: Step3Config, kept: tuple[int, ...], shardings: tuple | None):
+    """The jitted initializer of leaves ``kept`` (on ``shardings``), kept per config and
+    placement: its compilation (~9 s for the tiny preset on a 2-core CPU) is paid once per
+    process, not per call (the CLI and the tests build many models of one config)."""
+    leaves = jax.tree.leaves(declare(cfg), is_leaf=is_spec)
+
+    def make(key):
         return [_init_leaf(leaves[j], jax.random.fold_in(key, j), cfg) for j in kept]
 
-    made = dict(zip(kept, jax.jit(make_kept, out_shardings=flat_sh)(jax.random.PRNGKey(seed))))
-    return treedef.unflatten([made.get(j) for j in range(len(leaves))])
+    return jax.jit(make, out_shardings=None if shardings is None else list(shardings))
 
 
 def count_params(cfg: Step3Config) -> dict[str, int]:
