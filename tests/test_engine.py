@@ -31,11 +31,17 @@ def mix(tiny_cfg):
 
 
 @pytest.fixture(scope="module")
-def static(tiny_params, tiny_cfg, mix):
-    """The static batch's greedy tokens, each cut to its request's budget (greedy decoding's
-    first n tokens do not depend on how many more follow)."""
+def static_full(tiny_params, tiny_cfg, mix):
+    """The static batch's greedy tokens, 30 per request."""
     results, _ = generate(tiny_params, tiny_cfg, mix, max_new_tokens=max(BUDGETS), eos_ids=[-1])
-    return [r.generated_ids[:n] for r, n in zip(results, BUDGETS)]
+    return [r.generated_ids for r in results]
+
+
+@pytest.fixture(scope="module")
+def static(static_full):
+    """Each cut to its request's budget (greedy decoding's first n tokens do not depend on how
+    many more follow)."""
+    return [ids[:n] for ids, n in zip(static_full, BUDGETS)]
 
 
 def run_engine(engine, prompts, budgets, **knobs):
@@ -56,10 +62,9 @@ def assert_idle(engine):
 # Every engine here has pages of 8 tokens, 2 or 4 slots and bursts of 8 or 3 steps, so the
 # tests share a handful of compiled programs (engine_steps' jits are module-level).
 @pytest.mark.parametrize("kw, preempted", [
-    (dict(max_num_seqs=2), False),                                     # 12 requests, 2 slots
+    (dict(max_num_seqs=2, prefill_chunk=0), False),   # 12 requests, 2 slots, whole prompts
     (dict(max_num_seqs=4, num_pages=14, prefill_chunk=16, decode_steps=3), True),  # short pool
-    (dict(max_num_seqs=4, num_pages=16, prefill_chunk=0), True),       # whole prompts
-], ids=["more-requests-than-slots", "preemption-chunked", "preemption-whole-prompts"])
+], ids=["more-requests-than-slots-whole-prompts", "preemption-chunked"])
 def test_engine_greedy_equals_the_static_batch(tiny_params, tiny_cfg, mix, static, kw, preempted):
     engine = make_engine(tiny_params, tiny_cfg, **{"page_size": 8, **kw})
     assert run_engine(engine, mix, BUDGETS) == static
@@ -228,21 +233,17 @@ def test_generate_requests_and_the_request_mix(tiny_params, tiny_cfg, mix, stati
     assert all(2 <= b <= 4 for b in budgets)
 
 
-def test_cli_generate_through_the_engine(capsys, mix):
+def test_cli_generate_through_the_engine(capsys, hub_dir, mix, static_full):
     """Done-when: a dozen mixed prompts with --max-num-seqs 2 and a pool too small for them all
-    at once give the static batch's greedy tokens, in prompt order (the same seeded weights the
-    CLI builds, through ``generate`` in-process)."""
-    from step3_jax.checkpoint.loader import load
-
-    params, cfg = load(config="tiny", seed=0, progress=False)
-    results, _ = generate(params, cfg, mix, max_new_tokens=12, eos_ids=[-1])
+    at once give the static batch's greedy tokens, in prompt order."""
     prompts = sum((["--prompt-ids", ",".join(map(str, p))] for p in mix), [])
-    code, out, err = run_cli(capsys, "generate", "--config", "tiny", *prompts, "--max-new-tokens",
-                             "12", "--eos-id", "-1", "--json", "--max-num-seqs", "2",
-                             "--num-pages", "12", "--page-size", "8", "--prefill-chunk", "16")
+    code, out, err = run_cli(capsys, "generate", "--checkpoint", str(hub_dir), *prompts,
+                             "--max-new-tokens", "12", "--eos-id", "-1", "--json",
+                             "--max-num-seqs", "2", "--num-pages", "12", "--page-size", "8",
+                             "--prefill-chunk", "16")
     assert code == 0, err
     doc = json.loads(out)
-    assert [r["generated_ids"] for r in doc["results"]] == [r.generated_ids for r in results]
+    assert [r["generated_ids"] for r in doc["results"]] == [ids[:12] for ids in static_full]
     assert doc["metrics"]["engine"] and doc["metrics"]["max_num_seqs"] == 2
     assert doc["metrics"]["preemptions"] > 0 and doc["metrics"]["pages_total"] == 12
     code, _, err = run_cli(capsys, "generate", "--config", "tiny", "--prompt-ids", "1",

@@ -125,7 +125,8 @@ def logits(attn: Params, h, f, *, cfg):
 def next_tokens(attn: Params, hs, fs, at, keys, step, temperature, top_k, top_p, *, cfg):
     """One attention device's next tokens for all its micro-batches at once: the hidden state
     at position ``at`` of each row, the LM head (read once per step, not per micro-batch), and
-    sampling with each row's key."""
+    sampling with each row's key (``step`` and the knobs: scalars, or one per row as the
+    engine passes them; :func:`sampling.sample`)."""
     x = jnp.concatenate([h + f.astype(h.dtype) for h, f in zip(hs, fs)])
     x = jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]
     logits = decoder.logits_from_hidden(attn, x, cfg)

@@ -17,26 +17,11 @@ of that protocol.
 
 from __future__ import annotations
 
-import functools
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from step3_jax.model import decoder
 from step3_jax.model.paged import init_pages
-from step3_jax.runtime import sampling
-from step3_jax.runtime.afd_schedule import Shard, stack_pass
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _next_tokens(attn, hs, fs, at, keys, index, temperature, top_k, top_p, *, cfg):
-    """Each row's token from its hidden state at position ``at``: the LM head and per-row
-    sampling (:func:`sampling.sample_rows`) on one attention device."""
-    x = jnp.concatenate([h + f.astype(h.dtype) for h, f in zip(hs, fs)])
-    x = jnp.take_along_axis(x, at[:, None, None], axis=1)[:, 0]
-    logits = decoder.logits_from_hidden(attn, x, cfg)
-    return sampling.sample_rows(logits, keys, index, temperature, top_k, top_p)
+from step3_jax.runtime.afd_schedule import Shard, next_tokens, stack_pass
 
 
 def _pool_slots(table: np.ndarray, positions: np.ndarray, ok: np.ndarray, page_size: int,
@@ -75,7 +60,7 @@ class AfdRunner:
         put = lambda x: jax.device_put(x, self.m.attn_devices[a])  # noqa: E731
         hs = tuple(s[0] for s in state)
         fs = tuple(s[1] for s in state)
-        return _next_tokens(self.m.local[a], hs, fs, put(at), *map(put, knobs), cfg=self.cfg)
+        return next_tokens(self.m.local[a], hs, fs, put(at), *map(put, knobs), cfg=self.cfg)
 
     def prefill(self, slot: int, tokens, table, start, num_new, knobs):
         """One sequence's chunk through AFD's schedule on its attention device."""

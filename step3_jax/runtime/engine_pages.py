@@ -49,13 +49,8 @@ def free_bytes(device) -> int | None:
 
     if device.platform == "cpu":
         return preflight.host_available()
-    try:
-        stats = device.memory_stats() or {}
-    except Exception:  # backends without memory stats raise various errors
-        return None
-    if "bytes_limit" not in stats:
-        return None
-    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    limit = preflight.device_limit(device)
+    return None if limit is None else limit - (device.memory_stats() or {}).get("bytes_in_use", 0)
 
 
 def working_set_bytes(cfg: Step3Config, max_num_seqs: int, piece: int, capacity: int) -> int:

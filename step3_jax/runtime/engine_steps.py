@@ -10,7 +10,7 @@ Two programs, both jitted with the page pool donated (updated in place):
   early as soon as any running row finishes (stop id or token budget), so the engine can hand
   the slot to a waiting request at once.
 
-Sampling is per row (:func:`sampling.sample_rows`): token number ``i`` of a request is drawn
+Sampling is per row (:func:`sampling.sample` with per-row knobs): token number ``i`` of a request is drawn
 from ``fold_in(PRNGKey(seed), i)``, so what a request gets never depends on its batch-mates,
 its slot, or when it was admitted or preempted.
 
@@ -44,7 +44,7 @@ def prefill_chunk(params: Params, pages: PagedCache, tokens, table, start, num_n
     position (``[R]``)."""
     x, pages = decoder.extend_paged(params, tokens, pages, table, start, num_new, cfg)
     logits = decoder.logits_from_hidden(params, _last(x, num_new - 1), cfg)
-    return pages, sampling.sample_rows(logits, keys, index, temperature, top_k, top_p)
+    return pages, sampling.sample(logits, keys, index, temperature, top_k, top_p)
 
 
 def decode_burst(params: Params, pages: PagedCache, tokens, lengths, active, n_gen, budget,
@@ -66,7 +66,7 @@ def decode_burst(params: Params, pages: PagedCache, tokens, lengths, active, n_g
         x, pages = decoder.extend_paged(params, token[:, None], pages, table, lengths + step * feed,
                                         feed, cfg)
         logits = decoder.logits_from_hidden(params, x[:, 0], cfg)
-        new = sampling.sample_rows(logits, keys, n, temperature, top_k, top_p)
+        new = sampling.sample(logits, keys, n, temperature, top_k, top_p)
         new = jnp.where(active, new, token)
         n = n + feed
         stopped = jnp.any(new[:, None] == stop_ids, axis=-1) | (n >= budget)
