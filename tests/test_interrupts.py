@@ -27,17 +27,12 @@ INTERRUPTED_LINE = "step3-jax: interrupted"
 WAIT_S = 120  # the bound on every wait for a child (they take a few seconds)
 
 
-def _default_sigint() -> None:
-    """A child's SIGINT back to the default disposition, so Python installs its
-    ``KeyboardInterrupt`` handler: an xdist worker ignores SIGINT (its controller handles
-    Ctrl-C), and a child inherits that."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.fixture(autouse=True)
 def python_sigint_handler():
-    """This process's SIGINT under Python's own handler for each test, as in a terminal (an
-    xdist worker ignores SIGINT), restored after."""
+    """This process's SIGINT under Python's own handler for each test, as in a terminal, and
+    restored after. An xdist worker ignores SIGINT (its controller handles Ctrl-C), and an
+    ignored signal stays ignored across exec; a handled one is reset to the default there, so
+    the children started here install Python's handler too."""
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
@@ -45,8 +40,7 @@ def python_sigint_handler():
 
 def _python(code: str, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *argv],
-                          capture_output=True, text=True, timeout=WAIT_S,
-                          preexec_fn=_default_sigint)
+                          capture_output=True, text=True, timeout=WAIT_S)
 
 
 # ----- the module, in this process ------------------------------------------------------------
@@ -125,8 +119,7 @@ def _signal_at_marker(argv: list[str], marker: str, delay: float = 0.0):
     """Run ``python -m step3_jax.cli ARGV``; SIGINT it ``delay`` s after ``marker`` is on
     stderr. ``(exit status, stdout, stderr lines)``."""
     proc = subprocess.Popen([sys.executable, "-m", "step3_jax.cli", *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_sigint)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     timer = threading.Timer(WAIT_S, proc.kill)  # bounds the reads below
     timer.start()
