@@ -39,6 +39,17 @@ DEFAULT_PAGE_SIZE = 128
 DEFAULT_DECODE_STEPS = 8
 
 
+def check_numerics(cfg, bad) -> None:
+    """The numerics fields every model family's config shares (``dtype``, ``moe_impl``,
+    ``attention_impl``); ``bad(message)`` raises the family's one-line error."""
+    if cfg.dtype not in ("float32", "bfloat16", "float16"):
+        bad(f"dtype must be float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.moe_impl not in ("auto", "loop", "ragged", "blocks"):
+        bad(f"moe_impl must be auto, loop, ragged or blocks, got {cfg.moe_impl!r}")
+    if cfg.attention_impl not in ATTENTION_IMPLS:
+        bad(f"attention_impl must be {', '.join(ATTENTION_IMPLS)}, got {cfg.attention_impl!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Step3Config:
     """Step-3 text-decoder hyper-parameters plus the numerics to run them with."""
@@ -98,13 +109,7 @@ class Step3Config:
                     f"{self.moe_num_experts}")
         if len(self.moe_layers) < self.num_hidden_layers and self.intermediate_size <= 0:
             bad("dense layers need intermediate_size > 0")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            bad(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.moe_impl not in ("auto", "loop", "ragged", "blocks"):
-            bad(f"moe_impl must be auto, loop, ragged or blocks, got {self.moe_impl!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            bad(f"attention_impl must be {', '.join(ATTENTION_IMPLS)}, got "
-                f"{self.attention_impl!r}")
+        check_numerics(self, bad)
 
     # ----- derived quantities ---------------------------------------------------------------
     @property

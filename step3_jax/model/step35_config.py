@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from step3_jax.errors import ConfigError
-from step3_jax.model.config import ATTENTION_IMPLS, VOCAB_PAD_MULTIPLE
+from step3_jax.model.config import VOCAB_PAD_MULTIPLE, check_numerics
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 LAYER_TYPES = (FULL, SLIDING)
@@ -125,13 +125,7 @@ class Step35Config:
                 bad("share_expert_dim must be >= 0 and moe_router_scaling_factor > 0")
         if len(self.moe_layers) < L and self.intermediate_size <= 0:
             bad("dense layers need intermediate_size > 0")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            bad(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.moe_impl not in ("auto", "loop", "ragged", "blocks"):
-            bad(f"moe_impl must be auto, loop, ragged or blocks, got {self.moe_impl!r}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            bad(f"attention_impl must be {', '.join(ATTENTION_IMPLS)}, got "
-                f"{self.attention_impl!r}")
+        check_numerics(self, bad)
 
     # ----- derived quantities ---------------------------------------------------------------
     @property
