@@ -117,14 +117,16 @@ def prefill_args(p: argparse.ArgumentParser) -> None:
 ENGINE_FLAGS = ("max_num_seqs", "page_size", "num_pages", "decode_steps")
 
 
-def engine_args(p: argparse.ArgumentParser, what: str) -> None:
-    """The continuous-batching engine's flags; any of them runs ``what`` through the engine."""
+def engine_args(p: argparse.ArgumentParser, what: str | None):
+    """The continuous-batching engine's flags; any of them runs ``what`` through the engine
+    (None: the subcommand always runs it)."""
+    how = ("at most --max-num-seqs sequences at once, the next request taking a finished one's "
+           "slot, a paged KV cache, chunked prefill (--prefill-chunk tokens per step) between "
+           "decode bursts")
     e = p.add_argument_group(
         "continuous batching",
-        f"any of these flags runs {what} through the continuous-batching engine: at most "
-        "--max-num-seqs sequences at once, the next request taking a finished one's slot, a "
-        "paged KV cache, chunked prefill (--prefill-chunk tokens per step) between decode "
-        "bursts")
+        f"any of these flags runs {what} through the continuous-batching engine: {how}"
+        if what else f"the continuous-batching engine: {how}")
     e.add_argument("--max-num-seqs", type=int, metavar="N",
                    help=f"sequences in flight (default {DEFAULT_MAX_NUM_SEQS})")
     e.add_argument("--page-size", type=int, metavar="N",
@@ -137,13 +139,14 @@ def engine_args(p: argparse.ArgumentParser, what: str) -> None:
     e.add_argument("--decode-steps", type=int, metavar="N",
                    help=f"decode steps per on-device loop, one host round trip each "
                         f"(default {DEFAULT_DECODE_STEPS})")
+    return e
 
 
 def uses_engine(args) -> bool:
     return any(getattr(args, f, None) is not None for f in ENGINE_FLAGS)
 
 
-def engine(args, params, cfg, afd_model=None):
+def engine(args, params, cfg, afd_model=None, max_model_len: int | None = None):
     """The engine the flags describe (defaults for the ones not given)."""
     from step3_jax.runtime.engine_setup import make_engine
 
@@ -151,14 +154,24 @@ def engine(args, params, cfg, afd_model=None):
                        max_num_seqs=args.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
                        page_size=args.page_size or DEFAULT_PAGE_SIZE,
                        num_pages=args.num_pages, prefill_chunk=args.prefill_chunk,
-                       decode_steps=args.decode_steps or DEFAULT_DECODE_STEPS)
+                       decode_steps=args.decode_steps or DEFAULT_DECODE_STEPS,
+                       max_model_len=max_model_len)
+
+
+def model_name(args, cfg) -> str:
+    """The name a server gives the model: the checkpoint directory's, else the config's."""
+    from pathlib import Path
+
+    if args.checkpoint:
+        return Path(args.checkpoint).resolve().name
+    return cfg.name
 
 
 def check_engine_flags(args) -> None:
     """Bad engine flags fail before any weight loads."""
     from step3_jax.runtime.engine_pages import check_engine_args
 
-    if uses_engine(args):
+    if uses_engine(args) or getattr(args, "command", None) == "serve":
         given = lambda f, d: d if getattr(args, f) is None else getattr(args, f)  # noqa: E731
         check_engine_args(given("max_num_seqs", 1), given("page_size", 1),
                           given("num_pages", 1), args.prefill_chunk, given("decode_steps", 1))

@@ -41,6 +41,7 @@ from step3_jax.runtime.engine_pages import PagePool, bucket_pow2, check_engine_a
 from step3_jax.runtime.generate import MIN_PREFILL_BUCKET, GenerationResult, bucket, check_eos
 
 MIN_TABLE_TOKENS = 512
+MIN_STOP_WIDTH = 4  # stop-id lists are padded to at least this many (one program for most)
 
 
 @dataclasses.dataclass
@@ -340,7 +341,7 @@ class Engine:
         if not live:
             return
         width = bucket_pow2(max(len(r.pages) for r in live), self.min_width, self.max_pages)
-        stop_width = bucket_pow2(max([len(r.stop_ids) for r in live] + [1]), 1)
+        stop_width = bucket_pow2(max([len(r.stop_ids) for r in live] + [1]), MIN_STOP_WIDTH)
         rows_in = _decode_rows(slots, stop_width, self._knobs)
         tokens, ran = self.runner.decode(steps, rows_in, self._table(slots, width))
         now = time.perf_counter()

@@ -57,6 +57,56 @@ def make_engine(params, cfg: Step3Config, *, mesh=None, afd=None, max_num_seqs: 
                   max_model_len=max_len)
 
 
+def program_shapes(engine: Engine) -> tuple[list[tuple[int, int]], list[int]]:
+    """Every shape the engine's programs can be asked for: ``(prefill chunk, table width)``
+    pairs and decode table widths (stop-id lists up to ``MIN_STOP_WIDTH`` ids; a request with
+    more compiles one more decode program when it runs)."""
+    from step3_jax.runtime.engine_pages import bucket_pow2
+    from step3_jax.runtime.generate import MIN_PREFILL_BUCKET, bucket
+
+    page = engine.page_size
+    width = lambda pages: bucket_pow2(pages, engine.min_width, engine.max_pages)  # noqa: E731
+    widths = sorted({width(n) for n in range(1, engine.max_pages + 1)})
+    longest = min(engine.prefill_chunk or engine.max_model_len, engine.max_model_len)
+    chunks: dict[int, int] = {}  # chunk length -> the fewest real tokens it carries
+    for n in range(longest, 0, -1):
+        chunks[min(bucket(n, MIN_PREFILL_BUCKET), bucket_pow2(n, MIN_PREFILL_BUCKET))] = n
+    prefill = [(c, w) for c in sorted(chunks) for w in widths if w >= width(-(-chunks[c] // page))]
+    return prefill, widths
+
+
+def compile_programs(engine: Engine, progress: bool = True) -> dict:
+    """Run every program shape :func:`program_shapes` lists once on dummy rows (page 0 of an
+    idle pool; no request sees it), so a server compiles at startup and not on its first
+    requests. Refused while requests are in flight. Returns the counts and the seconds."""
+    from tqdm import tqdm
+
+    from step3_jax.runtime.engine import MIN_STOP_WIDTH, Request, _decode_rows
+
+    if engine.has_unfinished():
+        raise RuntimeError("compile_programs needs an idle engine")
+    prefill, widths = program_shapes(engine)
+    dummy = Request("", [0], 1)
+    groups = range(engine.groups)  # AFD: each attention device compiles its own programs
+    started = time.perf_counter()
+    with tqdm(total=len(prefill) * len(groups) + len(widths), desc="compiling", unit="program",
+              disable=not progress, leave=False) as bar:
+        for chunk, width in prefill:
+            for g in groups:
+                token = engine.runner.prefill(
+                    g, np.zeros((1, chunk), np.int32), np.zeros((1, width), np.int32),
+                    np.zeros(1, np.int32), np.ones(1, np.int32), engine._knobs([dummy]))
+                np.asarray(token)
+                bar.update()
+        rows = _decode_rows([None] * engine.max_num_seqs, MIN_STOP_WIDTH, engine._knobs)
+        for width in widths:
+            engine.runner.decode(engine.decode_steps, rows,
+                                 np.zeros((engine.max_num_seqs, width), np.int32))
+            bar.update()
+    return {"prefill_programs": len(prefill) * len(groups), "decode_programs": len(widths),
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
 def generate_requests(engine: Engine, prompts: Sequence[Sequence[int]], *,
                       max_new_tokens: int | Sequence[int], temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, seed: int = 0,
