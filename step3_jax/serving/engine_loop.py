@@ -124,23 +124,25 @@ class EngineLoop:
             if self.on_finish is not None:
                 self.on_finish(req)
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool) -> bool:
+        """Handle the queued commands (waiting a moment for one if ``block``); any handled?"""
         try:
             command = self._commands.get(timeout=IDLE_WAIT_S) if block else \
                 self._commands.get_nowait()
         except queue.Empty:
-            return
+            return False
         self._handle(command)
         while True:
             try:
                 self._handle(self._commands.get_nowait())
             except queue.Empty:
-                return
+                return True
 
     def _run(self) -> None:
         engine = self.engine
         while not self._stop.is_set():
-            self._drain(block=not engine.has_unfinished())
+            if self._drain(block=not engine.has_unfinished()) and self.on_step is not None:
+                self.on_step(engine)  # a cancel frees pages between steps
             if not engine.has_unfinished():
                 continue
             try:

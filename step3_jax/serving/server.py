@@ -43,7 +43,7 @@ def bind(host: str, port: int) -> socket.socket:
         hint = " (another server is using it; pick another --port, or 0 for a free one)" \
             if e.errno == errno.EADDRINUSE else ""
         raise Step3Error(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
-    sock.set_inheritable(True)
+    sock.listen(2048)  # connections queue from now on, while uvicorn starts
     return sock
 
 
