@@ -19,15 +19,15 @@ import sys
 from typing import Sequence
 
 from step3_jax import interrupts
-from step3_jax.cli import (bench, convert, cost, estimate, export, generate, info, launch, plan,
-                           score, serve)
+from step3_jax.cli import (bench, convert, cost, estimate, export, generate, info, launch,
+                           loadtest, plan, score, serve)
 from step3_jax.errors import Step3Error
 
 log = logging.getLogger("step3_jax")
 
 SUBCOMMANDS = {"generate": generate, "score": score, "bench": bench, "info": info, "cost": cost,
                "estimate": estimate, "plan": plan, "convert": convert, "export": export,
-               "launch": launch, "serve": serve}
+               "launch": launch, "serve": serve, "loadtest": loadtest}
 PROG = "step3-jax"
 
 
