@@ -24,7 +24,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 KEY = "sk-step3-jax-test"
-TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 ENGINE = ["--page-size", "16", "--max-num-seqs", "4"]
 START_S = 420   # a cold start compiles six programs on a loaded 2-core machine
@@ -187,9 +187,10 @@ def test_chat_through_the_template(server, client, demo):
     messages = [{"role": "system", "content": "You write Python."},
                 {"role": "user", "content": "a loop"}]
     rendered = jinja2.Environment(trim_blocks=True, lstrip_blocks=True).from_string(
-        TEMPLATE).render(messages=messages, add_generation_prompt=True)
+        TEMPLATE).render(messages=messages, add_generation_prompt=True, bos_token="<|bos|>")
     _, _, tok = demo
-    prompt = tok.encode(rendered).ids
+    prompt = tok.encode(rendered, add_special_tokens=False).ids
+    assert prompt[0] == 256  # the tokenizer's BOS, written by the template
     r = client.chat.completions.create(model="demo_model", messages=messages, max_tokens=12,
                                        temperature=0, extra_body={"return_token_ids": True})
     assert r.prompt_token_ids == prompt
@@ -377,3 +378,20 @@ def test_health_and_requests_answer_503_while_compiling():
         r = c.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "not_ready"
+
+
+def test_loadtest_against_the_real_server(server, capsys):
+    from conftest import run_cli
+
+    code, out, err = run_cli(capsys, "loadtest", "--url", server.url, "--api-key", KEY,
+                             "--concurrencies", "1,4", "--num-requests", "8",
+                             "--prompt-lens", "8:40", "--output-lens", "12", "--sla-tpot",
+                             "60000", "--json", "-q")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["model"] == "demo_model" and doc["devices"] == 1
+    for level in doc["levels"]:
+        assert level["completed"] == 8 and level["failed"] == 0
+        assert level["output_tokens"] == 8 * 12  # ignore_eos: every budget in full
+        assert level["met_sla"] is True
+    assert doc["peak"]["load"]["concurrency"] == 4

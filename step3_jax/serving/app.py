@@ -157,11 +157,11 @@ def create_app(state: ServerState) -> FastAPI:
             "owned_by": "step3-jax", "max_model_len": state.max_model_len,
             "vocab_size": state.vocab_size}]}
 
-    def encode(text: str, param: str) -> list[int]:
+    def encode(text: str, param: str, special: bool = True) -> list[int]:
         if state.tokenizer is None:
             raise bad(f"{param}: this model has no tokenizer (no tokenizer.json beside the "
                       "checkpoint); send token ids", param)
-        return state.tokenizer.encode(text).ids
+        return state.tokenizer.encode(text, add_special_tokens=special).ids
 
     def choices_for(body, prompts: list[list[int]], default_max: int | None):
         out = []
@@ -228,7 +228,7 @@ def create_app(state: ServerState) -> FastAPI:
                 if not choice.done:
                     choice.take(out)
                     if choice.text.stopped and not out.finished:  # a stop string matched
-                        loop.cancel(choice.rid)
+                        loop.cancel(choice.rid, "stop")
         finally:
             watcher.cancel()
             _cancel(loop, [c for c, _ in choices if not c.done])
@@ -280,7 +280,7 @@ def create_app(state: ServerState) -> FastAPI:
                     continue
                 text, ids = choice.take(out)
                 if choice.text.stopped and not out.finished:
-                    loop.cancel(choice.rid)
+                    loop.cancel(choice.rid, "stop")
                 if text or ids or choice.done:
                     yield chunk(choice, text, ids, choice.finish)
             if body.stream_options is not None and body.stream_options.include_usage:
@@ -310,7 +310,7 @@ def create_app(state: ServerState) -> FastAPI:
             text = state.template.render(messages, body.add_generation_prompt)
         except TemplateError as e:
             raise bad(str(e), "messages") from None
-        prompt = encode(text, "messages")
+        prompt = encode(text, "messages", special=False)  # the template writes BOS itself
         return await run(request, body, choices_for(body, [prompt], None), chat=True)
 
     return app

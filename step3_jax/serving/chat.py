@@ -2,7 +2,9 @@
 Jinja2 in a sandbox, as transformers and vLLM render it.
 
 The template sees ``messages`` (``role`` and ``content`` strings), ``add_generation_prompt``,
-``bos_token``/``eos_token`` from the tokenizer config, and ``raise_exception(message)``. A
+``bos_token``/``eos_token`` (from the tokenizer config, else the tokenizer's tokens for the
+model's BOS/EOS ids), and ``raise_exception(message)``. As in transformers, the rendered text is
+tokenized without adding special tokens: the template writes BOS itself. A
 checkpoint without a template serves completions only (chat answers 400 saying so) unless
 ``serve --chat-template`` gives one.
 """
@@ -57,10 +59,13 @@ class ChatTemplate:
             raise TemplateError(f"the chat template failed: {e}") from None
 
 
-def load(checkpoint: str | None, override: str | None = None) -> ChatTemplate | None:
+def load(checkpoint: str | None, override: str | None = None, *, bos_token: str = "",
+         eos_token: str = "") -> ChatTemplate | None:
     """The template to serve: ``override`` (a file, or the template text itself when it
     contains Jinja markup), else the checkpoint's ``tokenizer_config.json`` ``chat_template``
-    (a string, or a list of named templates: ``default``), else None."""
+    (a string, or a list of named templates: ``default``), else None. ``bos_token`` and
+    ``eos_token``: the special tokens' text where ``tokenizer_config.json`` names none (the
+    tokenizer's tokens for the config's BOS and EOS ids)."""
     config: dict = {}
     path = Path(checkpoint) / "tokenizer_config.json" if checkpoint else None
     if path is not None and path.exists():
@@ -68,8 +73,8 @@ def load(checkpoint: str | None, override: str | None = None) -> ChatTemplate | 
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise Step3Error(f"{path}: cannot read ({e})") from None
-    tokens = dict(bos_token=_token(config.get("bos_token")),
-                  eos_token=_token(config.get("eos_token")))
+    tokens = dict(bos_token=_token(config.get("bos_token")) or bos_token,
+                  eos_token=_token(config.get("eos_token")) or eos_token)
     if override is not None:
         if "{{" in override or "{%" in override:
             return ChatTemplate(override, origin="--chat-template", **tokens)

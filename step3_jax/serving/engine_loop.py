@@ -85,10 +85,11 @@ class EngineLoop:
         self._commands.put(("add", sink, prompt, knobs, future))
         return future
 
-    def cancel(self, request_id: str) -> None:
-        """Stop a request (a client went away, or a stop string matched); its sink gets a
-        finished output with reason ``cancelled`` unless it had already finished."""
-        self._commands.put(("cancel", request_id))
+    def cancel(self, request_id: str, reason: str = "cancelled") -> None:
+        """Stop a request (a client went away: ``cancelled``; a stop string matched:
+        ``stop``); its sink gets a finished output with that reason unless it had already
+        finished."""
+        self._commands.put(("cancel", request_id, reason))
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the thread (requests still in flight get an :class:`EngineFailed`)."""
@@ -110,9 +111,10 @@ class EngineLoop:
                 with self._lock:
                     self._pending -= 1
         else:
-            rid = command[1]
+            _, rid, reason = command
             if self.engine.cancel(rid):
-                self._deliver(RequestOutput(rid, [], True, "cancelled"))
+                self.engine.requests[rid].finish_reason = reason
+                self._deliver(RequestOutput(rid, [], True, reason))
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.get(out.request_id)

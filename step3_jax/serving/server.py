@@ -106,8 +106,13 @@ def serve(args) -> None:
         raise Step3Error(f"--max-model-len must be in 1..{cfg.max_position_embedding} (the "
                          f"model's context), got {args.max_model_len}")
     plan = common.afd_plan(args)
-    template = chat.load(args.checkpoint, args.chat_template)
     tokenizer = load_tokenizer(args.checkpoint)
+    def special(i) -> str:  # a special token's text, for templates that write it
+        ok = tokenizer is not None and i is not None and i >= 0
+        return (tokenizer.id_to_token(i) or "") if ok else ""
+
+    template = chat.load(args.checkpoint, args.chat_template, bos_token=special(cfg.bos_token_id),
+                         eos_token=special(next(iter(cfg.eos_token_ids), -1)))
     common.check_memory(args, cfg, plan, batch=args.max_num_seqs or 1,
                         longest=min(max_len, args.prefill_chunk or max_len), new_tokens=1)
     sock = bind(args.host, args.port)
