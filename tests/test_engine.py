@@ -128,6 +128,30 @@ def test_cancel_frees_slots_and_pages(tiny_params, tiny_cfg, mix):
     assert engine.forget(ids[1]).request_id == ids[1] and ids[1] not in engine.requests
 
 
+def test_first_tokens_can_be_delivered_before_the_burst(tiny_params, tiny_cfg, mix, static):
+    """``step(early=...)`` hands the prefill's first tokens over before the decode burst; the
+    tokens are the same and none is delivered twice."""
+    engine = make_engine(tiny_params, tiny_cfg, max_num_seqs=2, page_size=8)
+    ids = [engine.add_request(p, max_tokens=n, stop_ids=[-1]) for p, n in
+           zip(mix[:3], BUDGETS[:3])]
+    got = {i: [] for i in ids}
+    early_calls = []
+
+    def early(outputs):  # a prefill's output: one first token, before the burst's tokens
+        for out in outputs:
+            assert len(out.new_token_ids) == 1 and got[out.request_id] == []
+            got[out.request_id] += out.new_token_ids
+        early_calls.extend(outputs)
+
+    for _ in range(100):
+        if not engine.has_unfinished():
+            break
+        for out in engine.step(early=early):
+            got[out.request_id] += out.new_token_ids
+    assert len(early_calls) == 3
+    assert [got[i] for i in ids] == static[:3]
+
+
 def test_stop_ids_end_a_request(tiny_params, tiny_cfg, mix, static):
     engine = make_engine(tiny_params, tiny_cfg, max_num_seqs=4, page_size=8)
     stop = static[1][4]

@@ -11,6 +11,7 @@ from step3_jax.cli import common
 DEFAULT_PORT = 8000
 DEFAULT_MAX_QUEUED = 256
 DEFAULT_DRAIN_S = 30.0
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "step3-jax", "xla")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -49,6 +50,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="on SIGTERM/Ctrl-C, wait at most S seconds for requests in flight "
                         f"(default {DEFAULT_DRAIN_S:g})")
     h.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    h.add_argument("--compilation-cache", metavar="DIR|none",
+                   default=os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_CACHE,
+                   help="keep the compiled programs in DIR, so a restart with the same model "
+                        "and flags skips most of the compiling (default: "
+                        "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/step3-jax/xla; none: off)")
     common.afd_args(sv)
     sv.add_argument("-q", "--quiet", action="store_true",
                     help="only warnings and errors on stderr")

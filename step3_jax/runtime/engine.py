@@ -28,7 +28,7 @@ import collections
 import dataclasses
 import itertools
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -272,13 +272,19 @@ class Engine:
             entry.finished, entry.finish_reason = True, req.finish_reason
 
     # ----- the step ------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, early: Callable[[list[RequestOutput]], None] | None = None
+             ) -> list[RequestOutput]:
         """Admit, prefill (within the token budget), decode one burst; the outputs of every
-        request that got tokens or finished."""
+        request that got tokens or finished. ``early``: called with the prefill's outputs (first
+        tokens) before the decode burst runs, which are then not returned again — a server
+        streams a first token without waiting a burst."""
         started = time.perf_counter()
         out: dict[str, RequestOutput] = {}
         self._admit()
         self._prefill_phase(out)
+        if early is not None and out:
+            early(list(out.values()))
+            out = {}
         self._decode_phase(out)
         self._admit()  # freed slots take the next requests' first chunks at the next step
         self.stats["steps"] += 1

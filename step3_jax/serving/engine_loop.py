@@ -126,6 +126,10 @@ class EngineLoop:
             if self.on_finish is not None:
                 self.on_finish(req)
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver(out)
+
     def _drain(self, block: bool) -> bool:
         """Handle the queued commands (waiting a moment for one if ``block``); any handled?"""
         try:
@@ -148,14 +152,13 @@ class EngineLoop:
             if not engine.has_unfinished():
                 continue
             try:
-                outputs = engine.step()
+                outputs = engine.step(early=self._deliver_all)
             except Exception as e:  # a device error: fail what is in flight, refuse new work
                 self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 log.error("the engine failed; refusing new requests:\n%s",
                           traceback.format_exc())
                 break
-            for out in outputs:
-                self._deliver(out)
+            self._deliver_all(outputs)
             if self.on_step is not None:
                 self.on_step(engine)
         error = EngineFailed(self.failed or "the server is shutting down")

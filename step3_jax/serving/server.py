@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 import threading
@@ -50,6 +51,21 @@ def bind(host: str, port: int) -> socket.socket:
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def use_cache(directory: str | None) -> None:
+    """JAX's persistent compilation cache in ``directory`` (``none``: off)."""
+    if not directory or directory == "none":
+        return
+    import jax
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise Step3Error(f"--compilation-cache {directory}: cannot create ({e.strerror})") \
+            from None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    log.info("compilation cache: %s", directory)
 
 
 def _uvicorn_server(app, sock, args):
@@ -117,6 +133,7 @@ def serve(args) -> None:
                         longest=min(max_len, args.prefill_chunk or max_len), new_tokens=1)
     sock = bind(args.host, args.port)
     name = args.served_model_name or common.model_name(args, cfg)
+    use_cache(args.compilation_cache)
 
     # 2. weights and the engine
     params, cfg = common.load(args, plan)
