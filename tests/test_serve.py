@@ -395,3 +395,19 @@ def test_loadtest_against_the_real_server(server, capsys):
         assert level["output_tokens"] == 8 * 12  # ignore_eos: every budget in full
         assert level["met_sla"] is True
     assert doc["peak"]["load"]["concurrency"] == 4
+
+
+def test_the_readme_quick_start_call(client):
+    """The quick start's client call prints what the README shows (the same greedy request
+    through the shared server)."""
+    import ast
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    call = re.search(r'client\.completions\.create\(model="demo_model", prompt="def ", '
+                     r'max_tokens=24, temperature=0\)\nprint\(repr\(r\.choices\[0\]\.text\)\)'
+                     r'  # (.*)\n', readme)
+    assert call, "the README's quick-start call is not where this test expects it"
+    r = client.completions.create(model="demo_model", prompt="def ", max_tokens=24,
+                                  temperature=0)
+    assert r.choices[0].text == ast.literal_eval(call.group(1))

@@ -161,7 +161,7 @@ def serve(args) -> None:
     server = _uvicorn_server(app, sock, args)
     url = url_of(sock)
     log.info("serving %r on %s (OpenAI API under %s/v1; /health, /metrics)", name, url, url)
-    log.info("placement: %s; %d devices", placement, len(devices))
+    log.info("placement: %s; %d device%s", placement, len(devices), "s"[:len(devices) != 1])
     log.info("KV cache: %d pages of %d tokens (%.1f MB), up to %d sequences of %d tokens; "
              "chat template: %s; API key: %s", state.info["num_pages"], engine.page_size,
              state.info["kv_cache_bytes"] / 1e6, engine.max_num_seqs, engine.max_model_len,

@@ -78,6 +78,10 @@ def _num(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _devices(n: int | None) -> str:
+    return "unknown devices" if n is None else f"{n} device{'s' if n != 1 else ''}"
+
+
 def markdown(doc: dict) -> str:
     """The run as text: a header line, a markdown table (a row per level), the peak's line."""
     mix, sla = doc["mix"], doc.get("sla")
@@ -86,7 +90,7 @@ def markdown(doc: dict) -> str:
             f"{mix['num_requests']} requests per level (prompts {mix['prompt_lens'][0]}-"
             f"{mix['prompt_lens'][1]}, outputs {mix['output_lens'][0]}-"
             f"{mix['output_lens'][1]} tokens, seed {mix['seed']}), "
-            f"{doc['devices'] if doc['devices'] is not None else 'unknown'} devices"
+            f"{_devices(doc['devices'])}"
             + (f", SLA {sla_text(sla['tpot_ms'], percentile)}" if sla else ""))
     extra = [] if percentile in (50, 90, 99) else [percentile]
     cols = (["level", "done/failed", "req/s", "out tok/s", "tok/s/device", "TTFT p50 ms",
