@@ -1,0 +1,166 @@
+"""The Step-3.5 text decoder as pure functions: ``forward(params, tokens, cache, cfg) ->
+(logits, cache)`` (``shared/spec/step35.md`` §2, §4).
+
+Layer ``i`` (pre-norm, every norm zero-centred): ``h = x + Attn_i(ZNorm(x))``, then
+``x' = h + FFN_i(ZNorm(h))``; the layer's kind -- full or sliding-window attention, its query
+heads, RoPE theta, rotary width and scaling, dense or MoE FFN, its clamps -- comes from
+``cfg.layer(i)`` (a :class:`~step3_jax.model.step35_config.LayerSpec`), so one code path runs
+both kinds. Layers run in a Python loop over per-layer weights, as Step-3's decoder does.
+
+The KV cache (:class:`Step35Cache`) is per layer. K/V heads are ``G x d`` on every layer; a full
+layer keeps every position (slot = position), a sliding layer only the last ``window``: a ring
+(slot = position mod window) holding ``p - window + 1 .. p`` after writing ``p``. A chunk of new
+tokens attends over the cached keys plus its own (so a chunk longer than the window attends
+within itself under the band mask), then writes its K/V -- on a sliding layer only its last
+``window`` tokens. RoPE uses absolute positions, never slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from step3_jax.model.layers import linear
+from step3_jax.model.step35_config import LayerSpec, Step35Config
+from step3_jax.model.step35_layers import attention, moe, shared_ffn, znorm
+from step3_jax.model.step35_weights import Layer35, Moe35, Params35
+
+
+@struct.dataclass
+class Step35Cache:
+    """Per-layer K/V ``[B, S_i, G, d]`` (``S_i``: the capacity on full layers, ``min(window,
+    capacity)`` on sliding ones) and the tokens each sequence holds, ``lengths [B]``."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    lengths: jax.Array
+
+
+def cache_slots(cfg: Step35Config, layer: int, capacity: int) -> int:
+    """Slots layer ``layer`` keeps for a cache of ``capacity`` positions."""
+    return min(cfg.sliding_window, capacity) if cfg.is_sliding(layer) else capacity
+
+
+def init_cache(cfg: Step35Config, batch: int, capacity: int, dtype=None) -> Step35Cache:
+    """An empty cache for ``batch`` sequences of up to ``capacity`` positions."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shapes = [(batch, cache_slots(cfg, i, capacity), cfg.num_attention_groups, cfg.head_dim)
+              for i in range(cfg.num_hidden_layers)]
+    return Step35Cache(k=tuple(jnp.zeros(s, dtype) for s in shapes),
+                       v=tuple(jnp.zeros(s, dtype) for s in shapes),
+                       lengths=jnp.zeros((batch,), jnp.int32))
+
+
+def slot_positions(spec: LayerSpec, slots: int, lengths: jax.Array) -> jax.Array:
+    """``[B, slots]``: the position each slot holds once ``lengths[b]`` tokens were written, or
+    -1 when empty. Full layers: slot ``s`` holds position ``s``. Sliding layers: the latest
+    ``p < lengths`` with ``p mod window == s``."""
+    s = jnp.arange(slots, dtype=jnp.int32)[None, :]
+    last = lengths[:, None] - 1
+    if spec.window is None:
+        return jnp.where(s <= last, s, -1)
+    w = spec.window
+    return jnp.where(s <= last, s + w * ((last - s) // w), -1)
+
+
+def write_slots(spec: LayerSpec, slots: int, positions: jax.Array,
+                num_new: jax.Array) -> jax.Array:
+    """``[B, T]`` slots where this chunk's K/V go (``slots``, out of range, for tokens not
+    written: padding past ``num_new``, and on a sliding layer all but the last ``window`` new
+    tokens, so that no two tokens of a chunk write one ring slot)."""
+    t = jnp.arange(positions.shape[1], dtype=jnp.int32)[None, :]
+    keep = t < num_new[:, None]
+    if spec.window is None:
+        slot = positions
+    else:
+        slot = positions % spec.window
+        keep &= t >= num_new[:, None] - spec.window
+    return jnp.where(keep & (slot < slots), slot, slots)
+
+
+def _write(cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    rows = jnp.arange(cache.shape[0])[:, None]
+    return cache.at[rows, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+def ffn_block(ffn, y: jax.Array, spec: LayerSpec, cfg: Step35Config) -> jax.Array:
+    if isinstance(ffn, Moe35):
+        return moe(ffn, y, spec, cfg)
+    with jax.named_scope("dense_ffn"):
+        return shared_ffn(ffn, y, spec.swiglu_limit_shared)
+
+
+def layer(p: Layer35, x: jax.Array, positions: jax.Array, spec: LayerSpec, cfg: Step35Config,
+          kv=None):
+    """One decoder layer. ``kv``: None (no cache) or ``(k_cache, v_cache, lengths, num_new)``.
+    Returns the new hidden states and the updated ``(k_cache, v_cache)`` (or None)."""
+    eps = cfg.rms_norm_eps
+    u = znorm(x, p.input_norm, eps)
+    with jax.named_scope("full_attention" if spec.window is None else "sliding_attention"):
+        if kv is None:
+            o, _ = attention(p.attn, u, positions, spec, eps)
+            new_kv = None
+        else:
+            k_cache, v_cache, lengths, num_new = kv
+            slots = k_cache.shape[1]
+            c_pos = slot_positions(spec, slots, lengths)
+            t = jnp.arange(positions.shape[1], dtype=jnp.int32)[None, :]
+            past = (k_cache, v_cache, c_pos, c_pos >= 0, t < num_new[:, None])
+            o, (k, v) = attention(p.attn, u, positions, spec, eps, past)
+            where = write_slots(spec, slots, positions, num_new)
+            new_kv = (_write(k_cache, where, k), _write(v_cache, where, v))
+    h = x + o
+    return h + ffn_block(p.ffn, znorm(h, p.post_norm, eps), spec, cfg), new_kv
+
+
+def embed(params: Params35, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params.embed, tokens, axis=0)
+
+
+def logits_from_hidden(params: Params35, x: jax.Array, cfg: Step35Config) -> jax.Array:
+    """Final zero-centred norm and the LM head (no soft-capping); vocabulary padding ``-inf``."""
+    with jax.named_scope("lm_head"):
+        x = znorm(x, params.final_norm, cfg.rms_norm_eps)
+        head = params.embed if params.lm_head is None else params.lm_head
+        logits = linear(x, head).astype(jnp.float32)
+        return jnp.where(jnp.arange(cfg.padded_vocab) >= cfg.vocab_size, -jnp.inf, logits)
+
+
+def hidden_states(params: Params35, tokens: jax.Array, cfg: Step35Config,
+                  cache: Step35Cache | None = None, num_new: jax.Array | None = None):
+    """Final hidden states ``[B, T, H]`` (before the final norm) and the updated cache."""
+    x = embed(params, tokens)
+    if cache is None:
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :],
+                                     tokens.shape)
+        for i, p in enumerate(params.layers):
+            x, _ = layer(p, x, positions, cfg.layer(i), cfg)
+        return x, None
+    batch, chunk = tokens.shape
+    if num_new is None:
+        num_new = jnp.full((batch,), chunk, jnp.int32)
+    lengths = cache.lengths
+    positions = lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    new_k, new_v = [], []
+    for i, p in enumerate(params.layers):
+        x, (k, v) = layer(p, x, positions, cfg.layer(i), cfg,
+                          (cache.k[i], cache.v[i], lengths, num_new))
+        new_k.append(k)
+        new_v.append(v)
+    return x, Step35Cache(k=tuple(new_k), v=tuple(new_v), lengths=lengths + num_new)
+
+
+def forward(params: Params35, tokens: jax.Array, cache: Step35Cache | None, cfg: Step35Config,
+            num_new: jax.Array | None = None):
+    """Logits ``[B, T, padded_vocab]`` (float32, padding ``-inf``) and the updated cache.
+
+    Without a cache: a full causal forward over ``tokens [B, T]`` from position 0, returning
+    ``(logits, None)``. With one: token ``t`` of sequence ``b`` goes at position
+    ``cache.lengths[b] + t`` for ``t < num_new[b]`` (default all ``T``) and attends over what
+    the cache holds before it (all of it on full layers, the last ``window`` positions on
+    sliding ones); ``lengths`` grows by ``num_new``. Callers keep ``lengths + num_new`` within
+    the cache's capacity (full-layer writes past it are dropped).
+    """
+    x, cache = hidden_states(params, tokens, cfg, cache, num_new)
+    return logits_from_hidden(params, x, cfg), cache
