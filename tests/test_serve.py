@@ -26,7 +26,7 @@ openai = pytest.importorskip("openai")
 KEY = "sk-step3-jax-test"
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-ENGINE = ["--page-size", "16", "--max-num-seqs", "4"]
+ENGINE = ["--page-size", "16", "--max-num-seqs", "4", "--max-model-len", "128"]  # 5 programs
 START_S = 420   # a cold start compiles six programs on a loaded 2-core machine
 REQUEST_S = 120
 
@@ -89,7 +89,7 @@ def demo():
     from step3_jax.training import demo as demo_model
 
     params, cfg = load(str(demo_model.directory()), None)
-    engine = make_engine(params, cfg, max_num_seqs=4, page_size=16)
+    engine = make_engine(params, cfg, max_num_seqs=4, page_size=16, max_model_len=128)
     return engine, cfg, load_tokenizer(demo_model.directory())
 
 
@@ -128,7 +128,7 @@ def test_health_turns_200_after_compiling_and_models_lists_the_model(server, cli
     assert health["page_size"] == 16 and health["max_num_seqs"] == 4
     models = client.models.list().data
     assert [m.id for m in models] == ["demo_model"]
-    assert models[0].max_model_len == 256
+    assert models[0].max_model_len == 128
     assert any("ready:" in line for line in server.log)
 
 
@@ -235,7 +235,7 @@ BAD = [  # (body or raw text, status, param, what the message says)
     ('{"prompt": "x", "temperature": NaN}', 400, "temperature", "finite"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p", "(0, 1]"),
     ({"prompt": "x", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
-    ({"prompt": [256] * 250, "max_tokens": 10}, 400, "max_tokens", "maximum context length"),
+    ({"prompt": [256] * 120, "max_tokens": 10}, 400, "max_tokens", "maximum context length"),
     ('{"prompt": "x", ', 400, None, "not valid JSON"),
     ({"prompt": "x", "n": 2}, 400, "n", "n must be 1"),
     ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
@@ -275,7 +275,7 @@ def test_a_dropped_stream_frees_its_slot_and_pages(server):
     cancelled = metric(server, 'request_success_total{finish_reason="cancelled"')
     with httpx.stream("POST", server.url + "/v1/completions", timeout=REQUEST_S,
                       headers={"Authorization": f"Bearer {KEY}"},
-                      json={"prompt": [256, 97], "max_tokens": 250, "ignore_eos": True,
+                      json={"prompt": [256, 97], "max_tokens": 120, "ignore_eos": True,
                             "stream": True, "temperature": 0}) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
@@ -296,19 +296,19 @@ def test_metrics_count_the_work(server, client):
     assert r.headers["content-type"].startswith("text/plain")
     assert metric(server, "generation_tokens_total") >= 3
     assert metric(server, "time_to_first_token_seconds_count") >= 1
-    assert metric(server, "kv_cache_pages_total") == 256 // 16 * 4
+    assert metric(server, "kv_cache_pages_total") == 128 // 16 * 4
 
 
 def test_overload_no_template_and_sigterm_drain():
-    # One slot, one place in the queue, one token per host round trip (a 250-token request
-    # takes seconds, so the requests below overlap).
-    s = Server(*ENGINE[:2], "--max-num-seqs", "1", "--max-queued", "1", "--decode-steps", "1",
-               "--drain-timeout", "60")
+    # One slot, one place in the queue, one token per host round trip (a 100-token request
+    # takes a second or more, so the requests below overlap).
+    s = Server(*ENGINE[:2], *ENGINE[4:], "--max-num-seqs", "1", "--max-queued", "1",
+               "--decode-steps", "1", "--drain-timeout", "60")
     try:
         r = post(s, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]},
                  key=None)
         assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
-        body = {"prompt": [256, 97], "max_tokens": 250, "ignore_eos": True, "stream": True,
+        body = {"prompt": [256, 97], "max_tokens": 100, "ignore_eos": True, "stream": True,
                 "return_token_ids": True}
         with httpx.Client(timeout=REQUEST_S) as h, \
                 h.stream("POST", s.url + "/v1/completions", json=body) as first, \
@@ -331,9 +331,9 @@ def test_overload_no_template_and_sigterm_drain():
             with pytest.raises(httpx.ConnectError):
                 httpx.get(s.url + "/health", timeout=10)
             rest = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
-            assert sum(len(c["choices"][0]["token_ids"]) for c in rest if c["choices"]) >= 240
+            assert sum(len(c["choices"][0]["token_ids"]) for c in rest if c["choices"]) >= 90
             assert second.result().status_code == 200, second.result().text
-            assert second.result().json()["usage"]["completion_tokens"] == 250
+            assert second.result().json()["usage"]["completion_tokens"] == 100
         assert s.stop(timeout=60) == 0
         assert any("Waiting for connections to close" in x for x in s.log), "".join(s.log)
         assert any("stopped after" in x for x in s.log), "".join(s.log)

@@ -171,7 +171,10 @@ def one_device_steps(cfg, batch, params0, optimizers, one_device):
     return sgd[0], jax.tree.map(np.asarray, sgd[1].params), adamw[0]
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 1, 4), (4, 2, 1)])
+# (2, 2, 2) has every axis at once; (4, 2, 1) wider data and tensor parallelism. Expert
+# parallelism alone over 4 devices was a third case, dropped for the suite's time: ep=2 in the
+# first case runs the same shard_map path.
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (4, 2, 1)])
 def test_sharded_step_equals_unsharded(cfg, batch, params0, optimizers, one_device_steps,
                                        mesh_shape):
     """The jitted step with the inference rules table's shardings (expert parallelism through
