@@ -126,6 +126,13 @@ class EngineLoop:
             if self.on_finish is not None:
                 self.on_finish(req)
 
+    def _early(self, outputs: list[RequestOutput]) -> None:
+        """A step's first tokens, before its decode burst: delivered, and the gauges show the
+        admissions at once."""
+        self._deliver_all(outputs)
+        if self.on_step is not None:
+            self.on_step(self.engine)
+
     def _deliver_all(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             self._deliver(out)
@@ -152,7 +159,7 @@ class EngineLoop:
             if not engine.has_unfinished():
                 continue
             try:
-                outputs = engine.step(early=self._deliver_all)
+                outputs = engine.step(early=self._early)
             except Exception as e:  # a device error: fail what is in flight, refuse new work
                 self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 log.error("the engine failed; refusing new requests:\n%s",
