@@ -23,6 +23,7 @@ import threading
 import time
 
 from step3_jax.errors import Step3Error
+from step3_jax.model.config import DEFAULT_MAX_NUM_SEQS
 
 log = logging.getLogger("step3_jax")
 
@@ -129,7 +130,7 @@ def serve(args) -> None:
 
     template = chat.load(args.checkpoint, args.chat_template, bos_token=special(cfg.bos_token_id),
                          eos_token=special(next(iter(cfg.eos_token_ids), -1)))
-    common.check_memory(args, cfg, plan, batch=args.max_num_seqs or 1,
+    common.check_memory(args, cfg, plan, batch=args.max_num_seqs or DEFAULT_MAX_NUM_SEQS,
                         longest=min(max_len, args.prefill_chunk or max_len), new_tokens=1)
     sock = bind(args.host, args.port)
     name = args.served_model_name or common.model_name(args, cfg)
