@@ -1,4 +1,6 @@
-"""``step3-jax convert`` (Hub safetensors -> orbax store) and ``step3-jax export`` (back).
+"""``step3-jax convert`` (Hub safetensors -> orbax store) and ``step3-jax export`` (back), for
+either model family (Step-3 or Step-3.5, by the checkpoint's ``config.json``), and
+:func:`save_hub`: in-memory params written as a Hub checkpoint by the same writer.
 
 Both stream one weight at a time — read a tensor, write it, free it
 (:mod:`step3_jax.checkpoint.streaming`) — so host memory peaks at a few of the largest tensor
@@ -17,18 +19,19 @@ import shutil
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
 from step3_jax.checkpoint import store, streaming
-from step3_jax.checkpoint.hub import (INDEX_FILE, SCALE_SUFFIX, HubReader, _check_names,
-                                      leaf_to_hub, read_leaf)
+from step3_jax.checkpoint.hub import (INDEX_FILE, SCALE_SUFFIX, HubReader, check_names,
+                                      leaf_dtype, leaf_to_hub, read_leaf)
 from step3_jax.checkpoint.loader import checkpoint_dir
 from step3_jax.errors import CheckpointError, ConfigError
-from step3_jax.model import quant
-from step3_jax.model.config import from_hub_dict, load_config
-from step3_jax.model.weights import declare, is_spec
+from step3_jax.model import family, quant
+from step3_jax.model.step35_reader import from_any_dict, load_any_config
+from step3_jax.model.weights import is_spec
 
 log = logging.getLogger("step3_jax")
 
@@ -47,7 +50,7 @@ def _raw_config(directory: Path) -> dict:
             from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: invalid JSON ({e})") from None
-    from_hub_dict(raw, where=str(path))  # validates; raises a one-line ConfigError
+    from_any_dict(raw, where=str(path))  # validates; raises a one-line ConfigError
     return raw
 
 
@@ -77,7 +80,8 @@ def convert(hf_dir: str | Path, out: str | Path, *, weights: str = "bfloat16",
             force: bool = False, progress: bool = True) -> dict:
     """Convert a Hub checkpoint (bf16/fp16/f32 or block FP8) into a store at ``out``.
 
-    ``weights``: ``bfloat16`` or ``float32`` (FP8 sources dequantized), or ``fp8`` (FP8 sources
+    ``weights``: ``bfloat16`` or ``float32`` (FP8 sources dequantized; a weight declared with a
+    fixed dtype, Step-3.5's float32 router bias, keeps it), or ``fp8`` (Step-3 only: FP8 sources
     kept as they are, other sources block-quantized; router, embedding, LM head and norms stay
     BF16). Returns a summary (bytes read and written, seconds).
     """
@@ -88,10 +92,12 @@ def convert(hf_dir: str | Path, out: str | Path, *, weights: str = "bfloat16",
                               f"got {weights!r}")
     src = checkpoint_dir(hf_dir)
     raw = _raw_config(src)
-    cfg = from_hub_dict(raw, where=str(src / "config.json"), dtype="float32")
+    cfg = from_any_dict(raw, where=str(src / "config.json"), dtype="float32")
+    if weights == "fp8":
+        store.refuse_fp8(cfg)
     reader = HubReader(src)
-    decl = declare(cfg)
-    fp8 = _check_names(reader, jax.tree.leaves(decl, is_leaf=is_spec))
+    decl = family.of(cfg).weights.declare(cfg)
+    fp8 = check_names(reader, cfg)
     out = Path(out).expanduser().absolute()
     if out == src.absolute():
         raise CheckpointError(f"--out {out} is the input directory")
@@ -111,7 +117,7 @@ def convert(hf_dir: str | Path, out: str | Path, *, weights: str = "bfloat16",
             bar.update(reader.nbytes(spec.hub) + (reader.nbytes(spec.hub + SCALE_SUFFIX)
                                                   if spec.hub in fp8 else 0))
             if weights != "fp8":
-                return leaf.astype(_STORAGE[weights], copy=False)
+                return leaf.astype(leaf_dtype(spec, weights), copy=False)
             if quant.is_quantized(spec) and not isinstance(leaf, quant.Fp8Weight):
                 return quant.quantize_leaf(leaf, spec)
             return leaf if isinstance(leaf, quant.Fp8Weight) else leaf.astype(ml_dtypes.bfloat16)
@@ -147,7 +153,7 @@ def _lazy_leaf(spec, weights: str, read):
         values, scales = streaming.lazy_pair(parts, (abstract.values.shape, abstract.values.dtype),
                                              (abstract.scales.shape, abstract.scales.dtype))
         return quant.Fp8Weight(values, scales, abstract.view)
-    dtype = ml_dtypes.bfloat16 if weights == "fp8" else _STORAGE[weights]
+    dtype = ml_dtypes.bfloat16 if weights == "fp8" else leaf_dtype(spec, weights)
     return streaming.Lazy(spec.shape, dtype, lambda: read(spec))
 
 
@@ -170,8 +176,51 @@ def _hub_layout(specs, weights: str) -> dict[str, tuple]:
             out[spec.hub + SCALE_SUFFIX] = (quant.scale_grid(view), np.float32)
         else:
             out[spec.hub] = (spec.hub_shape, ml_dtypes.bfloat16 if weights == "fp8"
-                             else _STORAGE[weights])
+                             else leaf_dtype(spec, weights))
     return out
+
+
+def _write_hub(out: str | Path, cfg, raw: dict, weights: str, leaves, *, force: bool,
+               progress: bool, side_from: Path | None = None, desc: str = "exporting") -> dict:
+    """The Hub directory at ``out``, built in a staging sibling and renamed into place: one
+    safetensors shard per chunk (``store.chunk_names``) whose tensors ``leaves(chunk)`` yields as
+    ``(spec, value)`` in declaration order (a value in its Hub dtype for ``weights``, or an
+    :class:`quant.Fp8Weight`), each written before the next is asked for; then
+    ``model.safetensors.index.json``, ``config.json`` (``raw``) and the side files of
+    ``side_from``."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CheckpointError(f"output directory {out} is not empty (pass --force to replace it)")
+    _clean_stale(out)
+    tmp = streaming.staging_dir(out)
+    decl = family.of(cfg).weights.declare(cfg)
+    names = store.chunk_names(cfg)
+    weight_map, total = {}, 0
+    try:
+        for i, name in enumerate(tqdm(names, desc=desc, unit="layer", disable=not progress)):
+            file = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+            layout = _hub_layout(store.chunk_of(decl, name), weights)
+            with streaming.SafetensorsWriter(tmp / file, layout, {"format": "pt"}) as shard:
+                for spec, value in leaves(name):
+                    for tensor, array in _hub_tensors(spec, value, cfg).items():
+                        shard.write(tensor, array)
+                        total += array.nbytes
+            weight_map.update({t: file for t in layout})
+            streaming.release_memory()
+        (tmp / INDEX_FILE).write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+            indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        for side in SIDE_FILES if side_from is not None else ():
+            if (side_from / side).is_file():
+                shutil.copyfile(side_from / side, tmp / side)
+        streaming.publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %s: %d tensors in %d shards (%.2f GB)", out, len(weight_map), len(names),
+             total / 1e9)
+    return {"output": str(out), "tensors": len(weight_map), "shards": len(names), "bytes": total}
 
 
 def export(checkpoint: str | Path, out: str | Path, *, force: bool = False,
@@ -186,41 +235,35 @@ def export(checkpoint: str | Path, out: str | Path, *, force: bool = False,
                               "export reads what `step3-jax convert` writes")
     manifest = store.read_manifest(src)
     stored = "bfloat16" if manifest["weights"] == "fp8" else manifest["weights"]
-    cfg = load_config(src, dtype=stored)
+    cfg = load_any_config(src, dtype=stored)
     raw = json.loads((src / "config.json").read_text())
-    out = Path(out).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise CheckpointError(f"output directory {out} is not empty (pass --force to replace it)")
-    _clean_stale(out)
-    tmp = streaming.staging_dir(out)
-    decl = declare(cfg)
-    names = store.chunk_names(cfg)
-    weight_map, total = {}, 0
-    try:
-        with store.Reader(src, cfg) as reader:
-            for i, name in enumerate(tqdm(names, desc="exporting", unit="layer",
-                                          disable=not progress)):
-                file = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
-                layout = _hub_layout(store.chunk_of(decl, name), manifest["weights"])
-                with streaming.SafetensorsWriter(tmp / file, layout, {"format": "pt"}) as shard:
-                    for spec, value in reader.leaves(name):
-                        for tensor, array in _hub_tensors(spec, value, cfg).items():
-                            shard.write(tensor, array)
-                            total += array.nbytes
-                weight_map.update({t: file for t in layout})
-                streaming.release_memory()
-        (tmp / INDEX_FILE).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
-            indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-        for side in SIDE_FILES:
-            if (src / side).is_file():
-                shutil.copyfile(src / side, tmp / side)
-        streaming.publish(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote %s: %d tensors in %d shards (%.2f GB)", out, len(weight_map), len(names),
-             total / 1e9)
-    return {"input": str(src), "output": str(out), "weights": manifest["weights"],
-            "tensors": len(weight_map), "shards": len(names), "bytes": total}
+    with store.Reader(src, cfg) as reader:
+        summary = _write_hub(out, cfg, raw, manifest["weights"], reader.leaves, force=force,
+                             progress=progress, side_from=src)
+    return {"input": str(src), **summary, "weights": manifest["weights"]}
+
+
+def save_hub(params, cfg, out: str | Path, *, dtype: str | None = None, force: bool = False,
+             progress: bool = False, raw_config: dict | None = None) -> dict:
+    """Write ``params`` (either family, any expert layout or placement) as a Hub checkpoint
+    directory at ``out``: what :func:`export` writes (shards per layer, index, ``config.json``),
+    from memory instead of a store, a weight gathered to the host at a time. ``dtype``:
+    ``bfloat16`` or ``float32`` (default ``cfg.dtype``; FP8 nodes are dequantized; a weight with
+    a fixed dtype keeps it). ``raw_config``: the ``config.json`` to write (default
+    ``cfg.to_hub_dict()``, the Hub spelling of the architecture)."""
+    weights = dtype or str(jnp.dtype(cfg.dtype))
+    if weights not in _STORAGE:
+        raise CheckpointError(f"dtype must be one of {', '.join(_STORAGE)}, got {weights!r}")
+    params = family.of(cfg).weights.stack_experts(params)
+    decl = family.of(cfg).weights.declare(cfg)
+
+    def leaves(name):
+        specs = jax.tree.leaves(store.chunk_of(decl, name), is_leaf=is_spec)
+        values = jax.tree.leaves(store.chunk_of(params, name), is_leaf=quant.is_fp8)
+        for spec, value in zip(specs, values, strict=True):
+            host = np.asarray(quant.materialize(value, jnp.float32))
+            yield spec, host.astype(leaf_dtype(spec, weights))
+
+    raw = raw_config if raw_config is not None else cfg.to_hub_dict()
+    return _write_hub(out, cfg, raw, weights, leaves, force=force, progress=progress,
+                      desc="writing")

@@ -1,14 +1,18 @@
-"""Hub checkpoints (safetensors) to the parameter pytree, and back.
+"""Hub checkpoints (safetensors) to the parameter pytree, and back, for either model family.
 
-The Hub format (``shared/spec/model.md`` §3): ``model.safetensors`` or shards listed in
-``model.safetensors.index.json``, torch-layout ``[out, in]`` tensors, experts stacked ``[E, out,
-in]``. The mapping to our layout is not written here: every weight's Hub name, Hub shape and
-transform come from its declaration (``weights.WeightSpec``).
+The Hub format (``shared/spec/model.md`` §3, ``shared/spec/step35.md`` §3): ``model.safetensors``
+or shards listed in ``model.safetensors.index.json``, torch-layout ``[out, in]`` tensors, experts
+stacked ``[E, out, in]``. The mapping to our layout is not written here: every weight's Hub name,
+Hub shape and transform come from its declaration (``family.of(cfg).weights.declare``: a
+``weights.WeightSpec`` per leaf, a ``step35_weights.Spec35`` for Step-3.5, whose fixed dtype --
+the float32 router bias -- is kept whatever the model dtype, :func:`leaf_dtype`).
 
 Checks, each a one-line :class:`CheckpointError` naming the culprit, made from the safetensors
 headers before any tensor data is read: a missing text tensor, an unknown tensor, a wrong shape,
 an unsupported dtype, an index naming a file or tensor that is not there, a corrupt file. Vision
-tensors of the ``step3_vl`` wrapper are skipped with a notice. Two name layouts are read: the
+tensors of the ``step3_vl`` and ``step3p7`` wrappers are skipped with a notice, and so are a
+Step-3.5 checkpoint's multi-token-prediction layers (``model.layers.{i}`` for ``num_hidden_layers
+<= i < num_hidden_layers + num_nextn_predict_layers``, spec §3: not used). Two name layouts are read: the
 Hub's (``model.layers.0...``) and what transformers' ``save_pretrained`` writes from StepFun's
 model code (text under ``model.language_model.``, vision under ``model.vision_model.`` and
 ``model.vit_*``; ``lm_head.weight`` at the top in both); errors name tensors as the files do. Block-FP8 checkpoints (``F8_E4M3``
@@ -23,6 +27,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +37,11 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from step3_jax.errors import CheckpointError
-from step3_jax.model import quant
-from step3_jax.model.config import Step3Config
-from step3_jax.model.weights import Params, WeightSpec, declare, is_spec, stack_experts
+from step3_jax.model import family, quant
+from step3_jax.model.weights import WeightSpec
+
+if TYPE_CHECKING:
+    from step3_jax.model.step35_reader import AnyConfig
 
 log = logging.getLogger("step3_jax")
 
@@ -165,7 +172,7 @@ class HubReader:
         return self._headers[path]
 
 
-def hub_to_leaf(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:
+def hub_to_leaf(arr: np.ndarray, spec: WeightSpec, cfg: AnyConfig) -> np.ndarray:
     """A Hub tensor -> the weight ``spec`` declares (reshape, pad the vocabulary)."""
     unpadded = tuple(cfg.vocab_size if a == "vocab" else n for a, n in zip(spec.axes, spec.shape))
     arr = arr.reshape(unpadded)
@@ -174,27 +181,58 @@ def hub_to_leaf(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarr
     return arr
 
 
-def leaf_to_hub(arr: np.ndarray, spec: WeightSpec, cfg: Step3Config) -> np.ndarray:
+def leaf_to_hub(arr: np.ndarray, spec: WeightSpec, cfg: AnyConfig) -> np.ndarray:
     """Inverse of :func:`hub_to_leaf`."""
     arr = arr[tuple(slice(0, cfg.vocab_size) if a == "vocab" else slice(None) for a in spec.axes)]
     return np.ascontiguousarray(arr.reshape(spec.hub_shape))
 
 
+def leaf_dtype(spec: WeightSpec, dtype) -> np.dtype:
+    """The dtype a weight is held in when the model's is ``dtype``: its declared fixed dtype
+    (Step-3.5's float32 router bias, ``step35_weights.Spec35.dtype``), else ``dtype``."""
+    return jnp.dtype(getattr(spec, "dtype", None) or dtype)
+
+
+def specs_of(cfg: AnyConfig) -> tuple[list[WeightSpec], object]:
+    """Every declared weight of ``cfg``'s family, in pytree order, and the params treedef."""
+    weights = family.of(cfg).weights
+    return jax.tree.flatten(weights.declare(cfg), is_leaf=weights.is_spec)
+
+
 SCALE_SUFFIX = "_scale_inv"
 
 
-def _check_names(reader: HubReader, specs: list[WeightSpec]) -> set[str]:
-    """Validate the names, dtypes and shapes of the checkpoint from its headers; returns the Hub
-    names stored as block FP8 (a ``<name>_scale_inv`` sibling exists, ``shared/spec/model.md``
-    §3)."""
+def _mtp_tensors(names: set[str], cfg: AnyConfig) -> list[str]:
+    """The tensors of a Step-3.5 checkpoint's multi-token-prediction layers (``model.layers.{i}``,
+    ``num_hidden_layers <= i < num_hidden_layers + num_nextn_predict_layers``, spec §3)."""
+    if not family.is_step35(cfg) or not cfg.num_nextn_predict_layers:
+        return []
+    first = cfg.num_hidden_layers
+    prefixes = tuple(f"model.layers.{i}." for i in range(first,
+                                                         first + cfg.num_nextn_predict_layers))
+    return sorted(n for n in names if n.startswith(prefixes))
+
+
+def check_names(reader: HubReader, cfg: AnyConfig) -> set[str]:
+    """Validate the names, dtypes and shapes of the checkpoint from its headers against ``cfg``'s
+    declaration; returns the Hub names stored as block FP8 (a ``<name>_scale_inv`` sibling
+    exists, ``shared/spec/model.md`` §3). Vision-encoder and MTP tensors are skipped, each kind
+    with one notice."""
+    specs, _ = specs_of(cfg)
     expected = {spec.hub for spec in specs}
     present = set(reader.files)
     fp8 = {n[: -len(SCALE_SUFFIX)] for n in present if n.endswith(SCALE_SUFFIX)}
     vision = sorted(n for n in present if n.startswith(VISION_PREFIXES))
     if vision:
         log.info("skipping %d vision-encoder tensors (text decoder only)", len(vision))
+    mtp = _mtp_tensors(present, cfg)
+    if mtp:
+        first = cfg.num_hidden_layers
+        log.info("skipping %d tensors of the multi-token-prediction layers %d..%d (MTP is not "
+                 "used: decoding predicts one token per step)", len(mtp), first,
+                 first + cfg.num_nextn_predict_layers - 1)
     scales = {n + SCALE_SUFFIX for n in fp8 & expected}
-    unknown = sorted(present - expected - scales - set(vision))
+    unknown = sorted(present - expected - scales - set(vision) - set(mtp))
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
         raise CheckpointError(f"{reader.directory}: unknown tensor "
@@ -239,7 +277,7 @@ def _check_tensor(reader: HubReader, spec: WeightSpec, is_fp8: bool) -> None:
                               f"got {list(reader.shape(spec.hub))}")
 
 
-def read_leaf(reader: HubReader, spec: WeightSpec, cfg: Step3Config, fp8: set[str],
+def read_leaf(reader: HubReader, spec: WeightSpec, cfg: AnyConfig, fp8: set[str],
               keep_fp8: bool = False):
     """One weight from the Hub as a host array in the declared layout (block-FP8 tensors
     dequantized to float32), or, with ``keep_fp8``, as a host :class:`quant.Fp8Weight`."""
@@ -252,9 +290,9 @@ def read_leaf(reader: HubReader, spec: WeightSpec, cfg: Step3Config, fp8: set[st
     return hub_to_leaf(arr, spec, cfg)
 
 
-def read_leaves(directory: str | Path, cfg: Step3Config, keep=None, progress: bool = True):
+def read_leaves(directory: str | Path, cfg: AnyConfig, keep=None, progress: bool = True):
     """The source stage of loading: each weight of ``cfg``'s declaration, in declaration order, as
-    a host array in the declared (stacked) layout and ``cfg.dtype`` — block-FP8 tensors
+    a host array in the declared (stacked) layout and its :func:`leaf_dtype` — block-FP8 tensors
     dequantized — or None where ``keep`` (a params-shaped tree of bools) says False.
 
     A generator: one tensor is read and converted at a time, so a caller that places each
@@ -262,35 +300,36 @@ def read_leaves(directory: str | Path, cfg: Step3Config, keep=None, progress: bo
     before the first tensor is read.
     """
     reader = HubReader(directory)
-    specs, treedef = jax.tree.flatten(declare(cfg), is_leaf=is_spec)
-    fp8 = _check_names(reader, specs)
+    specs, treedef = specs_of(cfg)
+    fp8 = check_names(reader, cfg)
     if fp8:
         log.info("%d block-FP8 weights: dequantizing to %s", len(fp8), cfg.dtype)
     flat_keep = treedef.flatten_up_to(keep) if keep is not None else [True] * len(specs)
-    dtype = jnp.dtype(cfg.dtype)
-    total = sum(math.prod(s.shape) * dtype.itemsize for s, k in zip(specs, flat_keep) if k)
+    total = sum(math.prod(s.shape) * leaf_dtype(s, cfg.dtype).itemsize
+                for s, k in zip(specs, flat_keep) if k)
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=not progress,
               leave=False) as bar:
         for spec, kept in zip(specs, flat_keep):
             if not kept:
                 yield None
                 continue
-            host = read_leaf(reader, spec, cfg, fp8).astype(dtype)
+            host = read_leaf(reader, spec, cfg, fp8).astype(leaf_dtype(spec, cfg.dtype))
             yield host
             bar.update(host.nbytes)
 
 
-def load_hub(directory: str | Path, cfg: Step3Config, progress: bool = True) -> Params:
-    """A Hub checkpoint as ``cfg``'s parameter pytree in the canonical stacked layout, on the
-    default device (:func:`step3_jax.checkpoint.loader.load` is the full pipeline: runtime
-    layout and placement)."""
-    treedef = jax.tree.structure(declare(cfg), is_leaf=is_spec)
+def load_hub(directory: str | Path, cfg: AnyConfig, progress: bool = True):
+    """A Hub checkpoint as ``cfg``'s parameter pytree (``Params`` or ``Params35``) in the
+    canonical stacked layout, on the default device (:func:`step3_jax.checkpoint.loader.load` is
+    the full pipeline: runtime layout and placement)."""
+    _, treedef = specs_of(cfg)
     return treedef.unflatten([jnp.asarray(host) for host in read_leaves(directory, cfg,
                                                                           progress=progress)])
 
 
-def to_hub(params: Params, cfg: Step3Config) -> dict[str, np.ndarray]:
+def to_hub(params, cfg: AnyConfig) -> dict[str, np.ndarray]:
     """The Hub-named, torch-layout tensors of ``params`` (host NumPy arrays, params' dtype)."""
-    specs = jax.tree.leaves(declare(cfg), is_leaf=is_spec)
+    specs, _ = specs_of(cfg)
+    stacked = family.of(cfg).weights.stack_experts(params)
     return {spec.hub: leaf_to_hub(np.asarray(value), spec, cfg)
-            for spec, value in zip(specs, jax.tree.leaves(stack_experts(params)))}
+            for spec, value in zip(specs, jax.tree.leaves(stacked))}

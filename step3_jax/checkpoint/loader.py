@@ -3,15 +3,18 @@
     source -> host pytree -> runtime layout -> placement
 
 1. **which model**: a checkpoint's ``config.json`` or a preset, with overrides; a config given
-   beside a checkpoint must describe it (:func:`model_config`);
+   beside a checkpoint must describe it (:func:`model_config`); either family (Step-3 or
+   Step-3.5, ``step35_reader.load_any_config``), whose weights module
+   (``family.of(cfg).weights``) every later stage asks for the declaration;
 2. **targets**: where each weight goes: a mesh through the rules table
    (``sharding.param_shardings``), or an explicit tree of shardings (AFD's two groups);
 3. **runtime layout**: whether the MoE kernel wants per-expert arrays, asked once of
-   ``moe.per_expert_layout``;
+   ``moe.per_expert_layout`` (:func:`per_expert`; Step-3.5 keeps its experts stacked);
 4. **source**: a Hub directory read tensor by tensor (``hub.read_leaves``), each laid out and
    placed (:func:`place_leaf`) before the next is read; an orbax store restored layer by layer
    straight onto the targets (``store.restore``, the layout applied per layer); or seeded random
-   weights created on the targets (``weights.init_params``).
+   weights created on the targets (``weights.init_params``; Step-3.5's
+   ``step35_weights.init_params`` creates them on the default device, then they are moved).
 
 No weight is ever whole on one device unless its target is, and host memory stays at about one
 tensor (Hub) or one layer (orbax).
@@ -27,11 +30,12 @@ import jax.numpy as jnp
 
 from step3_jax.checkpoint import hub, store
 from step3_jax.errors import CheckpointError, ConfigError
-from step3_jax.model.config import Step3Config, load_config
+from step3_jax.model import family
 from step3_jax.model.moe import per_expert_layout
-from step3_jax.model.sharding import drop_first_axis, param_shardings
-from step3_jax.model.weights import (Moe, Params, WeightSpec, declare, init_params, is_spec,
-                                     unstack_experts, unstack_moe)
+from step3_jax.model.sharding import DEFAULT_RULES, drop_first_axis, param_shardings
+from step3_jax.model.step35_reader import AnyConfig, load_any_config
+from step3_jax.model.weights import (Moe, WeightSpec, init_params, unstack_experts,
+                                     unstack_moe)
 
 
 def checkpoint_dir(checkpoint: str | Path) -> Path:
@@ -44,22 +48,27 @@ def checkpoint_dir(checkpoint: str | Path) -> Path:
     return directory
 
 
-# Step3Config fields that say how to run a model, not what its weights are.
+# Config fields (both families) that say how to run a model, not what its weights are.
 _NOT_ARCHITECTURE = ("dtype", "moe_impl", "attention_impl", "name")
 
 
 def model_config(checkpoint: str | Path | None = None, config: str | Path | None = None,
-                 **overrides) -> Step3Config:
+                 **overrides) -> AnyConfig:
     """Which model: ``config`` (a preset name or a ``config.json`` path), else the checkpoint's
     own ``config.json``, else the ``tiny`` preset, with ``overrides`` (``dtype``, ``moe_impl``,
-    or architecture fields). Beside a checkpoint the result must describe it: a config or an
-    override that changes its architecture is a one-line error naming the fields that differ,
-    raised before any tensor is read (it would surface as unknown or missing tensors)."""
+    or architecture fields); a Step-3 or a Step-3.5 config by its ``model_type``. Beside a
+    checkpoint the result must describe it: a config of the other family, or a config or an
+    override that changes its architecture, is a one-line error naming what differs, raised
+    before any tensor is read (it would surface as unknown or missing tensors)."""
     if checkpoint is None:
-        return load_config(config if config is not None else "tiny", **overrides)
+        return load_any_config(config if config is not None else "tiny", **overrides)
     directory = checkpoint_dir(checkpoint)
-    cfg = load_config(config if config is not None else directory, **overrides)
-    own = load_config(directory)
+    cfg = load_any_config(config if config is not None else directory, **overrides)
+    own = load_any_config(directory)
+    if family.name_of(cfg) != family.name_of(own):
+        raise ConfigError(f"config {str(config)!r} is a {family.of(cfg).label} model, the "
+                          f"checkpoint {directory} a {family.of(own).label} one; without "
+                          "--config the checkpoint's own config.json is used")
     differ = [f.name for f in dataclasses.fields(cfg) if f.name not in _NOT_ARCHITECTURE
               and getattr(cfg, f.name) != getattr(own, f.name)]
     if differ:
@@ -89,9 +98,15 @@ def load_tokenizer(directory: str | Path | None):
         raise CheckpointError(f"{path}: cannot load tokenizer ({e})") from None
 
 
-def runtime_layout(params: Params, cfg: Step3Config, expert_parallel: int = 1) -> Params:
-    """``params`` in the layout ``moe.per_expert_layout`` picks (``weights.unstack_experts``)."""
-    return unstack_experts(params) if per_expert_layout(cfg, expert_parallel) else params
+def per_expert(cfg: AnyConfig, expert_parallel: int = 1) -> bool:
+    """Whether ``cfg``'s weights run in the per-expert layout: ``moe.per_expert_layout`` for
+    Step-3; never for Step-3.5, whose MoE reads the stacked ``[E, ...]`` experts."""
+    return not family.is_step35(cfg) and per_expert_layout(cfg, expert_parallel)
+
+
+def runtime_layout(params, cfg: AnyConfig, expert_parallel: int = 1):
+    """``params`` in the layout :func:`per_expert` picks (``weights.unstack_experts``)."""
+    return unstack_experts(params) if per_expert(cfg, expert_parallel) else params
 
 
 def _is_expert_stack(spec: WeightSpec) -> bool:
@@ -108,9 +123,9 @@ def place_leaf(spec: WeightSpec, host, target, per_expert: bool):
     return jnp.asarray(host) if target is None else jax.device_put(host, target)
 
 
-def _from_hub(directory: Path, cfg: Step3Config, targets, per_expert: bool, keep,
-              progress: bool) -> Params:
-    specs, treedef = jax.tree.flatten(declare(cfg), is_leaf=is_spec)
+def _from_hub(directory: Path, cfg: AnyConfig, targets, per_expert: bool, keep,
+              progress: bool):
+    specs, treedef = hub.specs_of(cfg)
     flat_targets = (treedef.flatten_up_to(targets) if targets is not None
                     else [None] * len(specs))
     leaves = hub.read_leaves(directory, cfg, keep, progress)
@@ -122,7 +137,12 @@ def _per_expert_layer(layer):
     return layer.replace(ffn=unstack_moe(layer.ffn)) if isinstance(layer.ffn, Moe) else layer
 
 
-def _random(cfg: Step3Config, seed: int, targets, keep) -> Params:
+def _random(cfg: AnyConfig, seed: int, targets, keep):
+    if family.is_step35(cfg):  # made on the default device (chunked draws), then placed
+        params = family.of(cfg).weights.init_params(cfg, seed)
+        if keep is not None:
+            params = jax.tree.map(lambda k, v: v if k else None, keep, params)
+        return params if targets is None else jax.device_put(params, targets)
     if keep is None and targets is not None and len(
             {frozenset(s.device_set) for s in jax.tree.leaves(targets)}) > 1:
         # AFD's two groups: one jit cannot produce both; create, then move
@@ -130,11 +150,32 @@ def _random(cfg: Step3Config, seed: int, targets, keep) -> Params:
     return init_params(cfg, seed, targets, keep)
 
 
+def _mesh_targets(cfg: AnyConfig, mesh):
+    """``sharding.param_shardings`` of ``cfg`` on ``mesh`` (the rules table). A Step-3.5 model
+    whose logical axes the table does not cover yet (``kv_heads``) is a one-line error."""
+    if not family.is_step35(cfg):
+        return param_shardings(cfg, mesh)
+    label = family.of(cfg).label
+    specs, _ = hub.specs_of(cfg)
+    missing = sorted({a for s in specs for a in s.axes} - set(DEFAULT_RULES))
+    if missing:
+        raise ConfigError(f"cannot place the {label} weights on a mesh: sharding.DEFAULT_RULES "
+                          f"has no rule for the logical axes {', '.join(missing)}; load on one "
+                          "device (no --mesh)")
+    try:
+        return param_shardings(cfg, mesh)
+    except AttributeError as e:  # param_shardings read the Step-3 declaration
+        raise ConfigError(f"cannot place the {label} weights on a mesh: "
+                          f"sharding.param_shardings does not read the {label} declaration "
+                          f"({e}); load on one device (no --mesh)") from None
+
+
 def load(checkpoint: str | Path | None = None, config: str | Path | None = None, *,
          dtype: str = "float32", seed: int = 0, mesh=None, shardings=None,
          expert_parallel: int | None = None, progress: bool = True, keep=None,
-         **config_overrides) -> tuple[Params, Step3Config]:
-    """A config and its weights: from a checkpoint directory, or seeded random weights.
+         **config_overrides) -> tuple[object, AnyConfig]:
+    """A config and its weights (``weights.Params`` for Step-3, ``step35_weights.Params35`` for
+    Step-3.5): from a checkpoint directory, or seeded random weights.
 
     ``checkpoint``: a Hub directory (``config.json`` + safetensors, bf16/fp16/f32 or block FP8,
     dequantized) or an orbax directory written by ``step3-jax convert``
@@ -154,15 +195,15 @@ def load(checkpoint: str | Path | None = None, config: str | Path | None = None,
         raise ValueError("give mesh or shardings, not both")
     directory = None if checkpoint is None else checkpoint_dir(checkpoint)
     cfg = model_config(directory, config, dtype=dtype, **config_overrides)
-    targets = param_shardings(cfg, mesh) if mesh is not None else shardings
+    targets = _mesh_targets(cfg, mesh) if mesh is not None else shardings
     ep = expert_parallel or (1 if mesh is None else mesh.shape.get("ep", 1))
-    per_expert = per_expert_layout(cfg, ep)
+    unstacked = per_expert(cfg, ep)
     if directory is not None and store.is_store(directory):
         params = store.restore(directory, cfg, targets, progress=progress, keep=keep,
-                               layout=_per_expert_layer if per_expert else None)
+                               layout=_per_expert_layer if unstacked else None)
     elif directory is not None:
-        params = _from_hub(directory, cfg, targets, per_expert, keep, progress)
+        params = _from_hub(directory, cfg, targets, unstacked, keep, progress)
     else:
         params = _random(cfg, seed, targets, keep)
-        params = unstack_experts(params) if per_expert else params
+        params = unstack_experts(params) if unstacked else params
     return jax.block_until_ready(params), cfg

@@ -15,10 +15,12 @@ shardings (``jax.ShapeDtypeStruct`` targets from the weight declaration), so no 
 whole on one device, and shapes are checked against the stored metadata first, because orbax
 would otherwise pad or crop a mismatched array silently.
 
-Stored dtypes: ``bfloat16`` or ``float32`` arrays (restored and cast to the compute dtype), or
-``fp8``: the matmul weights as :class:`step3_jax.model.quant.Fp8Weight` nodes (e4m3 values plus
-float32 block scales) that the model consumes as they are; norms, router, embedding and LM head
-stay bfloat16, as in the paper.
+Stored dtypes: ``bfloat16`` or ``float32`` arrays (restored and cast to the compute dtype; a
+weight declared with a fixed dtype, Step-3.5's float32 router bias, is stored and restored in it),
+or ``fp8`` (Step-3 only): the matmul weights as :class:`step3_jax.model.quant.Fp8Weight` nodes
+(e4m3 values plus float32 block scales) that the model consumes as they are; norms, router,
+embedding and LM head stay bfloat16, as in the paper. Either model family is stored alike: the
+structure comes from ``family.of(cfg).weights.declare`` and ``config.json`` names the family.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +40,13 @@ from tqdm.auto import tqdm
 
 from step3_jax import interrupts
 from step3_jax.checkpoint import streaming
+from step3_jax.checkpoint.hub import leaf_dtype
 from step3_jax.errors import CheckpointError
-from step3_jax.model import quant
-from step3_jax.model.config import Step3Config
-from step3_jax.model.weights import Params, declare, is_spec, stack_experts
+from step3_jax.model import family, quant
+from step3_jax.model.weights import is_spec
+
+if TYPE_CHECKING:
+    from step3_jax.model.step35_reader import AnyConfig
 
 MANIFEST = "step3_jax.json"
 FORMAT = "step3-jax/orbax"
@@ -51,11 +57,15 @@ _PLACEHOLDER = ...  # marks a leaf left out of a restore (the value of ocp.PLACE
 
 # ----- chunks: the unit of streaming ------------------------------------------------------------
 
-def chunk_names(cfg: Step3Config) -> list[str]:
+def _declare(cfg: AnyConfig):
+    return family.of(cfg).weights.declare(cfg)
+
+
+def chunk_names(cfg: AnyConfig) -> list[str]:
     return ["embed"] + [f"layer_{i:03d}" for i in range(cfg.num_hidden_layers)] + ["head"]
 
 
-def chunk_of(tree: Params, name: str):
+def chunk_of(tree, name: str):
     """The subtree of a params-shaped ``tree`` (values, specs or shardings) stored as ``name``."""
     if name == "embed":
         return {"embed": tree.embed}
@@ -64,11 +74,13 @@ def chunk_of(tree: Params, name: str):
     return tree.layers[int(name.split("_")[1])]
 
 
-def assemble(cfg: Step3Config, chunks: dict) -> Params:
-    """Params from the per-chunk values (the inverse of :func:`chunk_of`)."""
-    return Params(embed=chunks["embed"]["embed"],
-                  layers=tuple(chunks[f"layer_{i:03d}"] for i in range(cfg.num_hidden_layers)),
-                  final_norm=chunks["head"]["final_norm"], lm_head=chunks["head"]["lm_head"])
+def assemble(cfg: AnyConfig, chunks: dict):
+    """The params of ``cfg``'s family from the per-chunk values (the inverse of
+    :func:`chunk_of`)."""
+    return _declare(cfg).replace(
+        embed=chunks["embed"]["embed"],
+        layers=tuple(chunks[f"layer_{i:03d}"] for i in range(cfg.num_hidden_layers)),
+        final_norm=chunks["head"]["final_norm"], lm_head=chunks["head"]["lm_head"])
 
 
 def _state(chunk) -> dict:
@@ -164,9 +176,18 @@ class Writer:
         return self.final
 
 
+def refuse_fp8(cfg) -> None:
+    """FP8 storage is Step-3's: the Step-3.5 layers take plain arrays, not FP8 nodes."""
+    if family.is_step35(cfg):
+        raise CheckpointError("fp8 storage is not available for Step-3.5 models (their layers "
+                              "take plain arrays): store bfloat16 or float32; a block-FP8 Hub "
+                              "checkpoint is dequantized on reading")
+
+
 def quantize_params(params, cfg):
     """Every quantizable weight of ``params`` (canonical stacked layout) as a
     :class:`quant.Fp8Weight` (host arrays); the rest as bfloat16 host arrays."""
+    refuse_fp8(cfg)
 
     def one(spec, value):
         if isinstance(value, quant.Fp8Weight):
@@ -176,10 +197,10 @@ def quantize_params(params, cfg):
             return quant.quantize_leaf(host, spec)
         return host.astype(ml_dtypes.bfloat16)
 
-    return jax.tree.map(one, declare(cfg), stack_experts(params), is_leaf=is_spec)
+    return jax.tree.map(one, _declare(cfg), params, is_leaf=is_spec)
 
 
-def save(params: Params, cfg: Step3Config, directory: str | Path, *, weights: str | None = None,
+def save(params, cfg: AnyConfig, directory: str | Path, *, weights: str | None = None,
          force: bool = False, progress: bool = True, raw_config: dict | None = None) -> Path:
     """Write ``params`` (any layout, any placement) as a store at ``directory``, atomically.
 
@@ -188,35 +209,39 @@ def save(params: Params, cfg: Step3Config, directory: str | Path, *, weights: st
     write beside (default: ``cfg``'s own fields, :meth:`Step3Config.to_hub_dict`).
     """
     weights = weights or str(jnp.dtype(cfg.dtype))
+    params = family.of(cfg).weights.stack_experts(params)
     if weights == "fp8":
         params = quantize_params(params, cfg)
-    dtype = None if weights == "fp8" else jnp.dtype(weights)
-    params = stack_experts(params)
     raw = raw_config if raw_config is not None else cfg.to_hub_dict()
     names = chunk_names(cfg)
+    decl = _declare(cfg)
     with Writer(directory, raw, weights, force=force) as w, \
             tqdm(names, desc="saving", unit="chunk", disable=not progress, leave=False) as bar:
         for name in bar:
             chunk = chunk_of(params, name)
-            if dtype is not None:  # each weight gathered and cast only when it is written
-                chunk = jax.tree.map(lambda a: streaming.Lazy(
-                    a.shape, dtype, lambda a=a: np.asarray(a).astype(dtype)), chunk)
+            if weights != "fp8":  # each weight gathered and cast only when it is written
+                chunk = jax.tree.map(
+                    lambda spec, a: _cast_lazy(a, leaf_dtype(spec, weights)),
+                    chunk_of(decl, name), chunk, is_leaf=is_spec)
             w.write_chunk(name, chunk)
         return w.commit()
 
 
+def _cast_lazy(a, dtype) -> streaming.Lazy:
+    return streaming.Lazy(a.shape, dtype, lambda: np.asarray(a).astype(dtype))
+
+
 # ----- reading --------------------------------------------------------------------------------------
 
-def _abstract_chunk(name: str, cfg: Step3Config, weights: str, shardings, host: bool = False):
+def _abstract_chunk(name: str, cfg: AnyConfig, weights: str, shardings, host: bool = False):
     """The restore target of one chunk: ShapeDtypeStructs in the stored structure, cast to the
     compute dtype, with their shardings (``host``: none, so orbax returns host NumPy arrays)."""
-    specs = chunk_of(declare(cfg), name)
-    compute = jnp.dtype(cfg.dtype)
+    specs = chunk_of(_declare(cfg), name)
 
     def target(spec, sharding):
         if weights == "fp8" and quant.is_quantized(spec):
             return quant.abstract_fp8(spec, sharding)
-        return jax.ShapeDtypeStruct(spec.shape, compute, sharding=sharding)
+        return jax.ShapeDtypeStruct(spec.shape, leaf_dtype(spec, cfg.dtype), sharding=sharding)
 
     if shardings is None:  # without a target sharding orbax returns host NumPy arrays
         one = None if host else jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -270,7 +295,7 @@ class Reader:
     """The chunks of a store, restored one at a time (a context manager). ``processes``: the
     processes that restore together (:func:`holding_processes`; default all)."""
 
-    def __init__(self, directory: str | Path, cfg: Step3Config, processes=None):
+    def __init__(self, directory: str | Path, cfg: AnyConfig, processes=None):
         import orbax.checkpoint as ocp
 
         self.directory = Path(directory)
@@ -304,7 +329,7 @@ class Reader:
         order (a host array, or an FP8 weight of host arrays), restored a few at a time
         (``streaming.batches``; orbax's partial restore): a caller that writes each before
         asking for the next holds about one large weight."""
-        specs, treedef = jax.tree.flatten(chunk_of(declare(self.cfg), name), is_leaf=is_spec)
+        specs, treedef = jax.tree.flatten(chunk_of(_declare(self.cfg), name), is_leaf=is_spec)
         itemsize = jnp.dtype(self.cfg.dtype).itemsize
         for group in streaming.batches([math.prod(s.shape) * itemsize for s in specs]):
             keep = treedef.unflatten([i in group for i in range(len(specs))])
@@ -339,7 +364,7 @@ class Reader:
         if name.startswith("layer_"):
             value = serialization.from_state_dict(target, state)
         else:
-            value = {key: state.get(key) for key in chunk_of(declare(self.cfg), name)}
+            value = {key: state.get(key) for key in chunk_of(_declare(self.cfg), name)}
         if chunk_keep is not None:
             value = jax.tree.map(lambda k, v: v if k else None, chunk_keep, value)
         return value
@@ -378,8 +403,8 @@ def _restore_subset(path: Path, target: dict, options) -> dict:
     return _fill(target, restored)
 
 
-def restore(directory: str | Path, cfg: Step3Config, shardings=None, *, progress: bool = True,
-            layout=None, keep=None) -> Params:
+def restore(directory: str | Path, cfg: AnyConfig, shardings=None, *, progress: bool = True,
+            layout=None, keep=None):
     """Restore a store chunk by chunk onto ``shardings`` (default: the default device), in
     ``cfg.dtype`` (FP8 stores keep their quantized nodes). ``layout``: a function applied to
     each restored layer before the next one loads (e.g. to the CPU loop kernel's per-expert

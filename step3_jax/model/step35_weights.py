@@ -265,3 +265,10 @@ def from_hub_state(state: dict, cfg: Step35Config) -> Params35:
     return jax.tree.map(
         lambda s: jnp.asarray(hub_to_leaf(state[s.hub], s, cfg), leaf_dtype(s, cfg)),
         decl, is_leaf=is_spec)
+
+
+def stack_experts(params: Params35) -> Params35:
+    """The canonical stacked layout: the identity, since Step-3.5's routed experts stay stacked
+    ``[E, ...]`` at run time too (the counterpart of ``weights.stack_experts``, which undoes the
+    per-expert layout of Step-3's CPU loop kernel), so checkpoint code treats both families alike."""
+    return params
