@@ -18,7 +18,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from step3_jax.checkpoint import store
-from step3_jax.checkpoint.convert import save_hub
+from step3_jax.checkpoint.convert import convert, save_hub
 from step3_jax.checkpoint.hub import HubReader
 from step3_jax.checkpoint.loader import load, model_config
 from step3_jax.errors import ConfigError
@@ -172,7 +172,11 @@ def test_fp8_weights_dequantize_within_the_block_bound(tmp_path, state):
         assert quant.is_quantized(spec) == (spec.hub.split(".")[-2] in FP8_LINEARS), spec.hub
     fp8, scale_of = _fp8_state(state)
     raw = dict(RAW, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
-    params, cfg = load(write_hub_checkpoint(tmp_path, raw, fp8, shards=2), progress=False)
+    hub = write_hub_checkpoint(tmp_path / "hub", raw, fp8, shards=2)
+    params, cfg = load(hub, progress=False)
+    convert(hub, tmp_path / "st", weights="float32", progress=False)  # dequantized once, stored
+    _equal(load(tmp_path / "st", progress=False)[0], params)
+    assert "quantization_config" not in json.loads((tmp_path / "st" / "config.json").read_text())
     got = {s.hub: np.asarray(v) for s, v in zip(jax.tree.leaves(declare(cfg), is_leaf=is_spec),
                                                   jax.tree.leaves(params))}
     for name, scale in scale_of.items():

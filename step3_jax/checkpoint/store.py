@@ -188,6 +188,7 @@ def quantize_params(params, cfg):
     """Every quantizable weight of ``params`` (canonical stacked layout) as a
     :class:`quant.Fp8Weight` (host arrays); the rest as bfloat16 host arrays."""
     refuse_fp8(cfg)
+    params = family.of(cfg).weights.stack_experts(params)
 
     def one(spec, value):
         if isinstance(value, quant.Fp8Weight):
@@ -206,7 +207,7 @@ def save(params, cfg: AnyConfig, directory: str | Path, *, weights: str | None =
 
     ``weights``: the stored dtype (``bfloat16``, ``float32``; default the params' dtype). Each
     weight is gathered to the host, written and freed in turn. ``raw_config``: the Hub config to
-    write beside (default: ``cfg``'s own fields, :meth:`Step3Config.to_hub_dict`).
+    write beside (default: ``cfg``'s own fields, ``cfg.to_hub_dict()``).
     """
     weights = weights or str(jnp.dtype(cfg.dtype))
     params = family.of(cfg).weights.stack_experts(params)

@@ -11,8 +11,8 @@ from step3_jax.cli import common
 def add_parser(sub) -> argparse.ArgumentParser:
     conv = sub.add_parser(
         "convert", help="Hub safetensors (bf16 or block-FP8) -> orbax checkpoint, streaming",
-        description="Convert a Hub checkpoint directory into an orbax checkpoint (one per "
-                    "layer), one tensor at a time (host memory a few of the largest tensor, "
+        description="Convert a Hub checkpoint directory (Step-3 or Step-3.5, by its "
+                    "config.json) into an orbax checkpoint (one per layer), one tensor at a time (host memory a few of the largest tensor, "
                     "whatever the layer size). Headers are validated before anything is "
                     "written; the output appears only when complete, with the modes the umask "
                     "gives. generate/score/bench --checkpoint accept the result and restore "
@@ -22,8 +22,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     conv.add_argument("--out", required=True, metavar="DIR", help="output directory")
     conv.add_argument("--dtype", choices=("bfloat16", "float32", "fp8"), default="bfloat16",
                       help="stored weights: bfloat16 (default) or float32 (FP8 sources "
-                           "dequantized), or fp8 (block-FP8 values + scales, kept from an FP8 "
-                           "source or quantized; router, embedding, LM head, norms stay bf16)")
+                           "dequantized), or fp8, Step-3 only (block-FP8 values + scales, kept "
+                           "from an FP8 source or quantized; router, embedding, LM head, norms "
+                           "stay bf16)")
     conv.add_argument("--force", action="store_true",
                       help="replace a non-empty --out (only once the new one is complete)")
     common.output_args(conv)
