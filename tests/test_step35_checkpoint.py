@@ -21,7 +21,7 @@ from step3_jax.checkpoint import store
 from step3_jax.checkpoint.convert import convert, save_hub
 from step3_jax.checkpoint.hub import HubReader
 from step3_jax.checkpoint.loader import load, model_config
-from step3_jax.errors import ConfigError
+from step3_jax.errors import CheckpointError, ConfigError
 from step3_jax.model import quant
 from step3_jax.model.config import presets_dir
 from step3_jax.model.sharding import DEFAULT_RULES, param_shardings, parse_mesh
@@ -78,6 +78,10 @@ def test_hub_load_equals_the_mapped_state_and_saved_params_load_back(tmp_path, h
     _equal(random, made)
     store.save(made, CFG, tmp_path / "store", progress=False)  # the orbax store, float32
     _equal(load(tmp_path / "store", progress=False)[0], made)
+    manifest = tmp_path / "store" / store.MANIFEST  # an fp8 store the Step-3.5 layers cannot run
+    manifest.write_text(json.dumps(dict(json.loads(manifest.read_text()), weights="fp8")))
+    with pytest.raises(CheckpointError, match="fp8 storage is not available for Step-3.5"):
+        load(tmp_path / "store", progress=False)
 
 
 def _mtp_tensors(state) -> dict:

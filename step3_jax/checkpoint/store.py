@@ -302,6 +302,8 @@ class Reader:
         self.directory = Path(directory)
         self.cfg = cfg
         self.manifest = read_manifest(self.directory)
+        if self.manifest["weights"] == "fp8":
+            refuse_fp8(cfg)
         names = chunk_names(cfg)
         if self.manifest["chunks"] != names:
             missing = [n for n in names if n not in self.manifest["chunks"]]
