@@ -51,7 +51,7 @@ from safetensors.numpy import load_file, save_file
 from step3_jax.checkpoint.hub import leaf_to_hub
 from step3_jax.errors import ConfigError, Step3Error
 from step3_jax.model import step35
-from step3_jax.model.config import read_config_source
+from step3_jax.model.config import read_config_source, step35_model_type
 from step3_jax.model.step35_config import FULL, SLIDING, Step35Config
 from step3_jax.model.step35_reader import from_step35_dict, load_any_config
 from step3_jax.model.step35_weights import declare, from_hub_state, is_spec
@@ -120,7 +120,10 @@ def write_checkpoint(directory: str | Path, text: dict, seed: int = 0) -> Step35
 def text_config(spec: str, *, rope_scaling="keep") -> dict:
     """The bare Hub text config of a preset name or ``config.json`` (a ``step3p7`` wrapper's
     ``text_config``), its ``rope_scaling`` kept, dropped (None) or replaced (a dict)."""
-    raw, _, preset = read_config_source(spec)
+    raw, where, preset = read_config_source(spec)
+    if step35_model_type(raw) is None:
+        raise ConfigError(f"{where}: model_type {raw.get('model_type')!r} is not a Step-3.5 "
+                          "config (step3p5, or step3p7 with a text_config)")
     text = copy.deepcopy(raw.get("text_config", raw))
     text.pop("_comment", None)
     if preset is not None:
@@ -257,8 +260,12 @@ def main(argv=None) -> int:
             directory = Path(args.keep or tmp)
             write_checkpoint(directory, text, args.seed)
             result = compare(directory, args)
-    except (Step3Error, ImportError) as e:
+    except Step3Error as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:
+        print(f"error: {e} (the comparison needs torch and transformers >= {MIN_TRANSFORMERS}: "
+              "pip install -e '.[hf]')", file=sys.stderr)
         return 1
     import transformers
 
