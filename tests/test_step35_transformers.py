@@ -46,6 +46,9 @@ from step3_jax.model.step35_reader import from_step35_dict  # noqa: E402
 if Version(transformers.__version__) < Version(cmp.MIN_TRANSFORMERS):
     pytest.skip(f"transformers {transformers.__version__} < {cmp.MIN_TRANSFORMERS} has no step3p7",
                 allow_module_level=True)
+# One torch thread: its spinning worker threads fight XLA's for the cores (on a loaded 2-core
+# machine ``generate`` took 18.7 s with two threads, 0.5 s with one); tiny models need no more.
+torch.set_num_threads(1)
 
 REL_TOL = 2e-5     # of the largest |logit| (module docstring)
 SEMANTIC = 1e-3    # the least a switched-off mechanism must change the logits by

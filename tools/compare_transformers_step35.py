@@ -255,6 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     args = ap.parse_args(argv)
     try:
+        import torch
+
+        torch.set_num_threads(1)  # small models; torch's spinning threads would slow XLA's
         text = text_config(args.config, rope_scaling=None if args.no_rope_scaling else "keep")
         with tempfile.TemporaryDirectory(prefix="step35-hf-") as tmp:
             directory = Path(args.keep or tmp)
