@@ -17,7 +17,8 @@ step3p7``, transformers >= 5.16) on a small random model saved in the Hub layout
    tower that transformers initializes randomly and text never runs; the wrapper's conversion
    mapping renames ``moe.gate`` -> ``mlp.gate``, ``router_bias`` ->
    ``mlp.gate.e_score_correction_bias``, ``moe.{gate,up}_proj`` -> ``mlp.experts.gate_up_proj``
-   (concatenated, gate first), ``share_expert`` -> ``mlp.shared_experts``.
+   (concatenated, gate first), ``share_expert`` -> ``mlp.shared_experts``, and ignores the MTP
+   layers' tensors (the checkpoint carries some, NaN-filled, for both readers to skip).
 3. Both run the same prompts: full-forward logits (max |difference| relative to the largest
    |logit|, and the argmax agreement), and greedy decoding (transformers' ``generate`` with its
    sliding-window cache against a loop over our ``step35.forward`` with our ring-buffer cache).
@@ -112,9 +113,24 @@ def write_checkpoint(directory: str | Path, text: dict, seed: int = 0) -> Step35
     directory.mkdir(parents=True, exist_ok=True)
     wrapper = {"model_type": "step3p7", "text_config": text, "vision_config": TINY_VISION}
     (directory / "config.json").write_text(json.dumps(wrapper, indent=1) + "\n")
-    save_file(random_hub_state(cfg, seed), str(directory / "model.safetensors"),
-              metadata={"format": "pt"})
+    state = {**random_hub_state(cfg, seed), **mtp_stand_ins(cfg)}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return cfg
+
+
+def mtp_stand_ins(cfg: Step35Config) -> dict[str, np.ndarray]:
+    """Some of the tensors of the ``num_nextn_predict_layers`` MTP layers after the trunk
+    (``model.layers.{L + j}``: ``enorm``, ``hnorm``, ``eh_proj``, ``transformer.shared_head``;
+    spec §3), as a Hub checkpoint carries them: both readers must skip them. Filled with NaN, so
+    that one read by mistake cannot pass unnoticed."""
+    H, state = cfg.hidden_size, {}
+    for j in range(cfg.num_nextn_predict_layers):
+        lay = f"model.layers.{cfg.num_hidden_layers + j}"
+        for name, shape in (("enorm.weight", (H,)), ("hnorm.weight", (H,)),
+                            ("eh_proj.weight", (H, 2 * H)),
+                            ("transformer.shared_head.norm.weight", (H,))):
+            state[f"{lay}.{name}"] = np.full(shape, np.nan, np.float32)
+    return state
 
 
 def text_config(spec: str, *, rope_scaling="keep") -> dict:
