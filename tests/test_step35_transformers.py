@@ -18,9 +18,9 @@ order of float32 operations (matmul summation over 16-96 terms, RoPE frequencies
 float32 by transformers and in float64 then rounded by us -- angle error ~6e-8 * position, 2e-6
 at position 40 -- softmax and norm reductions). Each rounding is ~6e-8 relative; through five
 layers the logits (scale ~4) differ by ~3e-6, i.e. ~1e-6 of the logit scale (measured: forward
-8.4e-7 scaled, 8.0e-7 plain, cached 7.9e-7). The assertion is 2e-5 of the largest |logit|: 20x headroom over what
-float32 reordering gives, and 50x below the smallest change a real semantic difference makes here
-(the last test requires > 1e-3 of each; measured 2e-2 to 1).
+8.4e-7 scaled, 8.0e-7 plain, cached 7.9e-7). The assertion is 2e-5 of the largest |logit|: 20x
+headroom over what float32 reordering gives, and 50x below the smallest change a real semantic
+difference makes here (the last test requires > 1e-3 of each; measured 2e-2 to 1).
 """
 
 import contextlib
