@@ -10,8 +10,9 @@ raised from 64 to 512 so that the full layers' four rotary frequencies fall in a
 bands (kept, interpolated, divided; checked below), and ``plain``, without ``rope_scaling``.
 Norm weights and the router bias are non-zero; the checkpoint also carries NaN-filled stand-ins
 for the MTP layer's tensors, which both sides must skip; the preset's clamps (0.5 routed on
-layers 3-4, 1.0 shared on layer 4) bind on unit-scale pre-activations -- the last test shows that switching any
-of them off in transformers' model moves its logits far outside the tolerance.
+layers 3-4, 1.0 shared on layer 4) bind on unit-scale pre-activations -- the last test shows
+that switching any of them off in transformers' model moves its logits far outside the
+tolerance.
 
 Tolerance: both sides compute in float32 from the same float32 weights; they differ only in the
 order of float32 operations (matmul summation over 16-96 terms, RoPE frequencies computed in
