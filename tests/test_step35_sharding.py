@@ -1,0 +1,113 @@
+"""Step-3.5 sharded on a ``(dp, tp, ep)`` mesh of emulated CPU devices (conftest asks for 8)
+equals the single-device model: ``step35.forward`` under ``jax.jit`` with the weights placed by
+``sharding.param_shardings`` and the KV cache by ``sharding.cache_shardings``, without a cache
+and with one (a prefill, then decode steps crossing the sliding window); and the mesh checks
+that reject a split before any work.
+
+``step35-tiny``: 2 K/V heads, 4 (full) / 6 (sliding) query heads, 8 experts, window 8.
+
+Tolerance: the programs are the same float32 arithmetic; splitting heads, widths and experts
+over devices only changes the order of the partial sums (``o_proj`` over heads, the FFN
+down-projections over widths, the expert combine over ``ep``), each a float32 rounding of
+~6e-8 relative per term. Through five layers the logits (largest ~4) moved by ~2e-6 when
+this was written; we allow 1e-5 of the largest logit, while a wrong split (a query head
+reading another device's K/V head, a dropped expert shard) changes logits by O(1).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from step3_jax.errors import Step3Error
+from step3_jax.model import step35
+from step3_jax.model.sharding import (cache_shardings, check_mesh, logical_to_spec, make_mesh,
+                                      named, param_shardings)
+from step3_jax.model.step35_reader import load_any_config
+from step3_jax.model.step35_weights import init_params
+
+CFG = load_any_config("step35-tiny")
+B, PREFILL, STEPS, CAPACITY = 2, 7, 4, 16  # decode positions 7..10 cross the window of 8
+
+
+def _run(params, tokens, cache, full: bool):
+    """Through the cache, a prefill of ``PREFILL`` tokens then one-token decode steps: the
+    logits at every position ``[B, T, V]``, the cache, and (``full``) the logits of a forward
+    without a cache (None otherwise)."""
+    no_cache = step35.forward(params, tokens, None, CFG)[0] if full else None
+    prefill, cache = step35.forward(params, tokens[:, :PREFILL], cache, CFG)
+
+    def step(cache, token):  # one decode step (a scan: one copy of the layers to compile)
+        logits, cache = step35.forward(params, token[:, None], cache, CFG)
+        return cache, logits[:, 0]
+
+    cache, decoded = jax.lax.scan(step, cache, tokens[:, PREFILL:].T)
+    return jnp.concatenate([prefill, decoded.transpose(1, 0, 2)], axis=1), cache, no_cache
+
+
+RUN = jax.jit(_run, static_argnames="full")
+
+
+@pytest.fixture(scope="module")
+def single():
+    params = init_params(CFG, seed=0)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size,
+                                                           (B, PREFILL + STEPS)), jnp.int32)
+    logits, _, _ = RUN(params, tokens, step35.init_cache(CFG, B, CAPACITY), full=False)
+    return params, tokens, np.asarray(logits)
+
+
+def _close(got, want):
+    v = CFG.vocab_size  # the padding columns are -inf in both
+    assert np.all(np.isneginf(np.asarray(got)[..., v:]))
+    np.testing.assert_allclose(np.asarray(got)[..., :v], want[..., :v],
+                               rtol=0, atol=1e-5 * np.abs(want[..., :v]).max())
+
+
+@pytest.mark.parametrize("dp,tp,ep", [(1, 2, 2), (2, 2, 1)])
+def test_sharded_forward_equals_single_device(single, dp, tp, ep):
+    """The cached prefill + decode on the mesh against the same on one device; on (1, 2, 2)
+    also the forward without a cache (against the single-device cached logits, which equal a
+    forward without one: ``test_step35_model``; one reference program, to keep the test short)."""
+    params, tokens, want = single
+    mesh = make_mesh(dp, tp, ep)
+    placed = jax.device_put(params, param_shardings(CFG, mesh))
+    attn, moe = placed.layers[1].attn, placed.layers[1].ffn
+    assert attn.k_proj.sharding.spec == P("tp", None, None)           # [G, d, H] by K/V heads
+    assert attn.q_proj.sharding.spec == P("tp", None, None)           # [n, d, H] by heads
+    assert moe.gate.sharding.spec == P("ep" if ep > 1 else None, "tp", None)  # [E, Fe, H]
+    cache = jax.device_put(step35.init_cache(CFG, B, CAPACITY), cache_shardings(CFG, mesh))
+    assert cache.k[1].sharding.spec == P("dp" if dp > 1 else None, None, "tp", None)
+    full = ep > 1
+    got, new_cache, got_full = RUN(placed, jax.device_put(tokens, named(mesh, ("batch",))), cache,
+                                   full=full)
+    assert len(got.sharding.device_set) == dp * tp * ep
+    _close(got, want)
+    if full:
+        _close(got_full, want)
+    np.testing.assert_array_equal(new_cache.lengths, [PREFILL + STEPS] * B)
+
+
+def test_query_and_kv_head_blocks_line_up():
+    """With tp | G, the contiguous tp blocks of query heads read K/V heads of their own block
+    only (the arithmetic of ``sharding``'s module docstring), on every Flash-like shape."""
+    for n, G in [(4, 2), (6, 2), (64, 8), (96, 8)]:
+        for tp in (t for t in range(1, G + 1) if G % t == 0):
+            for h in range(n):
+                assert h // (n // tp) == (h // (n // G)) // (G // tp), (n, G, tp, h)
+
+
+def test_mesh_that_does_not_divide_is_one_line():
+    flash = load_any_config("step35-flash")
+    abstract = jax.sharding.AbstractMesh((1, 3, 1), ("dp", "tp", "ep"))
+    with pytest.raises(Step3Error, match=r"^mesh tp=3 does not divide the 8 K/V heads"):
+        check_mesh(flash, abstract)
+    with pytest.raises(Step3Error, match=r"^mesh ep=5 does not divide the 288 routed experts"):
+        param_shardings(flash, jax.sharding.AbstractMesh((1, 1, 5), ("dp", "tp", "ep")))
+    # tp=4 divides Flash's 8 K/V heads, 64 and 96 query heads: accepted.
+    check_mesh(flash, jax.sharding.AbstractMesh((1, 4, 1), ("dp", "tp", "ep")))
+    with pytest.raises(Step3Error, match=r"mesh tp=4 does not divide the 2 K/V heads"):
+        cache_shardings(CFG, make_mesh(tp=4))
+    assert logical_to_spec(("batch", "cache_len", "kv_heads", "head_dim"),
+                           make_mesh(2, 2, 2)) == P("dp", None, "tp", None)
