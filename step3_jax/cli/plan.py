@@ -23,7 +23,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "the arithmetic (float32, the CPU MoE kernel). A mesh bigger than this "
                     "machine is fine: the plan is for a cluster.")
     pl.add_argument("--config", default="step3", metavar="PRESET|FILE",
-                    help="preset name or config.json path (default step3, the full model)")
+                    help="preset name or config.json path of either family (default step3, the "
+                         "full model; step35-flash: Step-3.5-Flash, its sliding-window KV, router "
+                         "bias and 288 experts)")
     pa = pl.add_argument_group("placement (one of; neither: one device)")
     pa.add_argument("--afd", metavar="A:F",
                     help="attention on A devices, FFN on F devices (as generate --afd), or the "
@@ -54,25 +56,36 @@ def add_parser(sub) -> argparse.ArgumentParser:
                          "_count=N. auto (default) runs it except for a colocated ep=1 mesh on "
                          "a model with more than 256 experts over its MoE layers (the CPU loop "
                          "kernel compiles one branch per expert: minutes for Step-3); AFD and "
-                         "ep>1 compile in seconds even for the full model")
+                         "ep>1 compile in seconds even for the full model. Step-3 only: a "
+                         "Step-3.5 plan skips it")
     common.output_args(pl)
     return pl
 
 
 def run(args) -> dict:
-    from step3_jax.analysis import compiled, deployment
-    from step3_jax.model.config import load_config
+    from step3_jax.analysis import compiled, deployment, plan
+    from step3_jax.model import family
+    from step3_jax.model.step35_reader import load_any_config
 
     if args.micro_batches is not None and not args.afd:
         raise Step3Error("--micro-batches needs --afd")
+    cfg = load_any_config(args.config)
+    if family.is_step35(cfg) and args.compiled_check == "on":
+        raise Step3Error(f"--compiled-check on: the compiled check lowers Step-3's decode "
+                         f"programs; {cfg.name!r} is a Step-3.5 model (use auto or off)")
     placement = deployment.parse_placement(args.afd, args.mesh, args.ffn_mesh,
                                            3 if args.micro_batches is None
                                            else args.micro_batches)
     memory = deployment.parse_bytes(args.device_memory)
-    out = compiled.plan_document(load_config(args.config), placement, batch=args.batch,
-                                 context=args.context, weights_format=args.weights,
-                                 kv_dtype=args.kv_dtype, device_memory=memory,
-                                 compiled=args.compiled_check, log=log.info)
+    kw = dict(batch=args.batch, context=args.context, weights_format=args.weights,
+              kv_dtype=args.kv_dtype, device_memory=memory)
+    if family.is_step35(cfg):
+        out = plan.document(cfg, placement, **kw)
+        out["compiled"] = None if args.compiled_check == "off" else {
+            "skipped": "the compiled check lowers Step-3's decode programs, not Step-3.5's"}
+    else:
+        out = compiled.plan_document(cfg, placement, compiled=args.compiled_check,
+                                     log=log.info, **kw)
     if not args.json:
         print(format_plan(out))
     return out

@@ -1,0 +1,121 @@
+"""``step3-jax plan`` for Step-3.5-Flash: the memory plan's Step-3.5 figures checked by hand.
+
+Step-3.5-Flash (``configs/step35-flash.json``, spec ``shared/spec/step35.md`` section 1): H 4096,
+45 layers (full attention at i % 4 == 0: 12 full, 33 sliding with a window of 512), 64 query
+heads on full layers and 96 on sliding ones, 8 K/V heads of 128 everywhere; dense FFN 11264 on
+layers 0-2, then 42 MoE layers of 288 experts (width 1280, top-8) + a shared expert of 1280;
+vocabulary 128896. Integer arithmetic throughout: the expectations are exact.
+"""
+
+import json
+import math
+
+import pytest
+
+from step3_jax.analysis import deployment, plan
+from step3_jax.errors import Step3Error
+from step3_jax.model.step35_reader import load_any_config
+from step3_jax.model.step35_weights import specs
+
+from conftest import run_cli
+
+H, d, G, V = 4096, 128, 8, 128_896
+FULL, SLIDING, WINDOW, MOE, E, FE = 12, 33, 512, 42, 288, 1280
+PER_POSITION = 2 * G * d                                 # K and V values per position and layer
+
+
+@pytest.fixture(scope="module")
+def flash():
+    return load_any_config("step35-flash")
+
+
+def _kv_per_sequence(context):
+    """K/V values one sequence holds: full layers every position, sliding ones the window."""
+    return (FULL * context + SLIDING * min(context, WINDOW)) * PER_POSITION
+
+
+@pytest.mark.parametrize("afd,context,seqs", [("2A1F", 4096, 3 * 2048 // 16),
+                                              ("12A1F", 32768, 3 * 22)])
+def test_flash_afd_plan_by_hand(flash, afd, context, seqs):
+    """Batch 6144 (the paper's 3 x 2048) on 8 FFN devices (ep=8, 36 experts each): 16
+    attention devices at 4K; at 32K, 96 (2048 / 96 = 21.3: 22 sequences per micro-batch)."""
+    doc = plan.plan(flash, deployment.parse_placement(afd), batch=6144, context=context,
+                    weights_format="fp8", kv_dtype="fp8")
+    a, f = doc["breakdown"]["attention"], doc["breakdown"]["ffn"]
+    assert doc["fits"] and doc["family"] == "Step-3.5"
+    assert a["sequences_per_device"] == seqs
+    # The KV cache: 24,576 B per token (the 12 full layers, FP8) plus the 33 sliding layers'
+    # rings of 512 positions, 34.6 MB per sequence whatever the context.
+    assert a["kv_cache"] == seqs * _kv_per_sequence(context)
+    assert a["kv_cache"] == seqs * (context * 24_576 + 34_603_008)
+    assert f["kv_cache"] == 0
+    # Attention devices hold every attention projection whole: q, o [n*d, H], k, v [G*d, H],
+    # the head gate [n, H]; FP8, 1 byte each.
+    full, sliding = (2 * n * d * H + 2 * G * d * H + n * H for n in (64, 96))
+    assert a["weights"]["attention_projections"] == FULL * full + SLIDING * sliding
+    # Router [E, H] in BF16 and its float32 bias [E], on the attention side.
+    assert a["weights"]["router"] == MOE * (2 * E * H + 4 * E)
+    assert a["weights"]["embedding"] == a["weights"]["lm_head"] == 2 * V * H
+    # FFN devices: 288 / 8 experts of 3 x 4096 x 1280 each, FP8; at least the routed expert
+    # weights over the devices.
+    assert f["weights"]["routed_experts"] == MOE * (E // 8) * 3 * H * FE
+    assert f["total"] >= MOE * E * 3 * H * FE / 8
+    assert f["weights"]["shared_expert"] == MOE * 3 * H * FE      # whole: tp=1
+    assert f["weights"]["dense_ffn"] == 3 * 3 * H * 11264
+    assert doc["attention_device_bytes"] == a["total"] <= 80e9
+
+
+def test_window_caps_the_sliding_layers(flash):
+    """One sequence, one device, BF16 KV: from 512 to 4096 tokens only the 12 full layers grow."""
+    kw = dict(batch=1, weights_format="bf16", kv_dtype="bf16")
+    at = {c: plan.plan(flash, deployment.Placement(), context=c, **kw)["breakdown"]["colocated"]
+          ["kv_cache"] for c in (100, 512, 4096)}
+    assert at[100] == 45 * 100 * PER_POSITION * 2
+    assert at[4096] - at[512] == FULL * (4096 - 512) * PER_POSITION * 2
+
+
+def test_bf16_weights_are_the_declaration(flash):
+    """One device, BF16: 2 bytes per declared value (padded vocabulary: 128896 needs none),
+    4 per router-bias value (float32 in the checkpoint)."""
+    doc = plan.plan(flash, deployment.Placement(), batch=1, context=1, weights_format="bf16",
+                    kv_dtype="bf16")
+    values = sum(math.prod(s.shape) for s in specs(flash))
+    assert doc["breakdown"]["colocated"]["weights"]["total"] == 2 * values + 2 * MOE * E
+
+
+def test_max_batch_is_the_boundary(flash):
+    placement = deployment.parse_placement("2A1F")
+    kw = dict(context=4096, weights_format="fp8", kv_dtype="fp8")
+    best = plan.max_batch(flash, placement, device_memory=80 * 10**9, **kw)
+    assert plan.plan(flash, placement, batch=best, **kw)["fits"]
+    assert not plan.plan(flash, placement, batch=best + 1, **kw)["fits"]
+
+
+def test_cli_json_is_one_document(capsys):
+    code, out, err = run_cli(capsys, "plan", "--config", "step35-flash", "--afd", "2A1F",
+                             "--batch", "6144", "--context", "4096", "--weights", "fp8",
+                             "--kv-dtype", "fp8", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["config"] == "step35-flash" and doc["fits"] and doc["max_batch"] >= 6144
+    assert doc["compiled"] == {"skipped": "the compiled check lowers Step-3's decode programs, "
+                                          "not Step-3.5's"}
+    assert any(n.startswith("Step-3.5 KV cache") for n in doc["notes"])
+    assert any("router" in n and "float32" in n for n in doc["notes"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (("--mesh", "tp=3"), "mesh tp=3 does not divide the 8 K/V heads"),
+    (("--afd", "8:5"), "mesh ep=5 does not divide the 288 routed experts"),
+    (("--mesh", "tp=2", "--compiled-check", "on"), "--compiled-check on: the compiled check"),
+])
+def test_cli_bad_input_is_one_line(capsys, argv, message):
+    code, out, err = run_cli(capsys, "plan", "--config", "step35-flash", "--batch", "8",
+                             "--context", "4096", "--weights", "fp8", "--kv-dtype", "fp8", *argv)
+    assert code != 0 and out == ""
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_mesh_check_before_any_work(flash):
+    with pytest.raises(Step3Error, match="^mesh tp=16 does not divide the 8 K/V heads"):
+        plan.plan(flash, deployment.parse_placement(mesh="tp=16"), batch=1, context=1)
