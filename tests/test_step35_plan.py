@@ -13,6 +13,7 @@ import math
 import pytest
 
 from step3_jax.analysis import deployment, plan
+from step3_jax.analysis import sizing as sizing_mod
 from step3_jax.errors import Step3Error
 from step3_jax.model.step35_reader import load_any_config
 from step3_jax.model.step35_weights import specs
@@ -119,3 +120,44 @@ def test_cli_bad_input_is_one_line(capsys, argv, message):
 def test_mesh_check_before_any_work(flash):
     with pytest.raises(Step3Error, match="^mesh tp=16 does not divide the 8 K/V heads"):
         plan.plan(flash, deployment.parse_placement(mesh="tp=16"), batch=1, context=1)
+
+
+# ----- --afd auto: the group sizes chosen for a workload ------------------------------------------
+
+KW = dict(batch=6144, weights_format="fp8", kv_dtype="fp8", device_memory=80 * 10**9)
+
+
+def _fits(cfg, a, f, context):
+    return plan.plan(cfg, deployment.parse_placement(f"{a}A{f}F"), context=context, **KW)["fits"]
+
+
+@pytest.mark.parametrize("context,servers", [(4096, 2), (32768, 10)])
+def test_auto_picks_the_fewest_servers_that_hold_the_batch(flash, context, servers):
+    """One FFN server (ep=8: 36 experts a device, ~25 GB) holds the FFN; the attention group
+    is the smallest that fits, the one below it does not."""
+    placement, sizing = sizing_mod.choose(flash, context=context, **KW)
+    assert (sizing["attention_servers"], sizing["ffn_servers"]) == (servers, 1)
+    assert placement == deployment.parse_placement(f"{servers}A1F")
+    assert _fits(flash, servers, 1, context) and not _fits(flash, servers - 1, 1, context)
+
+
+def test_auto_gives_the_papers_attention_groups_for_step3():
+    """Step-3 at batch 6144, FP8 (paper.md section 2: 2A at 4K, 4A at 8K): memory alone
+    reproduces the attention side (the paper's 2F is for compute and network, not memory)."""
+    step3 = load_any_config("step3")
+    for context, servers in ((4096, 2), (8192, 4)):
+        assert sizing_mod.choose(step3, context=context, **KW)[1]["attention_servers"] == servers
+
+
+def test_cli_auto(capsys):
+    code, out, err = run_cli(capsys, "plan", "--config", "step35-flash", "--afd", "auto",
+                             "--batch", "6144", "--context", "4096", "--weights", "fp8",
+                             "--kv-dtype", "fp8", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["sizing"]["attention_servers"] == 2 and doc["fits"]
+    assert doc["placement"]["attention_devices"] == 16 and doc["notes"][0].startswith("--afd auto")
+    code, _, err = run_cli(capsys, "plan", "--config", "step35-flash", "--afd", "auto",
+                           "--batch", "200000", "--context", "32768", "--weights", "fp8",
+                           "--kv-dtype", "fp8")
+    assert code != 0 and err.count("\n") == 1 and "do not fit 256 attention servers" in err

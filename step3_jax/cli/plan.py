@@ -29,7 +29,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     pa = pl.add_argument_group("placement (one of; neither: one device)")
     pa.add_argument("--afd", metavar="A:F",
                     help="attention on A devices, FFN on F devices (as generate --afd), or the "
-                         "paper's 2A2F: servers of 8 devices (2A2F = 16:16)")
+                         "paper's 2A2F: servers of 8 devices (2A2F = 16:16); auto: the fewest "
+                         "FFN, then attention servers that hold --batch at --context "
+                         "(step3_jax/analysis/sizing.py)")
     pa.add_argument("--ffn-mesh", metavar="ep=N,tp=N",
                     help="how the FFN group splits the experts (default ep=F)")
     pa.add_argument("--micro-batches", type=int, default=None, metavar="N",
@@ -73,12 +75,22 @@ def run(args) -> dict:
     if family.is_step35(cfg) and args.compiled_check == "on":
         raise Step3Error(f"--compiled-check on: the compiled check lowers Step-3's decode "
                          f"programs; {cfg.name!r} is a Step-3.5 model (use auto or off)")
-    placement = deployment.parse_placement(args.afd, args.mesh, args.ffn_mesh,
-                                           3 if args.micro_batches is None
-                                           else args.micro_batches)
+    micro = 3 if args.micro_batches is None else args.micro_batches
     memory = deployment.parse_bytes(args.device_memory)
     kw = dict(batch=args.batch, context=args.context, weights_format=args.weights,
               kv_dtype=args.kv_dtype, device_memory=memory)
+    if (args.afd or "").strip().lower() == "auto":
+        if args.mesh or args.ffn_mesh:
+            raise Step3Error("--afd auto chooses both groups: drop --mesh/--ffn-mesh")
+        if micro < 1:
+            raise Step3Error(f"--micro-batches must be >= 1, got {micro}")
+        from step3_jax.analysis.sizing import choose
+
+        placement, sizing = choose(cfg, micro_batches=micro, **kw)
+        log.info(f"--afd auto: {placement.describe()}")
+    else:
+        placement, sizing = deployment.parse_placement(args.afd, args.mesh, args.ffn_mesh,
+                                                       micro), None
     if family.is_step35(cfg):
         out = plan.document(cfg, placement, **kw)
         out["compiled"] = None if args.compiled_check == "off" else {
@@ -86,6 +98,9 @@ def run(args) -> dict:
     else:
         out = compiled.plan_document(cfg, placement, compiled=args.compiled_check,
                                      log=log.info, **kw)
+    if sizing is not None:
+        out["sizing"] = sizing
+        out["notes"].insert(0, sizing["rule"])
     if not args.json:
         print(format_plan(out))
     return out
@@ -136,6 +151,10 @@ def format_plan(doc: dict) -> str:
     if "max_batch" in doc:
         lines.append(f"largest batch that fits at context {doc['context']:,}: "
                      f"{doc['max_batch']:,}")
+    if doc.get("sizing"):
+        s = doc["sizing"]
+        lines.append(f"--afd auto chose {s['attention_servers']}A{s['ffn_servers']}F: the "
+                     f"fewest servers of 8 that hold the batch (no TPOT modelled; see notes)")
     c = doc.get("compiled")
     if c is None:
         pass
