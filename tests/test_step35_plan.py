@@ -161,3 +161,14 @@ def test_cli_auto(capsys):
                            "--batch", "200000", "--context", "32768", "--weights", "fp8",
                            "--kv-dtype", "fp8")
     assert code != 0 and err.count("\n") == 1 and "do not fit 256 attention servers" in err
+
+
+def test_colocated_tp_splits_the_kv_heads(flash):
+    """dp=2, tp=8, ep=8 (128 devices): a device holds 64 / 2 sequences' cache at 1 of the 8 K/V
+    heads (tp splits them, unlike Step-3's single head), 36 of the 288 experts at 1/8 width."""
+    doc = plan.plan(flash, deployment.parse_placement(mesh="dp=2,tp=8,ep=8"), batch=64,
+                    context=4096, weights_format="bf16", kv_dtype="bf16")
+    c = doc["breakdown"]["colocated"]
+    assert c["sequences_per_device"] == 32
+    assert c["kv_cache"] == 32 * _kv_per_sequence(4096) * 2 // 8
+    assert c["weights"]["routed_experts"] == 2 * MOE * (E // 8) * 3 * H * (FE // 8)

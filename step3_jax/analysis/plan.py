@@ -21,7 +21,8 @@ The arithmetic always works; it needs no devices and allocates nothing:
   scales. Colocated, a device holds ``ceil(B / dp)`` sequences. With AFD, an attention device
   holds ``m x ceil(ceil(B / m) / A)`` sequences (``m`` micro-batches, as ``afd.generate`` pads
   them) and an FFN device holds none. The cache is updated in place, as the colocated decode
-  loop does (its state is donated).
+  loop does (its state is donated). Step-3.5's colocated cache is also split over ``tp`` by
+  its K/V heads (``sharding.STEP35_CACHE_AXES``); Step-3's single K/V head is not.
 * **Activations**: the live buffers of one decode step (one new token per sequence), in the
   activation dtype (BF16 in a deployment, the compute dtype in the CPU program), plus float32
   where the code computes in float32. We count (see :func:`activations`):
@@ -213,6 +214,13 @@ def kv_elements(cfg, context: int) -> int:
     return context * cfg.kv_elements_per_token
 
 
+def kv_head_split(cfg, placement: Placement) -> int:
+    """How many devices share one sequence's KV cache: Step-3.5's K/V heads over a colocated
+    ``tp`` (``check_mesh`` made it divide them); Step-3's one K/V head and AFD's data-parallel
+    attention: 1."""
+    return placement.tp if family.is_step35(cfg) and not placement.afd else 1
+
+
 def sequences_per_device(placement: Placement, batch: int) -> int:
     if not placement.afd:
         return -(-batch // placement.dp)
@@ -246,7 +254,7 @@ def plan(cfg: Step3Config, placement: Placement, *, batch: int, context: int,
     acts = activations(cfg, placement, batch, context, act=act, kernel=moe_kernel,
                        weight_bytes_per_value=1 if weights_format == "fp8" else w_value)
     seqs = sequences_per_device(placement, batch)
-    kv = seqs * kv_elements(cfg, context) * BYTES[kv_dtype]
+    kv = seqs * kv_elements(cfg, context) * BYTES[kv_dtype] // kv_head_split(cfg, placement)
     groups = ("attention", "ffn") if placement.afd else ("colocated",)
     breakdown = {}
     for g in groups:
