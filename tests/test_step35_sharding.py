@@ -116,3 +116,6 @@ def test_mesh_that_does_not_divide_is_one_line():
         cache_shardings(TINY, make_mesh(tp=4))
     assert logical_to_spec(("batch", "cache_len", "kv_heads", "head_dim"),
                            make_mesh(2, 2, 2)) == P("dp", None, "tp", None)
+    # Step-3's cache (one K/V head) stays split by batch only.
+    step3 = cache_shardings(load_any_config("tiny"), make_mesh(2, 2, 2))
+    assert step3.k[0].spec == P("dp", None, None) and step3.lengths.spec == P("dp")
