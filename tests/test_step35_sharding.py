@@ -1,8 +1,8 @@
 """Step-3.5 sharded on a ``(dp, tp, ep)`` mesh of emulated CPU devices (conftest asks for 8)
 equals the single-device model: ``step35.forward`` under ``jax.jit`` with the weights placed by
 ``sharding.param_shardings`` and the KV cache by ``sharding.cache_shardings``, without a cache
-and with one (a prefill, then decode steps crossing the sliding window); and the mesh checks
-that reject a split before any work.
+on (dp, tp, ep) = (1, 2, 2) and with one on (2, 2, 1) (a prefill, then decode steps crossing
+the sliding window); and the mesh checks that reject a split before any work.
 
 The model: ``step35-tiny``'s first two layers (compile time grows with the layers; these two
 have every kind of weight and layer): layer 0 full attention (4 query heads) with the dense
@@ -38,11 +38,16 @@ CFG = TINY.replace(num_hidden_layers=2, moe_layers=(1,),
 B, PREFILL, STEPS, CAPACITY = 2, 7, 4, 16  # decode positions 7..10 cross the window of 8
 
 
-def _run(params, tokens, cache, full: bool = True):
+@jax.jit
+def _full(params, tokens):
+    """The forward without a cache: logits ``[B, T, V]``."""
+    return step35.forward(params, tokens, None, CFG)[0]
+
+
+@jax.jit
+def _cached(params, tokens, cache):
     """Through the cache, a prefill of ``PREFILL`` tokens then one-token decode steps: the
-    logits at every position ``[B, T, V]``, the cache, and (``full``) the logits of a forward
-    without a cache (None otherwise)."""
-    no_cache = step35.forward(params, tokens, None, CFG)[0] if full else None
+    logits at every position ``[B, T, V]``, and the cache."""
     prefill, cache = step35.forward(params, tokens[:, :PREFILL], cache, CFG)
 
     def step(cache, token):  # one decode step (a scan: one copy of the layers to compile)
@@ -50,10 +55,7 @@ def _run(params, tokens, cache, full: bool = True):
         return cache, logits[:, 0]
 
     cache, decoded = jax.lax.scan(step, cache, tokens[:, PREFILL:].T)
-    return jnp.concatenate([prefill, decoded.transpose(1, 0, 2)], axis=1), cache, no_cache
-
-
-RUN = jax.jit(_run, static_argnames="full")
+    return jnp.concatenate([prefill, decoded.transpose(1, 0, 2)], axis=1), cache
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +63,8 @@ def single():
     params = init_params(CFG, seed=0)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size,
                                                            (B, PREFILL + STEPS)), jnp.int32)
-    cached, _, full = RUN(params, tokens, step35.init_cache(CFG, B, CAPACITY))
-    return params, tokens, np.asarray(cached), np.asarray(full)
+    cached, _ = _cached(params, tokens, step35.init_cache(CFG, B, CAPACITY))
+    return params, tokens, np.asarray(_full(params, tokens)), np.asarray(cached)
 
 
 def _close(got, want):
@@ -72,25 +74,38 @@ def _close(got, want):
                                rtol=0, atol=1e-5 * np.abs(want[..., :v]).max())
 
 
-@pytest.mark.parametrize("dp,tp,ep", [(1, 2, 2), (2, 2, 1)])
-def test_sharded_forward_equals_single_device(single, dp, tp, ep):
-    """The cached prefill + decode on the mesh and on one device; on (1, 2, 2) also the
-    forward without a cache (on both meshes it would compile one more program: time)."""
-    params, tokens, cached, full = single
-    mesh = make_mesh(dp, tp, ep)
+def _placed(params, mesh):
     placed = jax.device_put(params, param_shardings(CFG, mesh))
     attn, moe = placed.layers[1].attn, placed.layers[1].ffn
+    ep = "ep" if mesh.shape["ep"] > 1 else None
     assert attn.k_proj.sharding.spec == P("tp", None, None)           # [G, d, H] by K/V heads
     assert attn.q_proj.sharding.spec == P("tp", None, None)           # [n, d, H] by heads
-    assert moe.gate.sharding.spec == P("ep" if ep > 1 else None, "tp", None)  # [E, Fe, H]
+    assert moe.gate.sharding.spec == P(ep, "tp", None)                # [E, Fe, H]
+    assert moe.router.sharding.spec == P(ep, None)                    # [E, H]
+    return placed
+
+
+# One mesh per path (each sharded program compiles for seconds): the forward without a cache
+# splits experts (ep), heads and widths (tp); the cached one batch (dp), heads and the cache's
+# K/V heads (tp). The MoE is the same code on both paths.
+
+def test_sharded_forward_without_cache_equals_single_device(single):
+    params, tokens, full, _ = single
+    mesh = make_mesh(dp=1, tp=2, ep=2)
+    got = _full(_placed(params, mesh), tokens)
+    assert len(got.sharding.device_set) == 4
+    _close(got, full)
+
+
+def test_sharded_prefill_and_decode_equal_single_device(single):
+    params, tokens, _, cached = single
+    mesh = make_mesh(dp=2, tp=2, ep=1)
     cache = jax.device_put(step35.init_cache(CFG, B, CAPACITY), cache_shardings(CFG, mesh))
-    assert cache.k[1].sharding.spec == P("dp" if dp > 1 else None, None, "tp", None)
-    got, new_cache, got_full = RUN(placed, jax.device_put(tokens, named(mesh, ("batch",))), cache,
-                                   full=ep > 1)
-    assert len(got.sharding.device_set) == dp * tp * ep
+    assert cache.k[1].sharding.spec == P("dp", None, "tp", None)      # [B, S, G, d]
+    got, new_cache = _cached(_placed(params, mesh), jax.device_put(tokens, named(mesh, ("batch",))),
+                             cache)
+    assert len(got.sharding.device_set) == 4
     _close(got, cached)
-    if ep > 1:
-        _close(got_full, full)
     np.testing.assert_array_equal(new_cache.lengths, [PREFILL + STEPS] * B)
 
 
