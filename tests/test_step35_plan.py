@@ -10,13 +10,17 @@ vocabulary 128896. Integer arithmetic throughout: the expectations are exact.
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from step3_jax.analysis import deployment, plan
 from step3_jax.analysis import sizing as sizing_mod
 from step3_jax.errors import Step3Error
+from step3_jax.model import step35
+from step3_jax.model.sharding import cache_shardings, make_mesh, named, param_shardings
 from step3_jax.model.step35_reader import load_any_config
-from step3_jax.model.step35_weights import specs
+from step3_jax.model.step35_weights import abstract_params, specs
 
 from conftest import run_cli
 
@@ -172,3 +176,30 @@ def test_colocated_tp_splits_the_kv_heads(flash):
     assert c["sequences_per_device"] == 32
     assert c["kv_cache"] == 32 * _kv_per_sequence(4096) * 2 // 8
     assert c["weights"]["routed_experts"] == 2 * MOE * (E // 8) * 3 * H * (FE // 8)
+
+
+def test_weights_and_cache_equal_the_compiled_decode_step():
+    """The plan's per-device weights and KV cache against XLA's arguments of the real decode
+    step (``step35.forward``, one token, the cache donated) lowered with abstract inputs placed
+    by ``param_shardings``/``cache_shardings`` on dp=2, tp=2, ep=2: equal to the byte, but for
+    the step's other inputs, each device's ``lengths`` and tokens (4 rows x 4 bytes each).
+    (Temporaries are not compared: the plan counts the ragged MoE kernel, the CPU program runs
+    step35_layers' every-expert reference kernel.)"""
+    tiny, batch, context = load_any_config("step35-tiny"), 8, 64
+    mesh = make_mesh(dp=2, tp=2, ep=2)
+
+    def placed(tree, shardings):
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            tree, shardings)
+
+    params = placed(abstract_params(tiny), param_shardings(tiny, mesh))
+    cache = placed(jax.eval_shape(lambda: step35.init_cache(tiny, batch, context)),
+                   cache_shardings(tiny, mesh))
+    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=named(mesh, ("batch", "seq")))
+    step = jax.jit(lambda p, t, c: step35.forward(p, t, c, tiny), donate_argnums=2)
+    compiled = step.lower(params, tokens, cache).compile().memory_analysis()
+    doc = plan.plan(tiny, deployment.parse_placement(mesh="dp=2,tp=2,ep=2"), batch=batch,
+                    context=context, weights_format="float32", kv_dtype="float32")
+    c = doc["breakdown"]["colocated"]
+    assert c["kv_cache"] == 4 * (batch // 2) * (2 * 64 + 3 * 8) * 2 * (2 // 2) * 16
+    assert compiled.argument_size_in_bytes == c["weights"]["total"] + c["kv_cache"] + 2 * 4 * 4
