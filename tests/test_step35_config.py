@@ -318,8 +318,6 @@ def test_cost_text_and_twice_named(capsys):
     ["generate", "--config", "step35-tiny", "--prompt-ids", "1,2"],
     ["score", "--config", "step35-tiny", "--ids", "1,2"],
     ["estimate", "--config", "step35-flash"],
-    ["plan", "--mesh", "dp=1", "--batch", "1", "--context", "8", "--weights", "bf16",
-     "--kv-dtype", "bf16", "--config", "step35-tiny", "--compiled-check", "off"],
 ])
 def test_what_does_not_run_step35_yet_says_so_in_one_line(capsys, argv):
     code, out, err = run_cli(capsys, *argv)

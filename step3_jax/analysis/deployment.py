@@ -2,10 +2,12 @@
 :mod:`step3_jax.analysis.plan`).
 
 :class:`Placement` says where the model lives: one colocated ``dp x tp x ep`` mesh, or AFD's
-attention and FFN groups. :func:`shards` lists every leaf of ``weights.declare`` at its
+attention and FFN groups. :func:`shards` lists every leaf of the weight declaration (Step-3's
+``weights.declare`` or Step-3.5's ``step35_weights.declare``, through ``model.family``) at its
 per-device shard shape on an abstract mesh of the planned size (the rules table,
 ``sharding.param_shardings``), with the group that holds it, and :func:`weight_bytes` prices a
-list of shards in a weights format (``fp8``, ``bf16``, ``float32``).
+list of shards in a weights format (``fp8``, ``bf16``, ``float32``). A weight declared with a
+fixed dtype (Step-3.5's float32 ``router_bias``) keeps it in every format.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import re
 import jax
 
 from step3_jax.errors import Step3Error
-from step3_jax.model import quant, weights
+from step3_jax.model import family, quant, weights
 from step3_jax.model.config import Step3Config
 from step3_jax.model.sharding import MESH_AXES, axis_sizes
 
@@ -99,19 +101,20 @@ def parse_placement(afd: str | None = None, mesh: str | None = None, ffn_mesh: s
 
 # ----- per-device shards of the declaration -------------------------------------------------------
 
-_NORMS = ("final_norm", "input_norm", "post_norm", "inter_norm")
+_NORMS = ("final_norm", "input_norm", "post_norm", "inter_norm", "q_norm", "k_norm")
 
 
-def _category(keys: list, moe_layer: bool) -> str:
-    """What a weight is, from its path in the declaration."""
+def _category(keys: list, moe_layer: bool, step35: bool = False) -> str:
+    """What a weight is, from its path in the declaration (Step-3.5's GQA projections are
+    ``attention_projections``, Step-3's ``mfa_projections``; the router's bias is ``router``)."""
     name = keys[-1]
     if name in ("embed", "lm_head"):
         return {"embed": "embedding", "lm_head": "lm_head"}[name]
     if name in _NORMS:
         return "norms"
     if "attn" in keys:
-        return "mfa_projections"
-    if name == "router":
+        return "attention_projections" if step35 else "mfa_projections"
+    if name in ("router", "router_bias"):
         return "router"
     if "shared" in keys:
         return "shared_expert"
@@ -140,6 +143,9 @@ class Shard:
         the weights ``quant.is_quantized`` names (the Hub FP8 checkpoint's rule) at 1 byte, with
         their float32 block scales sharded by ``quant.scale_sharding``; the rest BF16."""
         n = math.prod(self.shape)
+        fixed = getattr(self.spec, "dtype", None)  # Step-3.5's float32 router bias
+        if fixed:
+            return n * BYTES[fixed], 0
         if fmt != "fp8":
             return n * BYTES[fmt], 0
         if not quant.is_quantized(self.spec):
@@ -160,20 +166,22 @@ def shards(cfg: Step3Config, placement: Placement) -> tuple[Shard, ...]:
     rules table; a split that does not divide its axis is a one-line error)."""
     from step3_jax.model.sharding import param_shardings
 
-    decl = weights.declare(cfg)
+    fam = family.of(cfg)
+    decl = fam.weights.declare(cfg)
     if placement.afd:
         ffn_sh = param_shardings(cfg, _abstract_mesh(tp=placement.ffn_tp, ep=placement.ffn_ep))
         colo_sh = None
     else:
         colo_sh = param_shardings(cfg, _abstract_mesh(placement.dp, placement.tp, placement.ep))
         ffn_sh = None
-    flat_specs = jax.tree_util.tree_flatten_with_path(decl, is_leaf=weights.is_spec)[0]
+    flat_specs = jax.tree_util.tree_flatten_with_path(decl, is_leaf=fam.weights.is_spec)[0]
     flat_sh = jax.tree.leaves(colo_sh if colo_sh is not None else ffn_sh)
     out = []
     for (path, spec), sharding in zip(flat_specs, flat_sh):
         keys = [getattr(k, "name", getattr(k, "idx", None)) for k in path]
         layer = keys[keys.index("layers") + 1] if "layers" in keys else None
-        category = _category(keys, layer is not None and cfg.is_moe(layer))
+        category = _category(keys, layer is not None and cfg.is_moe(layer),
+                             fam.name == family.STEP35)
         if placement.afd:
             on_ffn = category in ("routed_experts", "shared_expert", "dense_ffn")
             group = "ffn" if on_ffn else "attention"

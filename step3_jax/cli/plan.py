@@ -23,11 +23,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "the arithmetic (float32, the CPU MoE kernel). A mesh bigger than this "
                     "machine is fine: the plan is for a cluster.")
     pl.add_argument("--config", default="step3", metavar="PRESET|FILE",
-                    help="preset name or config.json path (default step3, the full model)")
+                    help="preset name or config.json path of either family (default step3, the "
+                         "full model; step35-flash: Step-3.5-Flash, its sliding-window KV, router "
+                         "bias and 288 experts)")
     pa = pl.add_argument_group("placement (one of; neither: one device)")
     pa.add_argument("--afd", metavar="A:F",
                     help="attention on A devices, FFN on F devices (as generate --afd), or the "
-                         "paper's 2A2F: servers of 8 devices (2A2F = 16:16)")
+                         "paper's 2A2F: servers of 8 devices (2A2F = 16:16); auto: the fewest "
+                         "FFN, then attention servers that hold --batch at --context "
+                         "(step3_jax/analysis/sizing.py)")
     pa.add_argument("--ffn-mesh", metavar="ep=N,tp=N",
                     help="how the FFN group splits the experts (default ep=F)")
     pa.add_argument("--micro-batches", type=int, default=None, metavar="N",
@@ -54,25 +58,49 @@ def add_parser(sub) -> argparse.ArgumentParser:
                          "_count=N. auto (default) runs it except for a colocated ep=1 mesh on "
                          "a model with more than 256 experts over its MoE layers (the CPU loop "
                          "kernel compiles one branch per expert: minutes for Step-3); AFD and "
-                         "ep>1 compile in seconds even for the full model")
+                         "ep>1 compile in seconds even for the full model. Step-3 only: a "
+                         "Step-3.5 plan skips it")
     common.output_args(pl)
     return pl
 
 
 def run(args) -> dict:
-    from step3_jax.analysis import compiled, deployment
-    from step3_jax.model.config import load_config
+    from step3_jax.analysis import compiled, deployment, plan
+    from step3_jax.model import family
+    from step3_jax.model.step35_reader import load_any_config
 
     if args.micro_batches is not None and not args.afd:
         raise Step3Error("--micro-batches needs --afd")
-    placement = deployment.parse_placement(args.afd, args.mesh, args.ffn_mesh,
-                                           3 if args.micro_batches is None
-                                           else args.micro_batches)
+    cfg = load_any_config(args.config)
+    if family.is_step35(cfg) and args.compiled_check == "on":
+        raise Step3Error(f"--compiled-check on: the compiled check lowers Step-3's decode "
+                         f"programs; {cfg.name!r} is a Step-3.5 model (use auto or off)")
+    micro = 3 if args.micro_batches is None else args.micro_batches
     memory = deployment.parse_bytes(args.device_memory)
-    out = compiled.plan_document(load_config(args.config), placement, batch=args.batch,
-                                 context=args.context, weights_format=args.weights,
-                                 kv_dtype=args.kv_dtype, device_memory=memory,
-                                 compiled=args.compiled_check, log=log.info)
+    kw = dict(batch=args.batch, context=args.context, weights_format=args.weights,
+              kv_dtype=args.kv_dtype, device_memory=memory)
+    if (args.afd or "").strip().lower() == "auto":
+        if args.mesh or args.ffn_mesh:
+            raise Step3Error("--afd auto chooses both groups: drop --mesh/--ffn-mesh")
+        if micro < 1:
+            raise Step3Error(f"--micro-batches must be >= 1, got {micro}")
+        from step3_jax.analysis.sizing import choose
+
+        placement, sizing = choose(cfg, micro_batches=micro, **kw)
+        log.info(f"--afd auto: {placement.describe()}")
+    else:
+        placement, sizing = deployment.parse_placement(args.afd, args.mesh, args.ffn_mesh,
+                                                       micro), None
+    if family.is_step35(cfg):
+        out = plan.document(cfg, placement, **kw)
+        out["compiled"] = None if args.compiled_check == "off" else {
+            "skipped": "the compiled check lowers Step-3's decode programs, not Step-3.5's"}
+    else:
+        out = compiled.plan_document(cfg, placement, compiled=args.compiled_check,
+                                     log=log.info, **kw)
+    if sizing is not None:
+        out["sizing"] = sizing
+        out["notes"].insert(0, sizing["rule"])
     if not args.json:
         print(format_plan(out))
     return out
@@ -123,6 +151,10 @@ def format_plan(doc: dict) -> str:
     if "max_batch" in doc:
         lines.append(f"largest batch that fits at context {doc['context']:,}: "
                      f"{doc['max_batch']:,}")
+    if doc.get("sizing"):
+        s = doc["sizing"]
+        lines.append(f"--afd auto chose {s['attention_servers']}A{s['ffn_servers']}F: the "
+                     f"fewest servers of 8 that hold the batch (no TPOT modelled; see notes)")
     c = doc.get("compiled")
     if c is None:
         pass
