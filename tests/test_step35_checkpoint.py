@@ -21,10 +21,10 @@ from step3_jax.checkpoint import store
 from step3_jax.checkpoint.convert import convert, save_hub
 from step3_jax.checkpoint.hub import HubReader
 from step3_jax.checkpoint.loader import load, model_config
-from step3_jax.errors import CheckpointError, ConfigError
+from step3_jax.errors import CheckpointError, ConfigError, Step3Error
 from step3_jax.model import quant
 from step3_jax.model.config import presets_dir
-from step3_jax.model.sharding import DEFAULT_RULES, param_shardings, parse_mesh
+from step3_jax.model.sharding import param_shardings, parse_mesh
 from step3_jax.model.step35_reader import from_step35_dict
 from step3_jax.model.step35_weights import (count_params, declare, from_hub_state, init_params,
                                             is_spec)
@@ -268,15 +268,13 @@ def test_convert_then_export_is_byte_identical_and_loads_equal(capsys, tmp_path)
     assert json.loads(out)["parameters"] == count_params(CFG)["total"]
 
 
-def test_mesh_placement_follows_the_rules_table_or_is_refused_in_one_line(tmp_path, hub):
+def test_mesh_placement_follows_the_rules_table(tmp_path, hub):
     """Hub, store and random weights placed by ``sharding.param_shardings`` on tp=2, ep=2, the
-    same values as on one device; while the rules table has no ``kv_heads`` rule, one line."""
+    same values as on one device; a mesh that does not divide the K/V heads is one line."""
+    with pytest.raises(Step3Error, match="tp=4 does not divide the 2 K/V heads") as e:
+        load(hub, mesh=parse_mesh("tp=4"), progress=False)
+    assert "\n" not in str(e.value)
     mesh = parse_mesh("tp=2,ep=2")
-    if "kv_heads" not in DEFAULT_RULES:  # the rules table cannot place Step-3.5 weights yet
-        with pytest.raises(ConfigError, match="no rule for the logical axes kv_heads") as e:
-            load(hub, mesh=mesh, progress=False)
-        assert "\n" not in str(e.value)
-        return
     store.save(load(hub, progress=False)[0], CFG, tmp_path / "st", progress=False)
     for source in ({"checkpoint": hub}, {"checkpoint": tmp_path / "st"},
                    {"config": "step35-tiny", "seed": 1}):

@@ -32,7 +32,7 @@ from step3_jax.checkpoint import hub, store
 from step3_jax.errors import CheckpointError, ConfigError
 from step3_jax.model import family
 from step3_jax.model.moe import per_expert_layout
-from step3_jax.model.sharding import DEFAULT_RULES, drop_first_axis, param_shardings
+from step3_jax.model.sharding import check_mesh, drop_first_axis, param_shardings
 from step3_jax.model.step35_reader import AnyConfig, load_any_config
 from step3_jax.model.weights import (Moe, WeightSpec, init_params, unstack_experts,
                                      unstack_moe)
@@ -151,23 +151,10 @@ def _random(cfg: AnyConfig, seed: int, targets, keep):
 
 
 def _mesh_targets(cfg: AnyConfig, mesh):
-    """``sharding.param_shardings`` of ``cfg`` on ``mesh`` (the rules table). A Step-3.5 model
-    whose logical axes the table does not cover yet (``kv_heads``) is a one-line error."""
-    if not family.is_step35(cfg):
-        return param_shardings(cfg, mesh)
-    label = family.of(cfg).label
-    specs, _ = hub.specs_of(cfg)
-    missing = sorted({a for s in specs for a in s.axes} - set(DEFAULT_RULES))
-    if missing:
-        raise ConfigError(f"cannot place the {label} weights on a mesh: sharding.DEFAULT_RULES "
-                          f"has no rule for the logical axes {', '.join(missing)}; load on one "
-                          "device (no --mesh)")
-    try:
-        return param_shardings(cfg, mesh)
-    except AttributeError as e:  # param_shardings read the Step-3 declaration
-        raise ConfigError(f"cannot place the {label} weights on a mesh: "
-                          f"sharding.param_shardings does not read the {label} declaration "
-                          f"({e}); load on one device (no --mesh)") from None
+    """``sharding.param_shardings`` of ``cfg`` on ``mesh`` (the rules table), after the mesh's
+    one-line divisibility checks (``sharding.check_mesh``: K/V heads, experts)."""
+    check_mesh(cfg, mesh)
+    return param_shardings(cfg, mesh)
 
 
 def load(checkpoint: str | Path | None = None, config: str | Path | None = None, *,
