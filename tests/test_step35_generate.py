@@ -156,7 +156,7 @@ def test_score_is_log_softmax_of_the_full_forward(params, teacher):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
-# ----- the CLI: needs the loader to read Step-3.5 configs (checkpoint/loader.py) -------------------
+# ----- the CLI: needs the loader to read Step-3.5 configs (checkpoint/loader.py) ------------------
 
 def _loader_reads_step35() -> bool:
     from step3_jax.checkpoint.loader import model_config
