@@ -207,3 +207,17 @@ def test_cli_refuses_what_runs_step3_only_in_one_line(capsys, argv, fragment):
     lines = [line for line in err.splitlines() if line.startswith("step3-jax: error:")]
     assert code == 2 and out == "" and len(lines) == 1 and "Traceback" not in err
     assert "is a Step-3.5 model" in lines[0] and fragment in lines[0]
+
+
+@needs_loader
+def test_cli_refuses_a_step35_run_that_cannot_fit_before_loading(capsys, monkeypatch):
+    """Flash's 196.8B float32 weights alone are 787 GB: refused against a 20 GB host."""
+    from step3_jax.analysis import preflight
+
+    monkeypatch.setattr(preflight, "host_available", lambda: 20 * 10**9)
+    code, out, err = run_cli(capsys, "generate", "--config", "step35-flash", "--prompt-ids",
+                             "1,2", "-q")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        "step3-jax: error: 1 prompt of up to 2 tokens + 32 new needs 787.8 GB (weights 787.8 GB, "
+        "kv cache 0.0 GB; activations not counted); this machine has 20.0 GB available"]

@@ -231,7 +231,9 @@ def refuse_step3_only(args, cfg) -> None:
         raise Step3Error(f"config {cfg.name!r} is a Step-3.5 model: --afd (attention-FFN "
                          "disaggregation) runs Step-3 only; drop --afd")
     if uses_engine(args):
-        refuse_engine(cfg)
+        raise Step3Error(f"config {cfg.name!r} is a Step-3.5 model: the continuous-batching "
+                         "engine serves Step-3 only; drop --max-num-seqs, --page-size, "
+                         "--num-pages and --decode-steps (a static batch runs it)")
 
 
 def afd_plan(args):
