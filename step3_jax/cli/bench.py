@@ -65,6 +65,7 @@ def offline(args) -> dict:
     if args.checkpoint is None and args.config is None:
         args.config = DEFAULT_PRESET
     cfg = common.config(args)
+    common.refuse_engine(cfg)
     plan = common.afd_plan(args)
     if args.num_processes is not None:
         raise Step3Error("bench --requests runs in one process (--afd without --num-processes)")
@@ -111,6 +112,7 @@ def offline(args) -> dict:
 
 
 def run(args) -> dict | None:
+    from step3_jax.model import family
     from step3_jax.runtime import bench
     from step3_jax.runtime.generate import check_prefill_chunk
     from step3_jax.runtime.launch import process_group
@@ -128,6 +130,9 @@ def run(args) -> dict | None:
     if args.checkpoint is None and args.config is None:
         args.config = DEFAULT_PRESET
     cfg = common.config(args)
+    if family.is_step35(cfg):  # runtime/bench.py's bytes-per-step model is Step-3's
+        raise Step3Error(f"config {cfg.name!r} is a Step-3.5 model: bench measures Step-3 "
+                         "only; time Step-3.5 with generate (its metrics give the step time)")
     if args.prompt_len + args.new_tokens > cfg.max_position_embedding:
         raise Step3Error(f"--prompt-len + --new-tokens = {args.prompt_len + args.new_tokens} "
                          f"exceeds the context ({cfg.max_position_embedding})")

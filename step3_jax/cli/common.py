@@ -208,6 +208,34 @@ def default_model(args) -> None:
              rec["parameters"] / 1e6, rec["validation_perplexity"], args.checkpoint)
 
 
+ENGINE_STEP3_ONLY = "the continuous-batching engine serves Step-3 only; use generate/score"
+
+
+def refuse_engine(cfg) -> None:
+    """A Step-3.5 config cannot run through the continuous-batching engine (its paged cache
+    holds Step-3's single K/V head): one line, before any weight loads."""
+    from step3_jax.model import family
+
+    if family.is_step35(cfg):
+        raise Step3Error(f"config {cfg.name!r} is a Step-3.5 model: {ENGINE_STEP3_ONLY}")
+
+
+def refuse_step3_only(args, cfg) -> None:
+    """What runs Step-3 only, refused for a Step-3.5 config before any weight loads: AFD (and
+    so the multi-process runs) and the engine's flags."""
+    from step3_jax.model import family
+
+    if not family.is_step35(cfg):
+        return
+    if getattr(args, "afd", None):
+        raise Step3Error(f"config {cfg.name!r} is a Step-3.5 model: --afd (attention-FFN "
+                         "disaggregation) runs Step-3 only; drop --afd")
+    if uses_engine(args):
+        raise Step3Error(f"config {cfg.name!r} is a Step-3.5 model: the continuous-batching "
+                         "engine serves Step-3 only; drop --max-num-seqs, --page-size, "
+                         "--num-pages and --decode-steps (a static batch runs it)")
+
+
 def afd_plan(args):
     """The AFD plan of ``--afd`` (validated before any weight loads), or None."""
     if not args.afd:
@@ -261,6 +289,10 @@ def check_memory(args, cfg, plan, *, batch: int, longest: int, new_tokens: int,
         extra = 0
         what = (f"{batch} prompt{'s' if batch > 1 else ''} of up to {longest:,} tokens "
                 f"+ {new_tokens:,} new")
+    from step3_jax.model import family
+
+    if family.is_step35(cfg):
+        return _check_step35_memory(args, cfg, batch=batch, capacity=capacity, what=what)
     if plan is not None:
         placement = deployment.Placement(afd=True, attention=plan.attention, ffn_ep=plan.ffn_ep,
                                          ffn_tp=plan.ffn_tp, micro_batches=plan.micro_batches)
@@ -270,6 +302,31 @@ def check_memory(args, cfg, plan, *, batch: int, longest: int, new_tokens: int,
               if args.checkpoint is not None and store.is_store(args.checkpoint) else None)
     preflight.check(cfg, placement, batch=batch, piece=min(piece, capacity), capacity=capacity,
                     what=what, weights_format="fp8" if stored == "fp8" else None, extra=extra)
+
+
+def _check_step35_memory(args, cfg, *, batch: int, capacity: int, what: str) -> None:
+    """:func:`check_memory` for a Step-3.5 config: its weights and its KV cache at
+    ``capacity`` (full layers the whole capacity, sliding ones their window), spread over the
+    mesh's devices, against the host (XLA:CPU) or each device. Activations are not counted (the
+    memory plan's arithmetic is Step-3's), so this refuses only what surely cannot fit."""
+    import jax
+
+    from step3_jax.analysis import deployment, preflight, step35
+
+    item = 2 if cfg.dtype == "bfloat16" else 4
+    weights = step35.param_counts(cfg)["total"] * item
+    kv = batch * cfg.kv_elements(capacity) * item
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        per_device, have, where = 1, preflight.host_available(), "this machine has"
+    else:
+        per_device = deployment.parse_placement(mesh=args.mesh).devices
+        have, where = preflight.device_limit(device), f"each {device.device_kind} has"
+    need = (weights + kv) // per_device
+    if have is not None and need > have:
+        raise Step3Error(f"{what} needs {need / 1e9:.1f} GB (weights {weights / 1e9:.1f} GB, kv "
+                         f"cache {kv / 1e9:.1f} GB; activations not counted); {where} "
+                         f"{have / 1e9:.1f} GB available")
 
 
 def tokenizer(args, what: str):

@@ -70,6 +70,7 @@ def run(args) -> dict | None:
 
         parse_mesh(args.mesh)  # a bad mesh fails before any weight loads
     cfg = common.config(args)
+    common.refuse_step3_only(args, cfg)
     tok = (common.tokenizer(args, "--prompt" if args.prompt else "--prompt-file") if texts
            else load_tokenizer(args.checkpoint))
     prompts += [tok.encode(text).ids for text in texts]

@@ -37,6 +37,7 @@ def run(args) -> dict:
                          "--text-file FILE")
     check_prefill_chunk(args.prefill_chunk)
     cfg = common.config(args)
+    common.refuse_step3_only(args, cfg)
     if args.ids is not None or args.ids_file is not None:
         ids = args.ids or common.read_ids_file(args.ids_file, "--ids-file")
     else:

@@ -13,6 +13,11 @@ layer keeps every position (slot = position), a sliding layer only the last ``wi
 tokens attends over the cached keys plus its own (so a chunk longer than the window attends
 within itself under the band mask), then writes its K/V -- on a sliding layer only its last
 ``window`` tokens. RoPE uses absolute positions, never slots.
+
+The runtimes drive it through the interface of Step-3's ``decoder`` + ``cache``
+(:mod:`step3_jax.model.family`): :func:`init_cache`, :func:`prefill` (right-padded prompts,
+whole or in chunks, logits at each prompt's last token), :func:`extend` and :func:`forward`
+against a cache, :func:`logits_from_hidden`.
 """
 
 from __future__ import annotations
@@ -27,14 +32,26 @@ from step3_jax.model.step35_layers import attention, moe, shared_ffn, znorm
 from step3_jax.model.step35_weights import Layer35, Moe35, Params35
 
 
+# Logical axes of one layer's K and V arrays (the sharding rules table maps them to mesh axes):
+# unlike Step-3's single MFA head, the G K/V heads can be split like the query heads.
+CACHE_AXES = ("batch", "cache_len", "kv_heads", "head_dim")
+
+
 @struct.dataclass
 class Step35Cache:
     """Per-layer K/V ``[B, S_i, G, d]`` (``S_i``: the capacity on full layers, ``min(window,
-    capacity)`` on sliding ones) and the tokens each sequence holds, ``lengths [B]``."""
+    capacity)`` on sliding ones), the tokens each sequence holds, ``lengths [B]``, and the
+    capacity, static: the positions a sequence may hold (a config of sliding layers only has
+    no array that long)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     lengths: jax.Array
+    capacity: int = struct.field(pytree_node=False)
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
 
 
 def cache_slots(cfg: Step35Config, layer: int, capacity: int) -> int:
@@ -49,7 +66,7 @@ def init_cache(cfg: Step35Config, batch: int, capacity: int, dtype=None) -> Step
               for i in range(cfg.num_hidden_layers)]
     return Step35Cache(k=tuple(jnp.zeros(s, dtype) for s in shapes),
                        v=tuple(jnp.zeros(s, dtype) for s in shapes),
-                       lengths=jnp.zeros((batch,), jnp.int32))
+                       lengths=jnp.zeros((batch,), jnp.int32), capacity=capacity)
 
 
 def slot_positions(spec: LayerSpec, slots: int, lengths: jax.Array) -> jax.Array:
@@ -93,8 +110,11 @@ def ffn_block(ffn, y: jax.Array, spec: LayerSpec, cfg: Step35Config) -> jax.Arra
 
 def layer(p: Layer35, x: jax.Array, positions: jax.Array, spec: LayerSpec, cfg: Step35Config,
           kv=None):
-    """One decoder layer. ``kv``: None (no cache) or ``(k_cache, v_cache, lengths, num_new)``.
-    Returns the new hidden states and the updated ``(k_cache, v_cache)`` (or None)."""
+    """One decoder layer. ``kv``: None (no cache) or ``(k_cache, v_cache, lengths, num_new)``:
+    the chunk attends over what the cache holds for ``lengths [B]`` tokens and its own keys,
+    then writes its first ``num_new [B]`` tokens' K/V; ``lengths=None`` means an empty cache (a
+    prefill: attention within the chunk alone, nothing read). Returns the new hidden states and
+    the updated ``(k_cache, v_cache)`` (or None)."""
     eps = cfg.rms_norm_eps
     u = znorm(x, p.input_norm, eps)
     with jax.named_scope("full_attention" if spec.window is None else "sliding_attention"):
@@ -104,9 +124,11 @@ def layer(p: Layer35, x: jax.Array, positions: jax.Array, spec: LayerSpec, cfg: 
         else:
             k_cache, v_cache, lengths, num_new = kv
             slots = k_cache.shape[1]
-            c_pos = slot_positions(spec, slots, lengths)
-            t = jnp.arange(positions.shape[1], dtype=jnp.int32)[None, :]
-            past = (k_cache, v_cache, c_pos, c_pos >= 0, t < num_new[:, None])
+            past = None
+            if lengths is not None:
+                c_pos = slot_positions(spec, slots, lengths)
+                t = jnp.arange(positions.shape[1], dtype=jnp.int32)[None, :]
+                past = (k_cache, v_cache, c_pos, c_pos >= 0, t < num_new[:, None])
             o, (k, v) = attention(p.attn, u, positions, spec, eps, past)
             where = write_slots(spec, slots, positions, num_new)
             new_kv = (_write(k_cache, where, k), _write(v_cache, where, v))
@@ -127,28 +149,37 @@ def logits_from_hidden(params: Params35, x: jax.Array, cfg: Step35Config) -> jax
         return jnp.where(jnp.arange(cfg.padded_vocab) >= cfg.vocab_size, -jnp.inf, logits)
 
 
-def hidden_states(params: Params35, tokens: jax.Array, cfg: Step35Config,
-                  cache: Step35Cache | None = None, num_new: jax.Array | None = None):
-    """Final hidden states ``[B, T, H]`` (before the final norm) and the updated cache."""
-    x = embed(params, tokens)
-    if cache is None:
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :],
-                                     tokens.shape)
-        for i, p in enumerate(params.layers):
-            x, _ = layer(p, x, positions, cfg.layer(i), cfg)
-        return x, None
+def _positions(start: jax.Array, chunk: int) -> jax.Array:
+    """``[B, chunk]``: the absolute positions of a chunk placed after ``start [B]`` tokens."""
+    return start[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+
+
+def _stack(params: Params35, tokens: jax.Array, cfg: Step35Config, cache: Step35Cache,
+           lengths: jax.Array | None, num_new: jax.Array):
+    """All layers over ``tokens`` placed after ``lengths`` (None: an empty cache) with the
+    first ``num_new`` of each row written: the hidden states and the cache holding
+    ``lengths + num_new`` tokens."""
     batch, chunk = tokens.shape
-    if num_new is None:
-        num_new = jnp.full((batch,), chunk, jnp.int32)
-    lengths = cache.lengths
-    positions = lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    start = jnp.zeros((batch,), jnp.int32) if lengths is None else lengths
+    positions = _positions(start, chunk)
+    x = embed(params, tokens)
     new_k, new_v = [], []
     for i, p in enumerate(params.layers):
         x, (k, v) = layer(p, x, positions, cfg.layer(i), cfg,
                           (cache.k[i], cache.v[i], lengths, num_new))
         new_k.append(k)
         new_v.append(v)
-    return x, Step35Cache(k=tuple(new_k), v=tuple(new_v), lengths=lengths + num_new)
+    return x, cache.replace(k=tuple(new_k), v=tuple(new_v), lengths=start + num_new)
+
+
+def extend(params: Params35, tokens: jax.Array, cache: Step35Cache, cfg: Step35Config,
+           num_new: jax.Array | None = None):
+    """Hidden states ``[B, T, H]`` (before the final norm) of ``tokens`` appended after each
+    sequence's ``cache.lengths`` (token ``t`` of sequence ``b`` for ``t < num_new[b]``, default
+    all ``T``), and the cache holding them."""
+    if num_new is None:
+        num_new = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    return _stack(params, tokens, cfg, cache, cache.lengths, num_new)
 
 
 def forward(params: Params35, tokens: jax.Array, cache: Step35Cache | None, cfg: Step35Config,
@@ -160,7 +191,54 @@ def forward(params: Params35, tokens: jax.Array, cache: Step35Cache | None, cfg:
     ``cache.lengths[b] + t`` for ``t < num_new[b]`` (default all ``T``) and attends over what
     the cache holds before it (all of it on full layers, the last ``window`` positions on
     sliding ones); ``lengths`` grows by ``num_new``. Callers keep ``lengths + num_new`` within
-    the cache's capacity (full-layer writes past it are dropped).
+    the cache's capacity (full-layer writes past it are dropped; ``generate`` stops there).
     """
-    x, cache = hidden_states(params, tokens, cfg, cache, num_new)
-    return logits_from_hidden(params, x, cfg), cache
+    if cache is not None:
+        x, cache = extend(params, tokens, cache, cfg, num_new)
+        return logits_from_hidden(params, x, cfg), cache
+    batch, chunk = tokens.shape
+    positions = _positions(jnp.zeros((batch,), jnp.int32), chunk)
+    x = embed(params, tokens)
+    for i, p in enumerate(params.layers):
+        x, _ = layer(p, x, positions, cfg.layer(i), cfg)
+    return logits_from_hidden(params, x, cfg), None
+
+
+def _at(x: jax.Array, index: jax.Array) -> jax.Array:
+    """``x[b, index[b]]`` for ``x [B, T, H]``."""
+    return jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[1] - 1)[:, None, None], axis=1)[:, 0]
+
+
+def prefill(params: Params35, tokens: jax.Array, lengths: jax.Array, capacity: int,
+            cfg: Step35Config, chunk: int | None = None):
+    """Run right-padded prompts ``tokens [B, T]`` (``lengths[b]`` real tokens each) into a new
+    cache of ``capacity`` positions; logits only at each prompt's last token: returns
+    ``(logits [B, padded_vocab], cache)``.
+
+    Without ``chunk`` (or with ``chunk >= T``) the prompt attends within itself at once (the
+    band mask on sliding layers) and each ring keeps its last ``window`` tokens. With ``chunk``
+    (``T`` a multiple of it) a ``fori_loop`` feeds ``chunk`` tokens at a time against the
+    growing cache -- rings included, whether the chunk is shorter or longer than the window --
+    so activations follow the chunk, not the prompt. Callers keep ``lengths <= capacity``.
+    """
+    batch, total = tokens.shape
+    lengths = lengths.astype(jnp.int32)
+    cache = init_cache(cfg, batch, capacity, dtype=params.embed.dtype)
+    if chunk is None or chunk >= total:
+        x, cache = _stack(params, tokens, cfg, cache, None, lengths)
+        return logits_from_hidden(params, _at(x, lengths - 1), cfg), cache
+    if total % chunk:
+        raise ValueError(f"prefill chunk {chunk} does not divide the padded prompt ({total})")
+    last_chunk = (lengths - 1) // chunk
+
+    def body(c, carry):
+        cache, last = carry
+        piece = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)
+        num_new = jnp.clip(lengths - c * chunk, 0, chunk).astype(jnp.int32)
+        x, cache = extend(params, piece, cache, cfg, num_new)
+        last = jnp.where((last_chunk == c)[:, None], _at(x, num_new - 1), last)
+        return cache, last
+
+    last = jnp.zeros((batch, cfg.hidden_size), params.embed.dtype)
+    cache, last = jax.lax.fori_loop(0, total // chunk, body, (cache, last))
+    return logits_from_hidden(params, last, cfg), cache

@@ -129,6 +129,11 @@ class Step35Config:
 
     # ----- derived quantities ---------------------------------------------------------------
     @property
+    def max_position_embedding(self) -> int:
+        """The context, under the name the runtimes read from either family's config."""
+        return self.max_position_embeddings
+
+    @property
     def padded_vocab(self) -> int:
         return -(-self.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 

@@ -8,6 +8,9 @@ and the KV cache donated; it stops each sequence on EOS, on the token budget, or
 cache's capacity, and stops altogether when every sequence has. Lengths, the budget and the
 sampling knobs are runtime arrays: a new prompt length inside a bucket, new sampling settings or
 a new budget that keeps the cache capacity (:func:`shape_buckets`) do not recompile.
+
+Either model family runs here: the decoder and its cache come from ``family.of(cfg).decoder``
+(Step-3's MFA cache, or Step-3.5's per-layer cache with sliding-window rings).
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ from flax import struct
 from jax.sharding import Mesh
 
 from step3_jax.errors import Step3Error
-from step3_jax.model import decoder
-from step3_jax.model.cache import K_AXES, V_AXES, KVCache, init_cache
+from step3_jax.model import family
+from step3_jax.model.cache import K_AXES, V_AXES, KVCache
 from step3_jax.model.config import DEFAULT_PREFILL_CHUNK, Step3Config
-from step3_jax.model.sharding import make_mesh, named, replicated
+from step3_jax.model.sharding import DEFAULT_RULES, make_mesh, named, replicated
 from step3_jax.model.weights import Params
 from step3_jax.runtime import sampling
 from step3_jax.runtime.metrics import report
@@ -146,7 +149,7 @@ def _prefill(params, tokens, lengths, keys, budget, eos_ids, temperature, top_k,
              cfg: Step3Config, capacity: int, piece: int | None = None) -> _LoopState:
     """Prefill right-padded prompts into a fresh cache (``piece`` tokens at a time when given)
     and sample each sequence's first token."""
-    logits, cache = decoder.prefill(params, tokens, lengths, capacity, cfg, piece)
+    logits, cache = family.of(cfg).decoder.prefill(params, tokens, lengths, capacity, cfg, piece)
     first = sampling.sample(logits, keys, jnp.int32(0), temperature, top_k, top_p)
     batch = tokens.shape[0]
     state = _LoopState(step=jnp.int32(0), token=first, done=jnp.zeros((batch,), bool),
@@ -159,9 +162,11 @@ def _decode(params, state: _LoopState, keys, budget, eos_ids, temperature, top_k
             cfg: Step3Config) -> _LoopState:
     """Decode until every sequence is done: one ``lax.while_loop`` over single-token steps."""
 
+    decoder = family.of(cfg).decoder
+
     def body(state: _LoopState) -> _LoopState:
         logits, cache = decoder.forward(params, state.token[:, None], state.cache, cfg,
-                                      num_new=(~state.done).astype(jnp.int32))
+                                        num_new=(~state.done).astype(jnp.int32))
         token = sampling.sample(logits[:, 0], keys, state.step + 1, temperature, top_k, top_p)
         token = jnp.where(state.done, state.token, token)
         return _record(state.replace(step=state.step + 1, cache=cache), token, budget, eos_ids)
@@ -185,23 +190,23 @@ class Generator:
         self.mesh = mesh or _mesh_of(params)
         self._compiled: dict[tuple, object] = {}
 
-    def _shardings(self):
+    def _shardings(self, capacity: int):
         mesh = self.mesh
         per_seq, rep = named(mesh, ("batch",)), replicated(mesh)
-        k_layers = (named(mesh, K_AXES),) * self.cfg.num_hidden_layers
-        v_layers = (named(mesh, V_AXES),) * self.cfg.num_hidden_layers
         state = _LoopState(step=rep, token=per_seq, done=per_seq, reason=per_seq, n_gen=per_seq,
                            out=named(mesh, ("batch", "seq")),
-                           cache=KVCache(k=k_layers, v=v_layers, lengths=per_seq))
+                           cache=cache_shardings(self.cfg, mesh, capacity))
         knobs = (per_seq, per_seq, rep, rep, rep, rep)  # keys, budget, eos, temp., top-k, top-p
         # The weights stay where they are (placed by ``load`` from the rules table).
         return jax.tree.map(lambda a: a.sharding, self.params), state, knobs
 
-    def _executable(self, name: str, key: tuple, fn, args, **static):
+    def _executable(self, name: str, key: tuple, fn, args, *, capacity: int, **static):
         """The compiled ``fn`` for this shape bucket, and the seconds spent compiling it now."""
         if (name, key) in self._compiled:
             return self._compiled[(name, key)], 0.0
-        params_sh, state_sh, knobs_sh = self._shardings()
+        params_sh, state_sh, knobs_sh = self._shardings(capacity)
+        if name == "prefill":
+            static["capacity"] = capacity
         fn = functools.partial(fn, **static)
         if name == "prefill":
             per_seq = named(self.mesh, ("batch",))
@@ -258,7 +263,8 @@ class Generator:
         prefill_s = time.perf_counter() - start
 
         decode, compile_decode = self._executable(
-            "decode", (batch, capacity, len(eos)), _decode, (self.params, state, *knobs), cfg=cfg)
+            "decode", (batch, capacity, len(eos)), _decode, (self.params, state, *knobs), cfg=cfg,
+            capacity=capacity)
         start = time.perf_counter()
         state = jax.block_until_ready(decode(self.params, state, *knobs))
         decode_s = time.perf_counter() - start
@@ -274,6 +280,22 @@ class Generator:
                          compile_s=compile_prefill + compile_decode, prefill_s=prefill_s,
                          decode_s=decode_s, decode_step_s=decode_s / steps if steps else None)
         return results, metrics
+
+
+def cache_shardings(cfg, mesh: Mesh, capacity: int):
+    """The KV cache's shardings (a cache-shaped tree) for ``cfg``'s family on ``mesh``.
+
+    Step-3.5's K/V heads have the logical axis ``kv_heads``; where the rules table has no rule
+    for it yet, its arrays are split by batch only (heads replicated)."""
+    layers = range(cfg.num_hidden_layers)
+    per_seq = named(mesh, ("batch",))
+    if family.is_step35(cfg):
+        decoder = family.of(cfg).decoder
+        kv = named(mesh, decoder.CACHE_AXES, {"kv_heads": None, **DEFAULT_RULES})
+        return decoder.Step35Cache(k=tuple(kv for _ in layers), v=tuple(kv for _ in layers),
+                                   lengths=per_seq, capacity=capacity)
+    return KVCache(k=tuple(named(mesh, K_AXES) for _ in layers),
+                   v=tuple(named(mesh, V_AXES) for _ in layers), lengths=per_seq)
 
 
 def _mesh_of(params: Params) -> Mesh:
@@ -300,7 +322,7 @@ def generate(params: Params, cfg: Step3Config, prompts: Sequence[Sequence[int]],
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _token_logprobs(params, ids, cfg):
-    logits, _ = decoder.forward(params, ids, None, cfg)
+    logits, _ = family.of(cfg).decoder.forward(params, ids, None, cfg)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     return jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
 
@@ -309,8 +331,9 @@ def _token_logprobs(params, ids, cfg):
 def _token_logprobs_chunked(params, ids, cfg, piece):
     """:func:`_token_logprobs` ``piece`` tokens at a time against a growing cache: neither the
     activations nor the ``[piece, vocab]`` logits ever span the whole text."""
+    decoder = family.of(cfg).decoder
     length = ids.shape[1]
-    cache = init_cache(cfg, 1, length, dtype=params.embed.dtype)
+    cache = decoder.init_cache(cfg, 1, length, dtype=params.embed.dtype)
     targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1)))
 
     def body(c, carry):

@@ -118,6 +118,7 @@ def serve(args) -> None:
         parse_mesh(args.mesh)
     common.check_engine_flags(args)
     cfg = common.config(args)
+    common.refuse_engine(cfg)
     max_len = args.max_model_len or cfg.max_position_embedding
     if not 1 <= max_len <= cfg.max_position_embedding:
         raise Step3Error(f"--max-model-len must be in 1..{cfg.max_position_embedding} (the "
