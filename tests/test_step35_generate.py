@@ -22,9 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from step3_jax.errors import ConfigError
 from step3_jax.model import step35
-from step3_jax.model.step35_config import Step35Config
 from step3_jax.model.step35_reader import load_any_config
 from step3_jax.model.step35_weights import init_params
 from step3_jax.runtime.generate import Generator, score
@@ -156,22 +154,8 @@ def test_score_is_log_softmax_of_the_full_forward(params, teacher):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
-# ----- the CLI: needs the loader to read Step-3.5 configs (checkpoint/loader.py) ------------------
+# ----- the CLI -------------------------------------------------------------------------------------
 
-def _loader_reads_step35() -> bool:
-    from step3_jax.checkpoint.loader import model_config
-
-    try:
-        return isinstance(model_config(None, "step35-tiny"), Step35Config)
-    except ConfigError:
-        return False
-
-
-needs_loader = pytest.mark.skipif(not _loader_reads_step35(),
-                                  reason="checkpoint.loader does not read Step-3.5 configs yet")
-
-
-@needs_loader
 def test_cli_generate_and_score_run_step35(capsys, batch, teacher):
     """The CLI's random weights for ``--config step35-tiny`` (seed 0) are the module's; the
     batch of three reuses its programs (the persistent compilation cache)."""
@@ -194,7 +178,6 @@ def test_cli_generate_and_score_run_step35(capsys, batch, teacher):
     np.testing.assert_allclose(json.loads(out)["logprobs"], want[:, 0], rtol=0, atol=2e-5)
 
 
-@needs_loader
 @pytest.mark.parametrize("argv, fragment", [
     (["generate", "--prompt-ids", "1,2", "--max-num-seqs", "2"], "engine serves Step-3 only"),
     (["bench", "--requests", "2"], "engine serves Step-3 only"),
@@ -209,7 +192,6 @@ def test_cli_refuses_what_runs_step3_only_in_one_line(capsys, argv, fragment):
     assert "is a Step-3.5 model" in lines[0] and fragment in lines[0]
 
 
-@needs_loader
 def test_cli_refuses_a_step35_run_that_cannot_fit_before_loading(capsys, monkeypatch):
     """Flash's 196.8B float32 weights alone are 787 GB: refused against a 20 GB host."""
     from step3_jax.analysis import preflight

@@ -194,7 +194,7 @@ def test_weights_and_cache_equal_the_compiled_decode_step():
 
     params = placed(abstract_params(tiny), param_shardings(tiny, mesh))
     cache = placed(jax.eval_shape(lambda: step35.init_cache(tiny, batch, context)),
-                   cache_shardings(tiny, mesh))
+                   cache_shardings(tiny, mesh, context))
     tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=named(mesh, ("batch", "seq")))
     step = jax.jit(lambda p, t, c: step35.forward(p, t, c, tiny), donate_argnums=2)
     compiled = step.lower(params, tokens, cache).compile().memory_analysis()

@@ -100,7 +100,7 @@ def test_sharded_forward_without_cache_equals_single_device(single):
 def test_sharded_prefill_and_decode_equal_single_device(single):
     params, tokens, _, cached = single
     mesh = make_mesh(dp=2, tp=2, ep=1)
-    cache = jax.device_put(step35.init_cache(CFG, B, CAPACITY), cache_shardings(CFG, mesh))
+    cache = jax.device_put(step35.init_cache(CFG, B, CAPACITY), cache_shardings(CFG, mesh, CAPACITY))
     assert cache.k[1].sharding.spec == P("dp", None, "tp", None)      # [B, S, G, d]
     got, new_cache = _cached(_placed(params, mesh), jax.device_put(tokens, named(mesh, ("batch",))),
                              cache)
@@ -128,9 +128,9 @@ def test_mesh_that_does_not_divide_is_one_line():
     # tp=4 divides Flash's 8 K/V heads, 64 and 96 query heads: accepted.
     check_mesh(flash, jax.sharding.AbstractMesh((1, 4, 1), ("dp", "tp", "ep")))
     with pytest.raises(Step3Error, match=r"mesh tp=4 does not divide the 2 K/V heads"):
-        cache_shardings(TINY, make_mesh(tp=4))
+        cache_shardings(TINY, make_mesh(tp=4), 16)
     assert logical_to_spec(("batch", "cache_len", "kv_heads", "head_dim"),
                            make_mesh(2, 2, 2)) == P("dp", None, "tp", None)
     # Step-3's cache (one K/V head) stays split by batch only.
-    step3 = cache_shardings(load_any_config("tiny"), make_mesh(2, 2, 2))
+    step3 = cache_shardings(load_any_config("tiny"), make_mesh(2, 2, 2), 16)
     assert step3.k[0].spec == P("dp", None, None) and step3.lengths.spec == P("dp")

@@ -6,8 +6,9 @@ that implement a config's family instead of testing config types itself:
 - ``weights``: ``declare(cfg)``, ``is_spec``, ``init_params(cfg, seed)``, ``count_params(cfg)``,
   ``abstract_params(cfg)`` (:mod:`~step3_jax.model.weights` or
   :mod:`~step3_jax.model.step35_weights`);
-- ``decoder``: ``forward(params, tokens, cache, cfg, num_new)``, ``logits_from_hidden``, and the
-  cache's ``init_cache(cfg, batch, capacity, dtype)`` (:mod:`~step3_jax.model.decoder` with
+- ``decoder``: ``forward(params, tokens, cache, cfg, num_new)``, ``prefill(params, tokens,
+  lengths, capacity, cfg, chunk)``, ``extend``, ``logits_from_hidden``, and the cache's
+  ``init_cache(cfg, batch, capacity, dtype)`` (:mod:`~step3_jax.model.decoder` with
   :mod:`~step3_jax.model.cache`, or :mod:`~step3_jax.model.step35`).
 
 Imports are deferred so that importing this module costs nothing for the family not used.

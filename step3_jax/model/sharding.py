@@ -149,16 +149,18 @@ def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.tree.map(one, family.of(cfg).weights.declare(cfg), is_leaf=is_spec)
 
 
-def cache_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
+def cache_shardings(cfg, mesh: Mesh, capacity: int, rules=DEFAULT_RULES):
     """The KV cache's placement, a cache-shaped tree of NamedShardings: Step-3's ``KVCache``
-    (``cache.K_AXES``/``V_AXES``: split by batch) or Step-3.5's ``Step35Cache`` (per layer
-    :data:`STEP35_CACHE_AXES`: split by batch over ``dp`` and K/V heads over ``tp``); the
-    lengths by batch. The cache's batch must be a multiple of ``dp``."""
+    (``cache.K_AXES``/``V_AXES``: split by batch) or Step-3.5's ``Step35Cache`` of ``capacity``
+    positions (its static field; per layer :data:`STEP35_CACHE_AXES`: split by batch over
+    ``dp`` and K/V heads over ``tp``); the lengths by batch. The cache's batch must be a
+    multiple of ``dp``."""
     check_mesh(cfg, mesh, rules)
     L, per_seq = cfg.num_hidden_layers, named(mesh, ("batch",), rules)
     if family.is_step35(cfg):
         kv = (named(mesh, STEP35_CACHE_AXES, rules),) * L
-        return family.of(cfg).decoder.Step35Cache(k=kv, v=kv, lengths=per_seq)
+        return family.of(cfg).decoder.Step35Cache(k=kv, v=kv, lengths=per_seq,
+                                                   capacity=capacity)
     from step3_jax.model.cache import K_AXES, V_AXES, KVCache
     return KVCache(k=(named(mesh, K_AXES, rules),) * L, v=(named(mesh, V_AXES, rules),) * L,
                    lengths=per_seq)

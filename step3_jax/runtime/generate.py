@@ -29,9 +29,9 @@ from jax.sharding import Mesh
 
 from step3_jax.errors import Step3Error
 from step3_jax.model import family
-from step3_jax.model.cache import K_AXES, V_AXES, KVCache
+from step3_jax.model.cache import KVCache
 from step3_jax.model.config import DEFAULT_PREFILL_CHUNK, Step3Config
-from step3_jax.model.sharding import DEFAULT_RULES, make_mesh, named, replicated
+from step3_jax.model.sharding import cache_shardings, make_mesh, named, replicated
 from step3_jax.model.weights import Params
 from step3_jax.runtime import sampling
 from step3_jax.runtime.metrics import report
@@ -280,22 +280,6 @@ class Generator:
                          compile_s=compile_prefill + compile_decode, prefill_s=prefill_s,
                          decode_s=decode_s, decode_step_s=decode_s / steps if steps else None)
         return results, metrics
-
-
-def cache_shardings(cfg, mesh: Mesh, capacity: int):
-    """The KV cache's shardings (a cache-shaped tree) for ``cfg``'s family on ``mesh``.
-
-    Step-3.5's K/V heads have the logical axis ``kv_heads``; where the rules table has no rule
-    for it yet, its arrays are split by batch only (heads replicated)."""
-    layers = range(cfg.num_hidden_layers)
-    per_seq = named(mesh, ("batch",))
-    if family.is_step35(cfg):
-        decoder = family.of(cfg).decoder
-        kv = named(mesh, decoder.CACHE_AXES, {"kv_heads": None, **DEFAULT_RULES})
-        return decoder.Step35Cache(k=tuple(kv for _ in layers), v=tuple(kv for _ in layers),
-                                   lengths=per_seq, capacity=capacity)
-    return KVCache(k=tuple(named(mesh, K_AXES) for _ in layers),
-                   v=tuple(named(mesh, V_AXES) for _ in layers), lengths=per_seq)
 
 
 def _mesh_of(params: Params) -> Mesh:
