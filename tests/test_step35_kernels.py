@@ -9,10 +9,11 @@ clamp ignored or an expert dropped moves outputs by > 1e-1 (asserted). Attention
 convex combinations of unit normals; the blocked kernel rescales its running sums once per key
 block (a few ulps per block, a handful of blocks), so blocked and plain agree to ~1e-6; 2e-5
 absolute as ``tests/test_blocked_attention.py``, while a window off by one moves rows by O(0.1).
-Logits (blocked vs plain, whole model): both float32, scale ~1, checked at 1e-4 of the largest
-as the model tests do.
+The attention layer and logits against the float64 reference: as ``tests/test_step35_model.py``
+(2e-5 for a part; logits, scale ~1 and ~1e-5 off after float32 layers, at 1e-4 of the largest).
 """
 
+import functools
 import json
 
 import jax
@@ -25,18 +26,25 @@ from step3_jax.model.blocked_attention import gqa_attend, gqa_attend_stats
 from step3_jax.model.config import presets_dir
 from step3_jax.model.moe import routed_experts
 from step3_jax.model.step35_reader import from_step35_dict
-from step3_jax.model.step35_weights import init_params
+from step3_jax.model.step35_weights import from_hub_state
 from step3_jax.model.weights import unstack_moe
+
+import reference_step35 as ref
 
 PART = dict(rtol=2e-5, atol=2e-5)
 ATOL = 2e-5
-CFG = from_step35_dict(json.loads((presets_dir() / "step35-tiny.json").read_text()),
-                       name="step35-tiny")
+RAW = json.loads((presets_dir() / "step35-tiny.json").read_text())
+CFG = from_step35_dict(RAW, name="step35-tiny")
 
 
 @pytest.fixture(scope="module")
-def params():
-    return init_params(CFG, seed=0)
+def state():
+    return ref.random_hub_state(RAW, seed=0)
+
+
+@pytest.fixture(scope="module")
+def params(state):
+    return from_hub_state(state, CFG)
 
 
 # ----- routed experts -------------------------------------------------------------------------
@@ -81,6 +89,7 @@ def test_routed_experts_equal_all_experts(params, impl):
 
 # ----- blocked GQA attention ------------------------------------------------------------------
 
+@functools.partial(jax.jit, static_argnums=5)
 def _plain(q, k, v, q_pos, key_len, window, key_start=None):
     s_cap = k.shape[1]
     k_pos = jnp.broadcast_to(jnp.arange(s_cap, dtype=jnp.int32)[None], (k.shape[0], s_cap))
@@ -114,7 +123,7 @@ def test_gqa_attend_equals_plain(name):
                                 q_block=qb, k_block=kb))
     want = np.asarray(_plain(q, k, v, q_pos, key_len, window, key_start))
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
-    if window is not None:  # one position more or less is visible: a different answer
+    if name == "prefill_past_the_window":  # one position more visible: a different answer
         wider = np.asarray(_plain(q, k, v, q_pos, key_len, window + 1, key_start))
         assert np.max(np.abs(wider - want)) > 1e-2
 
@@ -130,34 +139,50 @@ def test_gqa_attend_visits_only_the_band():
     np.testing.assert_array_equal(np.asarray(visits)[0], [[1] + [2] * 7] * 2)
 
 
-# ----- the whole model, blocked against plain -------------------------------------------------
+# ----- the model on the blocked cores ---------------------------------------------------------
 
 def _logits_ok(got, want):
-    got, want = np.asarray(got)[..., : CFG.vocab_size], np.asarray(want)[..., : CFG.vocab_size]
-    err = np.max(np.abs(got - want))
+    err = np.max(np.abs(np.asarray(got)[..., : CFG.vocab_size] - want))
     assert err <= 1e-4 * np.max(np.abs(want)), err
 
 
-def test_blocked_model_equals_plain(params):
-    """Full forward (20 tokens > 2 windows); then a ragged prefill (5 and 11 tokens) into a
-    cache, a decode step, and a 12-token chunk (> window) over the ring: the blocked cores
-    (the ring read in position order) against the plain ones, logits compared everywhere."""
+def test_blocked_attention_layer_equals_reference(state, params):
+    """A sliding layer (6 heads over 2 K/V heads, window 8) on 20 tokens without a cache, on
+    the blocked core, against the float64 reference."""
+    u = np.random.default_rng(3).standard_normal((1, 20, CFG.hidden_size)).astype(np.float32)
+    spec = CFG.layer(1)
+    got, _ = jax.jit(L.attention, static_argnums=(3, 4, 6))(
+        params.layers[1].attn, jnp.asarray(u), jnp.arange(20, dtype=jnp.int32)[None], spec,
+        CFG.rms_norm_eps, None, "blocked")
+    weights = {k: state[f"model.layers.1.self_attn.{k}.weight"]
+               for k in ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj", "q_norm", "k_norm")}
+    want = ref.attention(u[0], weights, ref.parse_config(RAW)["layers"][1], ref.parse_config(RAW),
+                         np.arange(20))
+    np.testing.assert_allclose(np.asarray(got[0]), want, **PART)
+
+
+def test_blocked_cached_model_equals_reference(state):
+    """The preset cut to its first two layers (full + sliding MoE), ``attention_impl="blocked"``,
+    a cache of 24, one 11-token program: a ragged chunk (5 and 11 real tokens) into the empty
+    cache, a second (11 and 5) over the partly filled (row 0) and wrapped (row 1) rings, then a
+    decode step (1 real token each). Logits against the float64 reference's full forward."""
+    raw = dict(RAW, num_hidden_layers=2, num_nextn_predict_layers=0, moe_layers_enum="1")
+    raw.update({k: v[:2] for k, v in RAW.items() if isinstance(v, list) and len(v) == 6})
+    cfg = from_step35_dict(raw, name="step35-tiny-2", attention_impl="blocked")
+    params = from_hub_state({k: v for k, v in state.items()
+                             if not k.startswith(tuple(f"model.layers.{i}." for i in (2, 3, 4)))},
+                            cfg)
+    seqs = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 17)).astype(np.int32)
+    full = np.stack([ref.forward(state, ref.parse_config(raw), seqs[b]) for b in range(2)])
     fwd = jax.jit(step35.forward, static_argnums=3)
-    blocked, plain = (CFG.replace(attention_impl=i) for i in ("blocked", "plain"))
-    seqs = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 29)), jnp.int32)
-    full = fwd(params, seqs, None, plain)[0]
-    _logits_ok(fwd(params, seqs[:, :20], None, blocked)[0], full[:, :20])
-    cache = step35.init_cache(CFG, 2, 32)
-    pre = jnp.asarray([5, 11], jnp.int32)
-    logits, cache = fwd(params, seqs[:, :11], cache, blocked, pre)
-    for b in range(2):
-        _logits_ok(logits[b, : int(pre[b])], full[b, : int(pre[b])])
-    step = jnp.stack([seqs[0, 5:6], seqs[1, 11:12]])
-    logits, cache = fwd(params, step, cache, blocked)
-    _logits_ok(logits[:, 0], jnp.stack([full[0, 5], full[1, 11]]))
-    # Bring row 0 level with row 1 (plain, short chunk), then a 12-token blocked chunk.
-    tail = jnp.stack([seqs[0, 6:12], seqs[1, 12:18]])
-    _, cache = fwd(params, tail, cache, plain, jnp.asarray([6, 0], jnp.int32))
-    np.testing.assert_array_equal(np.asarray(cache.lengths), [12, 12])
-    logits, cache = fwd(params, seqs[:, 12:24], cache, blocked)
-    _logits_ok(logits, full[:, 12:24])
+    cache = step35.init_cache(cfg, 2, 24)
+    start = np.zeros(2, np.int32)
+    for num in ([5, 11], [11, 5], [1, 1]):
+        chunk = np.zeros((2, 11), np.int32)
+        for b in range(2):
+            chunk[b, : num[b]] = seqs[b, start[b]: start[b] + num[b]]
+        logits, cache = fwd(params, jnp.asarray(chunk), cache, cfg, jnp.asarray(num))
+        for b in range(2):
+            _logits_ok(logits[b, : num[b]], full[b, start[b]: start[b] + num[b]])
+        start += num
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [17, 17])
