@@ -212,14 +212,24 @@ def resolve_impl(cfg: Step3Config) -> str:
     return "loop" if jax.default_backend() == "cpu" else "ragged"
 
 
+# The per-expert layout makes the loop kernel a ``switch`` with a branch per expert, and XLA:CPU's
+# compile time grows steeply with the branches: one Step-3.5 MoE layer of 288 experts (the
+# step35-bench preset cut to 2 layers, batch-1 decode) compiled in 198 s per-expert against 4.9 s
+# stacked, and stepped at the same speed (21.1 against 21.6 ms on the loaded machine;
+# tools/bench_step35.py). Above this many experts the loop kernel reads the stacked array.
+PER_EXPERT_MAX_EXPERTS = 64
+
+
 def per_expert_layout(cfg: Step3Config, expert_parallel: int = 1) -> bool:
     """Whether ``cfg``'s kernel wants each expert's weights as separate arrays — the one place
     the runtime layout of the experts is decided (loading, AFD placement and the memory plan ask
     here). The XLA:CPU ``loop`` kernel does: it reads them in place, where a slice of the stacked
-    array would be copied (``weights.unstack_experts``). ``ragged_dot`` and ``blocks`` want the
-    stacked experts, and so does expert parallelism (``ep > 1``), which splits the stacked
-    expert axis over devices."""
-    return resolve_impl(cfg) == "loop" and expert_parallel == 1
+    array would be copied (``weights.unstack_experts``), unless there are more than
+    :data:`PER_EXPERT_MAX_EXPERTS` experts (compile time, above). ``ragged_dot`` and ``blocks``
+    want the stacked experts, and so does expert parallelism (``ep > 1``), which splits the
+    stacked expert axis over devices."""
+    return (resolve_impl(cfg) == "loop" and expert_parallel == 1
+            and cfg.moe_num_experts <= PER_EXPERT_MAX_EXPERTS)
 
 
 def routed_experts(y: jax.Array, weights: jax.Array, idx: jax.Array, p: Moe,
