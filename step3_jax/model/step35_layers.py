@@ -9,7 +9,7 @@
   well as from the chunk itself. The attention core is the plain product of every score
   (:func:`attend`) or, for long chunks and long caches, the blocked GQA kernel
   (:func:`~step3_jax.model.blocked_attention.gqa_attend`: one score tile at a time, invisible
-  key blocks skipped), chosen as Step-3's ``attention.resolve_impl`` chooses;
+  key blocks skipped), chosen by :func:`resolve_impl`;
 * :func:`clamped_swiglu`, :func:`route` and :func:`moe` — the FFNs: dense / shared / routed
   SwiGLU clamped at the layer's limits, the biased sigmoid router. The routed experts run on
   Step-3's per-backend kernels (:func:`step3_jax.model.moe.experts`), clamped.
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from step3_jax.model.attention import PLAIN_MAX_KEYS, PLAIN_MAX_QUERIES, PLAIN_MAX_SCORE_BYTES
+from step3_jax.model.attention import PLAIN_MAX_SCORE_BYTES
 from step3_jax.model.blocked_attention import gqa_attend
 from step3_jax.model.layers import linear
 from step3_jax.model.moe import clamped_swiglu, experts
@@ -141,16 +141,24 @@ class CacheView(NamedTuple):
     write: jax.Array
 
 
+# ``auto``: the plain product only over at most PLAIN_MAX_KEYS key slots (and scores under
+# attention.PLAIN_MAX_SCORE_BYTES). XLA:CPU runs the plain GQA product (``attend``'s grouped
+# einsums) far slower than Step-3's one-head one: on the step35-bench heads (16 or 24 of 128 over
+# 2 K/V heads) the blocked kernel was 1.3-2.3x faster for one decode query over 513 keys at
+# batch 16, 1.4-5x over 2,048-32,768 keys, and 2.4-6x for 64-query chunks over 2,048 (plain
+# ahead only at batch 1 over 513 keys: 0.65 against 0.86 ms with 16 heads); measured on the
+# loaded 2-core machine, tools/bench_step35.py's setting.
+PLAIN_MAX_KEYS = 512
+
+
 def resolve_impl(impl: str, batch: int, queries: int, heads: int, keys: int) -> str:
     """The attention core for ``queries`` queries of ``heads`` heads over ``keys`` key slots:
-    ``impl`` unless ``"auto"``, then Step-3's rule (``attention.resolve_impl``): the plain
-    product for short chunks over short caches while its float32 scores stay small, the blocked
-    kernel everywhere else."""
+    ``impl`` unless ``"auto"``, then the plain product for at most :data:`PLAIN_MAX_KEYS` keys
+    while its float32 scores stay small (tests, short prompts), the blocked kernel elsewhere."""
     if impl != "auto":
         return impl
-    short = keys <= PLAIN_MAX_KEYS and queries <= PLAIN_MAX_QUERIES
     small = 4 * batch * queries * heads * keys <= PLAIN_MAX_SCORE_BYTES
-    return "plain" if short and small else "blocked"
+    return "plain" if keys <= PLAIN_MAX_KEYS and small else "blocked"
 
 
 def _store(cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
