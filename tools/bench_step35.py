@@ -271,12 +271,13 @@ def derive(row: dict, peak_gbs: float) -> dict:
 def markdown(report: dict) -> str:
     s = report["setting"]
     text = (f"Setting: {s['cpu']}, {s['cores']} cores, JAX {s['jax']}, {s['date']}; float32; "
-            f"`uptime` at the start: {s['uptime_start']}; at the end: {s['uptime_end']}.\n\n"
-            "Decode (best of the runs; bytes = what the step must read; roofline = bytes / "
-            "the matvec bandwidth measured around the point):\n\n"
-            "| context | batch | model | full-layer kernel | KV MB/step | bytes/step | "
-            "ms/step | tokens/s | roofline ms | of roofline | compile s |\n"
-            "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+            f"`uptime` at the start: {s['uptime_start']}; at the end: {s['uptime_end']}.\n")
+    if report["decode"]:
+        text += ("\nDecode (best of the runs; bytes = what the step must read; roofline = bytes "
+                 "/ the matvec bandwidth measured around the point):\n\n"
+                 "| context | batch | model | full-layer kernel | KV MB/step | bytes/step | "
+                 "ms/step | tokens/s | roofline ms | of roofline | compile s |\n"
+                 "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
     for r in report["decode"]:
         head = f"| {r['context']} | {r['batch']} | {r['config']} | {r['full_attention_kernel']} "
         if r.get("skipped"):
@@ -312,7 +313,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="step35-bench,bench",
                     help="presets, in the order each point runs them (default %(default)s)")
-    ap.add_argument("--contexts", type=csv_ints, default=[4096, 32768])
+    ap.add_argument("--contexts", type=lambda t: [] if t == "0" else csv_ints(t),
+                    default=[4096, 32768], help="decode contexts ('0': no decode)")
     ap.add_argument("--batches", type=csv_ints, default=[1, 16])
     ap.add_argument("--steps", type=int, default=8, help="decode steps per timed run")
     ap.add_argument("--repeats", type=int, default=2, help="timed decode runs per point")
@@ -340,7 +342,7 @@ def main(argv=None) -> int:
     log(f"# {setting['uptime_start']}")
     flush = bench.Flusher(args.flush_mb)
     decode_layers = 2 if args.smoke else None
-    models = {p: load(p, decode_layers, args.seed) for p in presets}
+    models = {p: load(p, decode_layers, args.seed) for p in presets} if args.contexts else {}
     rows = []
     for context in args.contexts:
         for batch in args.batches:
