@@ -145,10 +145,11 @@ class CacheView(NamedTuple):
 # attention.PLAIN_MAX_SCORE_BYTES). XLA:CPU runs the plain GQA product (``attend``'s grouped
 # einsums) far slower than Step-3's one-head one: on the step35-bench heads (16 or 24 of 128 over
 # 2 K/V heads) the blocked kernel was 1.3-2.3x faster for one decode query over 513 keys at
-# batch 16, 1.4-5x over 2,048-32,768 keys, and 2.4-6x for 64-query chunks over 2,048 (plain
-# ahead only at batch 1 over 513 keys: 0.65 against 0.86 ms with 16 heads); measured on the
+# batch 16 (a sliding layer's ring: 4.1 against 9.5 ms with 24 heads), 1.4-5x over 2,048-32,768
+# keys, and 2.4-6x for 64-query chunks over 2,048; plain was ahead only at batch 1 over 513 keys
+# with 16 heads (0.65 against 0.86 ms; with 24: 0.52 blocked, 0.65 plain). Measured on the
 # loaded 2-core machine, tools/bench_step35.py's setting.
-PLAIN_MAX_KEYS = 512
+PLAIN_MAX_KEYS = 256
 
 
 def resolve_impl(impl: str, batch: int, queries: int, heads: int, keys: int) -> str:
@@ -178,20 +179,25 @@ def _ring_in_order(cache: jax.Array, lengths: jax.Array, window: int) -> jax.Arr
 
 def _cached(q, k, v, positions, spec: LayerSpec, view: CacheView, impl: str):
     """Attention of a chunk over a layer's cache and itself; returns ``o`` and the cache with
-    the chunk written. Full layers (slot = position) write first, then read the cache in place,
-    the chunk's keys among them. Sliding layers read first (a chunk longer than the ring would
-    overwrite keys its own earlier queries need), over the ring and the chunk side by side."""
+    the chunk written. Full layers (slot = position) and single-token steps write first, then
+    read the cache in place, the chunk's keys among them (after one token's write a ring holds
+    exactly the positions inside its window, in some slot order: the softmax does not mind).
+    Longer chunks on sliding layers read first (they would overwrite keys their own earlier
+    queries need), over the ring and the chunk side by side."""
     batch, chunk, heads, _ = q.shape
     slots = view.k.shape[1]
-    if spec.window is None:
+    if spec.window is None or chunk == 1:
         kc, vc = _store(view.k, view.write, k), _store(view.v, view.write, v)
         if resolve_impl(impl, batch, chunk, heads, slots) == "blocked":
             with jax.named_scope("attention_blocked"):
                 key_len = jnp.minimum(view.lengths + view.num_new, slots)
-                o = gqa_attend(q, kc, vc, positions, key_len)
+                # Sliding: every filled slot is visible, so the query sits past them all.
+                q_pos = positions if spec.window is None else jnp.full_like(positions,
+                                                                           slots - 1)
+                o = gqa_attend(q, kc, vc, q_pos, key_len)
         else:
             pos = view.slot_pos_after
-            o = attend(q, kc, vc, visible(positions, pos, pos >= 0, None))
+            o = attend(q, kc, vc, visible(positions, pos, pos >= 0, spec.window))
         return o, (kc, vc)
     new_valid = jnp.arange(chunk, dtype=jnp.int32)[None, :] < view.num_new[:, None]
     if resolve_impl(impl, batch, chunk, heads, slots + chunk) == "blocked":
