@@ -1,4 +1,4 @@
-"""Blocked (flash-style, online-softmax) attention for MFA: one shared K head and one V head.
+"""Blocked (flash-style, online-softmax) attention: MFA's one shared K/V head, and GQA.
 
 The plain product (``attention.plain_attend``) materializes every score: ``[B, T, n, S]``
 float32, 34 GB for a 16,384-token prompt with 16 heads, which is why long prefill ran out of
@@ -21,7 +21,14 @@ Two things make it fast as well as small:
   boundary are masked element-wise.
 
 Key slot ``s`` has position ``s``; query ``t`` of row ``b`` sees key ``s`` iff ``s < key_len[b]``,
-``s <= q_pos[b, t]`` and (no window, or ``q_pos[b, t] - s < window``).
+``s <= q_pos[b, t]`` and (no window, or ``q_pos[b, t] - s < window``): ``window`` positions
+visible, the query's own included (Step-3.5's sliding layers, ``shared/spec/step35.md`` §2).
+
+GQA (:func:`gqa_attend`, Step-3.5): ``G`` K/V heads in the ``[B, S, G, d]`` cache layout, query
+head ``h`` reading K/V head ``h // (n / G)``. Each (row, K/V head, query block) is one task whose
+``n / G`` query heads fold into rows exactly as MFA's ``n`` do; key blocks are read from the
+cache in place, one head's ``[k_block, d]`` slice at a time. An optional ``key_start [B]`` hides
+the slots below it (a ring buffer laid out in position order, its unfilled prefix first).
 """
 
 from __future__ import annotations
@@ -47,13 +54,16 @@ TILE_SCORES = 2048 * 128
 K_BLOCK_RANGE = (128, 2048)
 
 
-def visible(q_pos, k_pos, key_len, window):
+def visible(q_pos, k_pos, key_len, window, key_start=None):
     """Visibility ``[..., Tq, Sk]`` of keys at ``k_pos [..., Sk]`` to queries at ``q_pos [..., Tq]``
-    given ``key_len [...]`` (broadcast over leading axes) and an optional sliding ``window``."""
+    given ``key_len [...]`` (broadcast over leading axes), an optional sliding ``window`` and an
+    optional first visible slot ``key_start [...]``."""
     qp, kp = q_pos[..., :, None], k_pos[..., None, :]
     ok = (kp < key_len[..., None, None]) & (kp <= qp)
     if window is not None:
         ok &= qp - kp < window
+    if key_start is not None:
+        ok &= kp >= key_start[..., None, None]
     return ok
 
 
@@ -68,13 +78,15 @@ def block_sizes(t_len, n, s_cap, q_block=None, k_block=None):
     return q_block, min(k_block, s_cap)
 
 
-def _key_block_range(q_pos, key_len, window, k_block, n_kblocks):
+def _key_block_range(q_pos, key_len, window, k_block, n_kblocks, key_start=None):
     """``[lo, hi)`` of the key blocks a query block at positions ``q_pos [Tq]`` can see."""
     last = jnp.minimum(jnp.max(q_pos), key_len - 1)  # newest visible key position
     hi = jnp.clip(last // k_block + 1, 0, n_kblocks)
-    if window is None:
+    if window is None and key_start is None:
         return jnp.int32(0), hi
-    first = jnp.min(q_pos) - window + 1  # oldest key any query of the block can see
+    first = jnp.int32(0) if window is None else jnp.min(q_pos) - window + 1  # oldest visible
+    if key_start is not None:
+        first = jnp.maximum(first, key_start)
     return jnp.clip(first // k_block, 0, hi), hi
 
 
@@ -91,6 +103,17 @@ def _contiguous_block(k_t, v, b, j, k_block):
     return start, k_blk, v_blk
 
 
+def _gqa_block(k, v, b, g, j, k_block):
+    """Key block ``j`` of K/V head ``g`` of row ``b`` of a ``[B, S, G, d]`` cache: ``(start,
+    k [kb, d], v [kb, d])``, the last block clamped to end at ``S`` as in
+    :func:`_contiguous_block`."""
+    s_cap, d = k.shape[1], k.shape[3]
+    start = jnp.minimum(j * k_block, s_cap - k_block)
+    k_blk = jax.lax.dynamic_slice(k, (b, start, g, 0), (1, k_block, 1, d))[0, :, 0]
+    v_blk = jax.lax.dynamic_slice(v, (b, start, g, 0), (1, k_block, 1, d))[0, :, 0]
+    return start, k_blk, v_blk
+
+
 def _paged_block(k_pages, v_pages, table, b, j, k_block):
     """Key block ``j`` of row ``b`` of a paged cache (``k_pages [P, d, page]``, ``v_pages
     [P, page, d]``, ``table [B, W]`` page ids, W a multiple of the block's pages): the block's
@@ -103,28 +126,39 @@ def _paged_block(k_pages, v_pages, table, b, j, k_block):
     return j * k_block, k_blk, v_blk
 
 
-def _attend_task(q_rows, q_pos, b, k_t, v, key_len, window, k_block, table=None):
+def _attend_task(q_rows, q_pos, b, k_t, v, key_len, window, k_block, table=None, g=None,
+                 key_start=None):
     """One (batch row ``b``, query block) task: ``q_rows [Tq * n, d]`` (heads folded into rows)
     at positions ``q_pos [Tq]``. Returns the output rows ``[Tq * n, d]`` and the number of key
     blocks visited. ``table``: ``k_t``/``v`` are page pools read through it
-    (:func:`_paged_block`), else a contiguous cache (:func:`_contiguous_block`)."""
+    (:func:`_paged_block`); ``g`` (GQA): ``k_t``/``v`` are ``[B, S, G, d]`` caches read at K/V
+    head ``g`` (:func:`_gqa_block`); else a contiguous MFA cache (:func:`_contiguous_block`)."""
     rows, d = q_rows.shape
     tq = q_pos.shape[0]
-    s_cap = k_t.shape[-1] if table is None else table.shape[1] * k_t.shape[-1]
+    if g is not None:
+        s_cap = k_t.shape[1]
+    else:
+        s_cap = k_t.shape[-1] if table is None else table.shape[1] * k_t.shape[-1]
     n_kblocks = -(-s_cap // k_block)
     length = key_len[b]
+    first = None if key_start is None else key_start[b]
     scale = d ** -0.5
-    lo, hi = _key_block_range(q_pos, length, window, k_block, n_kblocks)
+    lo, hi = _key_block_range(q_pos, length, window, k_block, n_kblocks, first)
 
     def body(j, carry):
         m, l, acc, visits = carry
-        if table is None:
-            start, k_blk, v_blk = _contiguous_block(k_t, v, b, j, k_block)
+        if g is not None:
+            start, k_blk, v_blk = _gqa_block(k_t, v, b, g, j, k_block)
+            s = jax.lax.dot_general(q_rows, k_blk, (((1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32) * scale
         else:
-            start, k_blk, v_blk = _paged_block(k_t, v, table, b, j, k_block)
-        s = jnp.dot(q_rows, k_blk, preferred_element_type=jnp.float32) * scale
+            if table is None:
+                start, k_blk, v_blk = _contiguous_block(k_t, v, b, j, k_block)
+            else:
+                start, k_blk, v_blk = _paged_block(k_t, v, table, b, j, k_block)
+            s = jnp.dot(q_rows, k_blk, preferred_element_type=jnp.float32) * scale
         k_pos = start + jnp.arange(k_block, dtype=jnp.int32)
-        mask = visible(q_pos, k_pos, length, window) & (k_pos >= j * k_block)  # [Tq, kb]
+        mask = visible(q_pos, k_pos, length, window, first) & (k_pos >= j * k_block)  # [Tq, kb]
         mask = jnp.broadcast_to(mask[:, None, :], (tq, rows // tq, k_block)).reshape(rows, -1)
         s = jnp.where(mask, s, _MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -167,6 +201,56 @@ def blocked_attend_stats(q, k_t, v, q_pos, key_len, table=None, *, window=None, 
     out, visits = jax.lax.map(task, tasks)
     out = out.reshape(b_size, n_qblocks * qb, n, d)[:, :t_len]
     return out, visits.reshape(b_size, n_qblocks)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "q_block", "k_block"))
+def gqa_attend_stats(q, k, v, q_pos, key_len, key_start=None, *, window=None, q_block=None,
+                     k_block=None):
+    """:func:`gqa_attend` plus the number of key blocks each task visited, ``[B, G,
+    T_blocks]`` int32."""
+    b_size, t_len, n, d = q.shape
+    groups = k.shape[2]
+    per = n // groups  # query heads per K/V head: the rows of one query
+    qb, kb = block_sizes(t_len, per, k.shape[1], q_block, k_block)
+    n_qblocks = -(-t_len // qb)
+    pad = n_qblocks * qb - t_len
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    q_pos = jnp.pad(q_pos.astype(jnp.int32), ((0, 0), (0, pad)), mode="edge")
+    # Tasks ordered (row, K/V head, query block); a task's rows are its queries x heads.
+    q = q.reshape(b_size, n_qblocks, qb, groups, per, d).transpose(0, 3, 1, 2, 4, 5)
+    n_tasks = b_size * groups * n_qblocks
+    task_id = jnp.arange(n_tasks, dtype=jnp.int32)
+    q_pos = jnp.broadcast_to(q_pos.reshape(b_size, 1, n_qblocks, qb),
+                             (b_size, groups, n_qblocks, qb))
+    tasks = (q.reshape(n_tasks, qb * per, d), q_pos.reshape(n_tasks, qb),
+             task_id // (groups * n_qblocks), (task_id // n_qblocks) % groups)
+    key_len = key_len.astype(jnp.int32)
+    key_start = None if key_start is None else key_start.astype(jnp.int32)
+
+    def task(xs):
+        rows, pos, b, g = xs
+        return _attend_task(rows, pos, b, k, v, key_len, window, kb, g=g, key_start=key_start)
+
+    out, visits = jax.lax.map(task, tasks)
+    out = out.reshape(b_size, groups, n_qblocks, qb, per, d).transpose(0, 2, 3, 1, 4, 5)
+    out = out.reshape(b_size, n_qblocks * qb, n, d)[:, :t_len]
+    return out, visits.reshape(b_size, groups, n_qblocks)
+
+
+def gqa_attend(q, k, v, q_pos, key_len, key_start=None, *, window=None, q_block=None,
+               k_block=None):
+    """Softmax attention of ``q [B, T, n, d]`` over ``G`` K/V heads ``k, v [B, S, G, d]`` (the
+    Step-3.5 cache layout, read in place), query head ``h`` reading K/V head ``h // (n / G)``,
+    one key block at a time.
+
+    Visibility as :func:`blocked_attend` (slot ``s`` = position ``s``, ``key_len [B]``, the
+    ``window``), and with ``key_start [B]`` slots below ``key_start[b]`` are invisible too.
+    Scale ``1/sqrt(d)``, scores and softmax in float32; the result is ``[B, T, n, d]`` in
+    ``v``'s dtype, zeros for a query with no visible key. Block sizes as :func:`block_sizes`
+    with ``n / G`` rows per query."""
+    out, _ = gqa_attend_stats(q, k, v, q_pos, key_len, key_start, window=window,
+                              q_block=q_block, k_block=k_block)
+    return out
 
 
 def paged_block_sizes(t_len, n, page, width, q_block=None, k_block=None):

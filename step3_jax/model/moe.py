@@ -4,6 +4,13 @@ Routing (``shared/spec/model.md`` §2): ``softmax(y @ router)`` in float32 over 
 of the probabilities, no renormalization (unless ``norm_expert_weight``), no scaling factor, no
 bias. The shared expert is always added with weight 1 on the same input.
 
+The expert kernels serve both families: they take the routing ``(weights, idx)`` computed by the
+family's router (Step-3.5's biased sigmoid one is ``step35_layers.route``), the experts from any
+layer record with stacked or per-expert ``gate``/``up``/``down``, and an optional clamp ``limit``
+(Step-3.5's clamped SwiGLU, :func:`clamped_swiglu`; 0 is plain SwiGLU, Step-3's). The config is
+read only for ``moe_impl``, ``moe_num_experts`` and ``moe_top_k``, which both families spell
+alike.
+
 Expert compute — same result, different cost model (``shared/spec/cpu-performance.md``):
 
 * ``"loop"`` (XLA:CPU): a loop over the experts some token chose (unused ones cost nothing), reads
@@ -37,6 +44,23 @@ from step3_jax.model.quant import BLOCK, Fp8Weight, materialize
 from step3_jax.model.weights import Moe, stack_weight
 
 
+def clamped_swiglu(x: jax.Array, gate, up, down, limit: float = 0.0) -> jax.Array:
+    """``(min(silu(x@gate.T), L) * clip(x@up.T, -L, L)) @ down.T`` for a limit ``L > 0`` (upper
+    only on the activated gate, both sides on up: ``shared/spec/step35.md`` §2); exactly
+    :func:`~step3_jax.model.layers.swiglu` (the same operations) for ``L = 0``."""
+    if not limit:
+        return swiglu(x, gate, up, down)
+    g = jnp.minimum(jax.nn.silu(linear(x, gate)), limit)
+    return linear(g * jnp.clip(linear(x, up), -limit, limit), down)
+
+
+def _activate(g: jax.Array, u: jax.Array, limit: float) -> jax.Array:
+    """The SwiGLU product of gate and up projections ``g``, ``u``, clamped at ``limit`` (> 0)."""
+    if not limit:
+        return jax.nn.silu(g) * u
+    return jnp.minimum(jax.nn.silu(g), limit) * jnp.clip(u, -limit, limit)
+
+
 def route(y: jax.Array, router: jax.Array, cfg: Step3Config):
     """Top-k expert weights ``[N, k]`` (float32) and indices ``[N, k]`` for tokens ``y [N, H]``."""
     logits = linear(y.astype(jnp.float32), router.astype(jnp.float32))
@@ -67,7 +91,7 @@ def slot_rows(num_tokens: int, cfg: Step3Config) -> int:
     return min(num_tokens, 1 << (mean_load - 1).bit_length())
 
 
-def _experts_loop(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
+def _experts_loop(y, weights, idx, p: Moe, cfg: Step3Config, limit: float) -> jax.Array:
     n = y.shape[0]
     per_expert = isinstance(p.gate, (tuple, list))
     num_experts = len(p.gate) if per_expert else p.gate.shape[0]
@@ -85,7 +109,7 @@ def _experts_loop(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
             tok = jax.lax.dynamic_slice_in_dim(tokens, first, rows)
             w = jax.lax.dynamic_slice_in_dim(comb, first, rows)
             w = jnp.where(s * rows + jnp.arange(rows) < counts[e], w, 0.0)
-            h = swiglu(y[tok], gate, up, down)
+            h = clamped_swiglu(y[tok], gate, up, down, limit)
             return out.at[tok].add(h.astype(jnp.float32) * w[:, None])
 
         return jax.lax.fori_loop(0, (counts[e] + rows - 1) // rows, slot, out)
@@ -123,12 +147,12 @@ def _grouped(x, w, counts):
     return jax.lax.ragged_dot_general(x, w, counts, _RAGGED_DIMS)
 
 
-def _experts_ragged(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
+def _experts_ragged(y, weights, idx, p: Moe, cfg: Step3Config, limit: float) -> jax.Array:
     gate, up, down = (materialize(stack_weight(w) if isinstance(w, (tuple, list)) else w, y.dtype)
                       for w in (p.gate, p.up, p.down))
     tokens, comb, counts = _sort_by_expert(weights, idx, gate.shape[0])
     x = y[tokens]
-    h = jax.nn.silu(_grouped(x, gate, counts)) * _grouped(x, up, counts)
+    h = _activate(_grouped(x, gate, counts), _grouped(x, up, counts), limit)
     o = _grouped(h, down, counts)
     out = jnp.zeros(y.shape, jnp.float32).at[tokens].add(o.astype(jnp.float32) * comb[:, None])
     return out.astype(y.dtype)
@@ -141,7 +165,7 @@ def block_rows(num_pairs: int, num_experts: int) -> int:
     return min(256, max(8, 1 << (mean_load - 1).bit_length()))
 
 
-def _experts_blocks(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
+def _experts_blocks(y, weights, idx, p: Moe, cfg: Step3Config, limit: float) -> jax.Array:
     gate, up, down = (materialize(stack_weight(w) if isinstance(w, (tuple, list)) else w, y.dtype)
                       for w in (p.gate, p.up, p.down))
     num_experts = gate.shape[0]
@@ -174,7 +198,7 @@ def _experts_blocks(y, weights, idx, p: Moe, cfg: Step3Config) -> jax.Array:
     def block(_, xs):
         x, e = xs
         pick = lambda w: jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # noqa: E731
-        return None, swiglu(x, pick(gate), pick(up), pick(down))
+        return None, clamped_swiglu(x, pick(gate), pick(up), pick(down), limit)
 
     x = y[block_tok].reshape(num_blocks, rows, y.shape[-1])
     _, o = jax.lax.scan(block, None, (x, block_expert))
@@ -188,22 +212,36 @@ def resolve_impl(cfg: Step3Config) -> str:
     return "loop" if jax.default_backend() == "cpu" else "ragged"
 
 
+# The per-expert layout makes the loop kernel a ``switch`` with a branch per expert, and XLA:CPU's
+# compile time grows steeply with the branches: one Step-3.5 MoE layer of 288 experts (the
+# step35-bench preset cut to 2 layers, batch-1 decode) compiled in 198 s per-expert against 4.9 s
+# stacked, and stepped at the same speed (21.1 against 21.6 ms on the loaded machine;
+# tools/bench_step35.py). Above this many experts the loop kernel reads the stacked array.
+PER_EXPERT_MAX_EXPERTS = 64
+
+
 def per_expert_layout(cfg: Step3Config, expert_parallel: int = 1) -> bool:
     """Whether ``cfg``'s kernel wants each expert's weights as separate arrays — the one place
     the runtime layout of the experts is decided (loading, AFD placement and the memory plan ask
     here). The XLA:CPU ``loop`` kernel does: it reads them in place, where a slice of the stacked
-    array would be copied (``weights.unstack_experts``). ``ragged_dot`` and ``blocks`` want the
-    stacked experts, and so does expert parallelism (``ep > 1``), which splits the stacked
-    expert axis over devices."""
-    return resolve_impl(cfg) == "loop" and expert_parallel == 1
+    array would be copied (``weights.unstack_experts``), unless there are more than
+    :data:`PER_EXPERT_MAX_EXPERTS` experts (compile time, above). ``ragged_dot`` and ``blocks``
+    want the stacked experts, and so does expert parallelism (``ep > 1``), which splits the
+    stacked expert axis over devices."""
+    return (resolve_impl(cfg) == "loop" and expert_parallel == 1
+            and cfg.moe_num_experts <= PER_EXPERT_MAX_EXPERTS)
 
 
 def routed_experts(y: jax.Array, weights: jax.Array, idx: jax.Array, p: Moe,
-                   cfg: Step3Config) -> jax.Array:
-    """``sum_j weights[:, j] * Expert[idx[:, j]](y)`` for ``y [N, H]``, on the backend's kernel."""
+                   cfg: Step3Config, limit: float = 0.0) -> jax.Array:
+    """``sum_j weights[:, j] * Expert[idx[:, j]](y)`` for ``y [N, H]``, on the backend's kernel.
+
+    ``p``: any record with the experts' ``gate``/``up``/``down`` (Step-3's ``Moe``, Step-3.5's
+    ``Moe35``), stacked ``[E, ...]`` or per expert; ``limit``: the experts' SwiGLU clamp (0:
+    none, a static float)."""
     impl = {"loop": _experts_loop, "ragged": _experts_ragged,
             "blocks": _experts_blocks}[resolve_impl(cfg)]
-    return impl(y, weights, idx, p, cfg)
+    return impl(y, weights, idx, p, cfg, limit)
 
 
 def _parallel_axes(mesh) -> tuple[str, ...]:
@@ -213,7 +251,8 @@ def _parallel_axes(mesh) -> tuple[str, ...]:
     return tuple(a for a in ("ep", "tp") if a in mesh.shape and mesh.shape[a] > 1)
 
 
-def expert_parallel(y, weights, idx, p: Moe, cfg: Step3Config, mesh) -> jax.Array:
+def expert_parallel(y, weights, idx, p: Moe, cfg: Step3Config, mesh,
+                    limit: float = 0.0) -> jax.Array:
     """Routed experts under expert/tensor parallelism, inside ``jax.shard_map``.
 
     ``y [B, T, H]`` and the routing ``[B, T, k]`` are split by batch over ``dp`` and replicated
@@ -268,7 +307,7 @@ def expert_parallel(y, weights, idx, p: Moe, cfg: Step3Config, mesh) -> jax.Arra
         shape = y.shape
         local_p = Moe(router=None, gate=gate, up=up, down=down, shared=None)
         out = routed_experts(y.reshape(-1, shape[-1]), weights.reshape(-1, idx.shape[-1]),
-                             local.reshape(-1, idx.shape[-1]), local_p, cfg)
+                             local.reshape(-1, idx.shape[-1]), local_p, cfg, limit)
         return jax.lax.psum(out, axes).reshape(shape)
 
     batch = P(dp)
@@ -276,26 +315,30 @@ def expert_parallel(y, weights, idx, p: Moe, cfg: Step3Config, mesh) -> jax.Arra
                          out_specs=batch, check_vma=False)(y, weights, idx, p.gate, p.up, p.down)
 
 
+def experts(y: jax.Array, weights: jax.Array, idx: jax.Array, p: Moe, cfg: Step3Config,
+            limit: float = 0.0) -> jax.Array:
+    """The routed experts of one layer on ``y [..., H]`` with routing ``weights``/``idx
+    [..., k]``: under a mesh (``jax.set_mesh``) with ``ep`` or ``tp`` larger than 1 through
+    :func:`expert_parallel` (``y`` then ``[B, T, H]``), otherwise on one device's kernel."""
+    mesh = jax.sharding.get_abstract_mesh()
+    with jax.named_scope("moe_experts"):
+        if _parallel_axes(mesh):
+            return expert_parallel(y, weights, idx, p, cfg, mesh, limit)
+        flat = y.reshape(-1, y.shape[-1])
+        return routed_experts(flat, weights.reshape(-1, idx.shape[-1]),
+                              idx.reshape(-1, idx.shape[-1]), p, cfg, limit).reshape(y.shape)
+
+
 def moe(p: Moe, y: jax.Array, cfg: Step3Config, routing=None) -> jax.Array:
     """The MoE FFN of one layer on ``y [B, T, H]``: routed experts plus the shared expert.
 
     ``routing``: ``(weights, idx)`` computed elsewhere (AFD routes on the attention side);
-    default: route here with ``p.router``. Under a mesh (``jax.set_mesh``) with ``ep`` or ``tp``
-    larger than 1 the routed experts run through :func:`expert_parallel`; otherwise on one
-    device's kernel directly.
+    default: route here with ``p.router``. The routed experts run through :func:`experts`.
     """
-    mesh = jax.sharding.get_abstract_mesh()
     if routing is None:
         with jax.named_scope("moe_router"):
             routing = route(y, p.router, cfg)
-    weights, idx = routing
-    with jax.named_scope("moe_experts"):
-        if _parallel_axes(mesh):
-            out = expert_parallel(y, weights, idx, p, cfg, mesh)
-        else:
-            flat = y.reshape(-1, y.shape[-1])
-            out = routed_experts(flat, weights.reshape(-1, idx.shape[-1]),
-                                 idx.reshape(-1, idx.shape[-1]), p, cfg).reshape(y.shape)
+    out = experts(y, *routing, p, cfg)
     with jax.named_scope("shared_expert"):
         out = out + swiglu(y, p.shared.gate, p.shared.up, p.shared.down)
     return out

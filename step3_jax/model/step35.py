@@ -28,7 +28,7 @@ from flax import struct
 
 from step3_jax.model.layers import linear
 from step3_jax.model.step35_config import LayerSpec, Step35Config
-from step3_jax.model.step35_layers import attention, moe, shared_ffn, znorm
+from step3_jax.model.step35_layers import CacheView, attention, moe, shared_ffn, znorm
 from step3_jax.model.step35_weights import Layer35, Moe35, Params35
 
 
@@ -119,19 +119,21 @@ def layer(p: Layer35, x: jax.Array, positions: jax.Array, spec: LayerSpec, cfg: 
     u = znorm(x, p.input_norm, eps)
     with jax.named_scope("full_attention" if spec.window is None else "sliding_attention"):
         if kv is None:
-            o, _ = attention(p.attn, u, positions, spec, eps)
+            o, _ = attention(p.attn, u, positions, spec, eps, impl=cfg.attention_impl)
             new_kv = None
         else:
             k_cache, v_cache, lengths, num_new = kv
             slots = k_cache.shape[1]
-            past = None
-            if lengths is not None:
-                c_pos = slot_positions(spec, slots, lengths)
-                t = jnp.arange(positions.shape[1], dtype=jnp.int32)[None, :]
-                past = (k_cache, v_cache, c_pos, c_pos >= 0, t < num_new[:, None])
-            o, (k, v) = attention(p.attn, u, positions, spec, eps, past)
-            where = write_slots(spec, slots, positions, num_new)
-            new_kv = (_write(k_cache, where, k), _write(v_cache, where, v))
+            if lengths is None:  # an empty cache: the chunk attends within itself
+                o, (k, v) = attention(p.attn, u, positions, spec, eps, None, cfg.attention_impl)
+                where = write_slots(spec, slots, positions, num_new)
+                new_kv = (_write(k_cache, where, k), _write(v_cache, where, v))
+            else:
+                view = CacheView(k_cache, v_cache, lengths, num_new,
+                                 slot_positions(spec, slots, lengths),
+                                 slot_positions(spec, slots, lengths + num_new),
+                                 write_slots(spec, slots, positions, num_new))
+                o, new_kv = attention(p.attn, u, positions, spec, eps, view, cfg.attention_impl)
     h = x + o
     return h + ffn_block(p.ffn, znorm(h, p.post_norm, eps), spec, cfg), new_kv
 

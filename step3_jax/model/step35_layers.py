@@ -5,20 +5,29 @@
   dims of each head (``theta^(-2j/r)``, denominator ``r``), llama3-scaled where the layer says;
 * :func:`attention` — GQA with per-head QK norm before RoPE, the causal (and, on sliding layers,
   ``window``-token band) mask, the per-head sigmoid gate from the layer's normed input, o_proj;
-  keys may come from a cache (:mod:`step3_jax.model.step35`) as well as from the chunk itself;
+  keys may come from a cache (:class:`CacheView`, built by :mod:`step3_jax.model.step35`) as
+  well as from the chunk itself. The attention core is the plain product of every score
+  (:func:`attend`) or, for long chunks and long caches, the blocked GQA kernel
+  (:func:`~step3_jax.model.blocked_attention.gqa_attend`: one score tile at a time, invisible
+  key blocks skipped), chosen by :func:`resolve_impl`;
 * :func:`clamped_swiglu`, :func:`route` and :func:`moe` — the FFNs: dense / shared / routed
-  SwiGLU clamped at the layer's limits, the biased sigmoid router.
+  SwiGLU clamped at the layer's limits, the biased sigmoid router. The routed experts run on
+  Step-3's per-backend kernels (:func:`step3_jax.model.moe.experts`), clamped.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from step3_jax.model.attention import PLAIN_MAX_SCORE_BYTES
+from step3_jax.model.blocked_attention import gqa_attend
 from step3_jax.model.layers import linear
+from step3_jax.model.moe import clamped_swiglu, experts
 from step3_jax.model.step35_config import LayerSpec, RopeScaling, Step35Config
 from step3_jax.model.step35_weights import Attention35, Moe35
 from step3_jax.model.weights import Mlp
@@ -115,41 +124,127 @@ def attention_output(p: Attention35, u: jax.Array, o: jax.Array) -> jax.Array:
     return linear(o.reshape(*o.shape[:-2], n * d), p.o_proj.reshape(hidden, n * d))
 
 
-def attention(p: Attention35, u: jax.Array, positions: jax.Array, spec: LayerSpec, eps: float,
-              past=None):
-    """Attention of layer ``spec`` on the normed input ``u [B, T, H]`` at ``positions [B, T]``.
+class CacheView(NamedTuple):
+    """One layer's K/V cache as :func:`attention` reads and updates it (``step35.layer`` builds
+    it; the slot bookkeeping is :mod:`step3_jax.model.step35`'s): ``k``, ``v [B, S, G, d]``;
+    ``lengths [B]`` tokens held before the chunk, ``num_new [B]`` real tokens in it;
+    ``slot_pos`` / ``slot_pos_after [B, S]`` the position each slot holds before / after the
+    chunk is written (-1: empty); ``write [B, T]`` the slot each new token goes to (``S``: not
+    written)."""
 
-    ``past``: ``None`` (the chunk attends to itself, causally) or ``(k, v, k_pos, k_valid,
-    new_valid)``: cached keys/values ``[B, S, G, d]`` at positions ``k_pos [B, S]`` (valid where
-    ``k_valid``), attended together with this chunk's own keys (valid where ``new_valid
-    [B, T]``). Returns the block's output ``[B, T, H]`` and this chunk's ``(k, v)``.
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+    num_new: jax.Array
+    slot_pos: jax.Array
+    slot_pos_after: jax.Array
+    write: jax.Array
+
+
+# ``auto``: the plain product only over at most PLAIN_MAX_KEYS key slots (and scores under
+# attention.PLAIN_MAX_SCORE_BYTES). XLA:CPU runs the plain GQA product (``attend``'s grouped
+# einsums) far slower than Step-3's one-head one: on the step35-bench heads (16 or 24 of 128 over
+# 2 K/V heads) the blocked kernel was 1.3-2.3x faster for one decode query over 513 keys at
+# batch 16 (a sliding layer's ring: 4.1 against 9.5 ms with 24 heads), 1.4-5x over 2,048-32,768
+# keys, and 2.4-6x for 64-query chunks over 2,048; plain was ahead only at batch 1 over 513 keys
+# with 16 heads (0.65 against 0.86 ms; with 24: 0.52 blocked, 0.65 plain). Measured on the
+# loaded 2-core machine, tools/bench_step35.py's setting.
+PLAIN_MAX_KEYS = 256
+
+
+def resolve_impl(impl: str, batch: int, queries: int, heads: int, keys: int) -> str:
+    """The attention core for ``queries`` queries of ``heads`` heads over ``keys`` key slots:
+    ``impl`` unless ``"auto"``, then the plain product for at most :data:`PLAIN_MAX_KEYS` keys
+    while its float32 scores stay small (tests, short prompts), the blocked kernel elsewhere."""
+    if impl != "auto":
+        return impl
+    small = 4 * batch * queries * heads * keys <= PLAIN_MAX_SCORE_BYTES
+    return "plain" if keys <= PLAIN_MAX_KEYS and small else "blocked"
+
+
+def _store(cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
+    rows = jnp.arange(cache.shape[0])[:, None]
+    return cache.at[rows, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+def _ring_in_order(cache: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
+    """A sliding layer's ring ``[B, W, G, d]`` (slot = position mod ``window``) laid out in
+    position order: entry ``i`` holds position ``lengths - W + i`` (unfilled entries, negative
+    positions, read slot 0: finite values that the caller masks)."""
+    slots = cache.shape[1]
+    pos = lengths[:, None] - slots + jnp.arange(slots, dtype=jnp.int32)[None, :]
+    ring = jnp.clip(jnp.where(pos >= 0, pos % window, 0), 0, slots - 1)
+    return jnp.take_along_axis(cache, ring[:, :, None, None], axis=1)
+
+
+def _cached(q, k, v, positions, spec: LayerSpec, view: CacheView, impl: str):
+    """Attention of a chunk over a layer's cache and itself; returns ``o`` and the cache with
+    the chunk written. Full layers (slot = position) and single-token steps write first, then
+    read the cache in place, the chunk's keys among them (after one token's write a ring holds
+    exactly the positions inside its window, in some slot order: the softmax does not mind).
+    Longer chunks on sliding layers read first (they would overwrite keys their own earlier
+    queries need), over the ring and the chunk side by side."""
+    batch, chunk, heads, _ = q.shape
+    slots = view.k.shape[1]
+    if spec.window is None or chunk == 1:
+        kc, vc = _store(view.k, view.write, k), _store(view.v, view.write, v)
+        if resolve_impl(impl, batch, chunk, heads, slots) == "blocked":
+            with jax.named_scope("attention_blocked"):
+                key_len = jnp.minimum(view.lengths + view.num_new, slots)
+                # Sliding: every filled slot is visible, so the query sits past them all.
+                q_pos = positions if spec.window is None else jnp.full_like(positions,
+                                                                           slots - 1)
+                o = gqa_attend(q, kc, vc, q_pos, key_len)
+        else:
+            pos = view.slot_pos_after
+            o = attend(q, kc, vc, visible(positions, pos, pos >= 0, spec.window))
+        return o, (kc, vc)
+    new_valid = jnp.arange(chunk, dtype=jnp.int32)[None, :] < view.num_new[:, None]
+    if resolve_impl(impl, batch, chunk, heads, slots + chunk) == "blocked":
+        with jax.named_scope("attention_blocked"):
+            # Ring (in position order) then chunk: entry s holds position s + lengths - W.
+            keys = jnp.concatenate([_ring_in_order(view.k, view.lengths, spec.window),
+                                    k.astype(view.k.dtype)], axis=1)
+            values = jnp.concatenate([_ring_in_order(view.v, view.lengths, spec.window),
+                                      v.astype(view.v.dtype)], axis=1)
+            o = gqa_attend(q, keys, values, positions - view.lengths[:, None] + slots,
+                           slots + view.num_new, jnp.maximum(slots - view.lengths, 0),
+                           window=spec.window)
+    else:
+        keys = jnp.concatenate([view.k.astype(k.dtype), k], axis=1)
+        values = jnp.concatenate([view.v.astype(v.dtype), v], axis=1)
+        k_pos = jnp.concatenate([view.slot_pos, positions], axis=1)
+        k_valid = jnp.concatenate([view.slot_pos >= 0, new_valid], axis=1)
+        o = attend(q, keys, values, visible(positions, k_pos, k_valid, spec.window))
+    return o, (_store(view.k, view.write, k), _store(view.v, view.write, v))
+
+
+def attention(p: Attention35, u: jax.Array, positions: jax.Array, spec: LayerSpec, eps: float,
+              past: CacheView | None = None, impl: str = "auto"):
+    """Attention of layer ``spec`` on the normed input ``u [B, T, H]`` at consecutive
+    ``positions [B, T]``; ``impl``: ``cfg.attention_impl`` (``auto``, ``plain``, ``blocked``).
+
+    ``past``: ``None`` (the chunk attends to itself, causally; returns the block's output
+    ``[B, T, H]`` and this chunk's ``(k, v)``) or a :class:`CacheView` (the chunk attends over
+    the cached keys and its own; returns the output and the view's ``(k, v)`` caches with the
+    chunk written at ``past.write``).
     """
     q, k, v = project_qkv(p, u, positions, spec, eps)
-    if past is None:
-        keys, values, k_pos = k, v, positions
-        k_valid = jnp.ones(positions.shape, bool)
+    batch, chunk, heads, _ = q.shape
+    if past is not None:
+        o, new_kv = _cached(q, k, v, positions, spec, past, impl)
+        return attention_output(p, u, o), new_kv
+    if resolve_impl(impl, batch, chunk, heads, chunk) == "blocked":
+        with jax.named_scope("attention_blocked"):
+            o = gqa_attend(q, k, v, positions - positions[:, :1],
+                           jnp.full((batch,), chunk, jnp.int32), window=spec.window)
     else:
-        ck, cv, c_pos, c_valid, new_valid = past
-        keys = jnp.concatenate([ck.astype(k.dtype), k], axis=1)
-        values = jnp.concatenate([cv.astype(v.dtype), v], axis=1)
-        k_pos = jnp.concatenate([c_pos, positions], axis=1)
-        k_valid = jnp.concatenate([c_valid, new_valid], axis=1)
-    o = attend(q, keys, values, visible(positions, k_pos, k_valid, spec.window))
+        o = attend(q, k, v, visible(positions, positions, jnp.ones(positions.shape, bool),
+                                    spec.window))
     return attention_output(p, u, o), (k, v)
 
 
 # ----- FFN ------------------------------------------------------------------------------------------
-
-def clamped_swiglu(y: jax.Array, gate, up, down, limit: float) -> jax.Array:
-    """``(min(silu(y@gate.T), L) * clip(y@up.T, -L, L)) @ down.T`` for a limit ``L > 0``
-    (upper-only on the activated gate, both sides on up; spec §2); plain SwiGLU for ``L = 0``."""
-    g = jax.nn.silu(linear(y, gate))
-    u = linear(y, up)
-    if limit:
-        g = jnp.minimum(g, limit)
-        u = jnp.clip(u, -limit, limit)
-    return linear(g * u, down)
-
 
 def route(y: jax.Array, p: Moe35, cfg: Step35Config):
     """Sigmoid router for tokens ``y [N, H]``: top-k of ``sigmoid(y @ router.T) + router_bias``
@@ -165,33 +260,14 @@ def route(y: jax.Array, p: Moe35, cfg: Step35Config):
     return weights * cfg.moe_router_scaling_factor, idx
 
 
-def routed_experts(y: jax.Array, weights: jax.Array, idx: jax.Array, p: Moe35,
-                   limit: float) -> jax.Array:
-    """``sum_j weights[:, j] * Expert_idx[:, j](y)`` for ``y [N, H]``, every expert clamped at
-    ``limit``. A scan over all experts, each on every token, weighted by a dense ``[N, E]``
-    combine matrix (zero where unchosen): simple and exact, cost ``E`` experts per token --
-    the reference kernel; the routed backends of :mod:`step3_jax.model.moe` are not wired in."""
-    E = p.gate.shape[0]
-    comb = jnp.zeros((y.shape[0], E), jnp.float32).at[
-        jnp.arange(y.shape[0])[:, None], idx].add(weights.astype(jnp.float32))
-
-    def one(out, xs):
-        gate, up, down, c = xs
-        h = clamped_swiglu(y, gate, up, down, limit).astype(jnp.float32)
-        return out + h * c[:, None], None
-
-    out, _ = jax.lax.scan(one, jnp.zeros(y.shape, jnp.float32), (p.gate, p.up, p.down, comb.T))
-    return out.astype(y.dtype)
-
-
 def moe(p: Moe35, y: jax.Array, spec: LayerSpec, cfg: Step35Config) -> jax.Array:
-    """The MoE FFN on ``y [B, T, H]``: routed experts (clamped at ``spec.swiglu_limit``) plus
-    the unscaled shared expert (clamped at ``spec.swiglu_limit_shared``)."""
-    flat = y.reshape(-1, y.shape[-1])
+    """The MoE FFN on ``y [B, T, H]``: routed experts (clamped at ``spec.swiglu_limit``) on
+    ``cfg.moe_impl``'s kernel (:func:`step3_jax.model.moe.experts`, expert-parallel under a
+    mesh) plus the unscaled shared expert (clamped at ``spec.swiglu_limit_shared``)."""
     with jax.named_scope("moe_router"):
-        weights, idx = route(flat, p, cfg)
-    with jax.named_scope("moe_experts"):
-        out = routed_experts(flat, weights, idx, p, spec.swiglu_limit).reshape(y.shape)
+        weights, idx = route(y.reshape(-1, y.shape[-1]), p, cfg)
+    routing = (weights.reshape(*y.shape[:-1], -1), idx.reshape(*y.shape[:-1], -1))
+    out = experts(y, *routing, p, cfg, spec.swiglu_limit)
     if p.shared is not None:
         with jax.named_scope("shared_expert"):
             out = out + shared_ffn(p.shared, y, spec.swiglu_limit_shared)
