@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from step3_jax.checkpoint import store, streaming
+from step3_jax.checkpoint import chunks, store, streaming
 from step3_jax.checkpoint.hub import (INDEX_FILE, SCALE_SUFFIX, HubReader, check_names,
                                       leaf_dtype, leaf_to_hub, read_leaf)
 from step3_jax.checkpoint.loader import checkpoint_dir
@@ -122,9 +122,9 @@ def convert(hf_dir: str | Path, out: str | Path, *, weights: str = "bfloat16",
                 return quant.quantize_leaf(leaf, spec)
             return leaf if isinstance(leaf, quant.Fp8Weight) else leaf.astype(ml_dtypes.bfloat16)
 
-        for name in store.chunk_names(cfg):
+        for name in chunks.chunk_names(cfg):
             chunk = jax.tree.map(lambda spec: _lazy_leaf(spec, weights, read),
-                                 store.chunk_of(decl, name), is_leaf=is_spec)
+                                 chunks.chunk_of(decl, name), is_leaf=is_spec)
             written += sum(a.nbytes for a in jax.tree.leaves(chunk))
             w.write_chunk(name, chunk)
         for side in SIDE_FILES:
@@ -183,7 +183,7 @@ def _hub_layout(specs, weights: str) -> dict[str, tuple]:
 def _write_hub(out: str | Path, cfg, raw: dict, weights: str, leaves, *, force: bool,
                progress: bool, side_from: Path | None = None, desc: str = "exporting") -> dict:
     """The Hub directory at ``out``, built in a staging sibling and renamed into place: one
-    safetensors shard per chunk (``store.chunk_names``) whose tensors ``leaves(chunk)`` yields as
+    safetensors shard per chunk (``chunks.chunk_names``) whose tensors ``leaves(chunk)`` yields as
     ``(spec, value)`` in declaration order (a value in its Hub dtype for ``weights``, or an
     :class:`quant.Fp8Weight`), each written before the next is asked for; then
     ``model.safetensors.index.json``, ``config.json`` (``raw``) and the side files of
@@ -194,12 +194,12 @@ def _write_hub(out: str | Path, cfg, raw: dict, weights: str, leaves, *, force: 
     _clean_stale(out)
     tmp = streaming.staging_dir(out)
     decl = family.of(cfg).weights.declare(cfg)
-    names = store.chunk_names(cfg)
+    names = chunks.chunk_names(cfg)
     weight_map, total = {}, 0
     try:
         for i, name in enumerate(tqdm(names, desc=desc, unit="layer", disable=not progress)):
             file = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
-            layout = _hub_layout(store.chunk_of(decl, name), weights)
+            layout = _hub_layout(chunks.chunk_of(decl, name), weights)
             with streaming.SafetensorsWriter(tmp / file, layout, {"format": "pt"}) as shard:
                 for spec, value in leaves(name):
                     for tensor, array in _hub_tensors(spec, value, cfg).items():
@@ -258,8 +258,8 @@ def save_hub(params, cfg, out: str | Path, *, dtype: str | None = None, force: b
     decl = family.of(cfg).weights.declare(cfg)
 
     def leaves(name):
-        specs = jax.tree.leaves(store.chunk_of(decl, name), is_leaf=is_spec)
-        values = jax.tree.leaves(store.chunk_of(params, name), is_leaf=quant.is_fp8)
+        specs = jax.tree.leaves(chunks.chunk_of(decl, name), is_leaf=is_spec)
+        values = jax.tree.leaves(chunks.chunk_of(params, name), is_leaf=quant.is_fp8)
         for spec, value in zip(specs, values, strict=True):
             host = np.asarray(quant.materialize(value, jnp.float32))
             yield spec, host.astype(leaf_dtype(spec, weights))

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from step3_jax import interrupts
 from step3_jax.checkpoint import streaming
+from step3_jax.checkpoint.chunks import declaration, stored_state, assemble, chunk_names, chunk_of
 from step3_jax.checkpoint.hub import leaf_dtype
 from step3_jax.errors import CheckpointError
 from step3_jax.model import family, quant
@@ -53,40 +54,6 @@ FORMAT = "step3-jax/orbax"
 VERSION = 2  # v2: matmul weights in the Hub [out, in] layout (v1 stored them [in, out])
 STORAGE_DTYPES = ("bfloat16", "float32", "fp8")
 _PLACEHOLDER = ...  # marks a leaf left out of a restore (the value of ocp.PLACEHOLDER)
-
-
-# ----- chunks: the unit of streaming ------------------------------------------------------------
-
-def _declare(cfg: AnyConfig):
-    return family.of(cfg).weights.declare(cfg)
-
-
-def chunk_names(cfg: AnyConfig) -> list[str]:
-    return ["embed"] + [f"layer_{i:03d}" for i in range(cfg.num_hidden_layers)] + ["head"]
-
-
-def chunk_of(tree, name: str):
-    """The subtree of a params-shaped ``tree`` (values, specs or shardings) stored as ``name``."""
-    if name == "embed":
-        return {"embed": tree.embed}
-    if name == "head":
-        return {"final_norm": tree.final_norm, "lm_head": tree.lm_head}
-    return tree.layers[int(name.split("_")[1])]
-
-
-def assemble(cfg: AnyConfig, chunks: dict):
-    """The params of ``cfg``'s family from the per-chunk values (the inverse of
-    :func:`chunk_of`)."""
-    return _declare(cfg).replace(
-        embed=chunks["embed"]["embed"],
-        layers=tuple(chunks[f"layer_{i:03d}"] for i in range(cfg.num_hidden_layers)),
-        final_norm=chunks["head"]["final_norm"], lm_head=chunks["head"]["lm_head"])
-
-
-def _state(chunk) -> dict:
-    """A chunk as a nested dict of arrays (orbax's stored names); ``None`` leaves dropped."""
-    state = serialization.to_state_dict(chunk)
-    return {k: v for k, v in state.items() if v is not None} if isinstance(state, dict) else state
 
 
 # ----- the manifest ---------------------------------------------------------------------------------
@@ -155,7 +122,7 @@ class Writer:
         once the chunk is written: interrupting orbax mid-save leaves its threads writing into
         the directory the cleanup removes."""
         with interrupts.deferred():
-            streaming.save_lazy(self.tmp / name, jax.tree.map(streaming.lazy, _state(chunk)))
+            streaming.save_lazy(self.tmp / name, jax.tree.map(streaming.lazy, stored_state(chunk)))
         streaming.release_memory()
         self.manifest["chunks"].append(name)
 
@@ -198,7 +165,7 @@ def quantize_params(params, cfg):
             return quant.quantize_leaf(host, spec)
         return host.astype(ml_dtypes.bfloat16)
 
-    return jax.tree.map(one, _declare(cfg), params, is_leaf=is_spec)
+    return jax.tree.map(one, declaration(cfg), params, is_leaf=is_spec)
 
 
 def save(params, cfg: AnyConfig, directory: str | Path, *, weights: str | None = None,
@@ -215,7 +182,7 @@ def save(params, cfg: AnyConfig, directory: str | Path, *, weights: str | None =
         params = quantize_params(params, cfg)
     raw = raw_config if raw_config is not None else cfg.to_hub_dict()
     names = chunk_names(cfg)
-    decl = _declare(cfg)
+    decl = declaration(cfg)
     with Writer(directory, raw, weights, force=force) as w, \
             tqdm(names, desc="saving", unit="chunk", disable=not progress, leave=False) as bar:
         for name in bar:
@@ -237,7 +204,7 @@ def _cast_lazy(a, dtype) -> streaming.Lazy:
 def _abstract_chunk(name: str, cfg: AnyConfig, weights: str, shardings, host: bool = False):
     """The restore target of one chunk: ShapeDtypeStructs in the stored structure, cast to the
     compute dtype, with their shardings (``host``: none, so orbax returns host NumPy arrays)."""
-    specs = chunk_of(_declare(cfg), name)
+    specs = chunk_of(declaration(cfg), name)
 
     def target(spec, sharding):
         if weights == "fp8" and quant.is_quantized(spec):
@@ -255,7 +222,7 @@ def _check_shapes(directory: Path, name: str, stored, target) -> None:
         return {jax.tree_util.keystr(k): v for k, v in
                 jax.tree_util.tree_flatten_with_path(tree)[0]}
 
-    have, want = leaves(stored), leaves(_state(target))
+    have, want = leaves(stored), leaves(stored_state(target))
     for key in sorted(set(have) | set(want)):
         if key not in have:
             raise CheckpointError(f"{directory / name}: missing array {name}{key}")
@@ -332,7 +299,7 @@ class Reader:
         order (a host array, or an FP8 weight of host arrays), restored a few at a time
         (``streaming.batches``; orbax's partial restore): a caller that writes each before
         asking for the next holds about one large weight."""
-        specs, treedef = jax.tree.flatten(chunk_of(_declare(self.cfg), name), is_leaf=is_spec)
+        specs, treedef = jax.tree.flatten(chunk_of(declaration(self.cfg), name), is_leaf=is_spec)
         itemsize = jnp.dtype(self.cfg.dtype).itemsize
         for group in streaming.batches([math.prod(s.shape) * itemsize for s in specs]):
             keep = treedef.unflatten([i in group for i in range(len(specs))])
@@ -357,9 +324,9 @@ class Reader:
         _check_shapes(self.directory, name, stored, target)
         try:
             if chunk_keep is not None and not all(jax.tree.leaves(chunk_keep)):
-                state = _restore_subset(path, _state(target), self._options)
+                state = _restore_subset(path, stored_state(target), self._options)
             else:
-                state = self._ckpt.restore(path, _state(target))
+                state = self._ckpt.restore(path, stored_state(target))
         except Exception as e:
             first = str(e).splitlines()[0] if str(e) else ""
             raise CheckpointError(f"{path}: cannot restore ({type(e).__name__}: {first})") \
@@ -367,7 +334,7 @@ class Reader:
         if name.startswith("layer_"):
             value = serialization.from_state_dict(target, state)
         else:
-            value = {key: state.get(key) for key in chunk_of(_declare(self.cfg), name)}
+            value = {key: state.get(key) for key in chunk_of(declaration(self.cfg), name)}
         if chunk_keep is not None:
             value = jax.tree.map(lambda k, v: v if k else None, chunk_keep, value)
         return value
