@@ -179,6 +179,18 @@ def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, capacity: int
                            (cache.k, cache.v, slots, None), cfg)
         cache = KVCache(k=k, v=v, lengths=jnp.minimum(lengths, capacity).astype(jnp.int32))
         return logits_from_hidden(params, _at(x, lengths - 1), cfg), cache
+    last, cache = chunked_prefill(extend, params, tokens, lengths, cache, cfg, chunk)
+    return logits_from_hidden(params, last, cfg), cache
+
+
+def chunked_prefill(extend_fn, params, tokens: jax.Array, lengths: jax.Array, cache, cfg,
+                    chunk: int):
+    """The chunked half of either family's ``prefill``: a ``fori_loop`` feeding ``chunk``
+    tokens at a time of the right-padded ``tokens [B, T]`` (``T`` a multiple of ``chunk``)
+    through ``extend_fn(params, piece, cache, cfg, num_new)`` into ``cache``; returns the hidden
+    states at each prompt's last token ``[B, H]`` (for the family's ``logits_from_hidden``) and
+    the cache."""
+    batch, total = tokens.shape
     if total % chunk:
         raise ValueError(f"prefill chunk {chunk} does not divide the padded prompt ({total})")
     last_chunk = (lengths - 1) // chunk
@@ -187,10 +199,10 @@ def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, capacity: int
         cache, last = carry
         piece = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)
         num_new = jnp.clip(lengths - c * chunk, 0, chunk).astype(jnp.int32)
-        x, cache = extend(params, piece, cache, cfg, num_new)
+        x, cache = extend_fn(params, piece, cache, cfg, num_new)
         last = jnp.where((last_chunk == c)[:, None], _at(x, num_new - 1), last)
         return cache, last
 
     last = jnp.zeros((batch, cfg.hidden_size), params.embed.dtype)
     cache, last = jax.lax.fori_loop(0, total // chunk, body, (cache, last))
-    return logits_from_hidden(params, last, cfg), cache
+    return last, cache

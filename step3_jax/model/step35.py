@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from step3_jax.model.decoder import chunked_prefill
 from step3_jax.model.layers import linear
 from step3_jax.model.step35_config import LayerSpec, Step35Config
 from step3_jax.model.step35_layers import CacheView, attention, moe, shared_ffn, znorm
@@ -229,18 +230,5 @@ def prefill(params: Params35, tokens: jax.Array, lengths: jax.Array, capacity: i
     if chunk is None or chunk >= total:
         x, cache = _stack(params, tokens, cfg, cache, None, lengths)
         return logits_from_hidden(params, _at(x, lengths - 1), cfg), cache
-    if total % chunk:
-        raise ValueError(f"prefill chunk {chunk} does not divide the padded prompt ({total})")
-    last_chunk = (lengths - 1) // chunk
-
-    def body(c, carry):
-        cache, last = carry
-        piece = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)
-        num_new = jnp.clip(lengths - c * chunk, 0, chunk).astype(jnp.int32)
-        x, cache = extend(params, piece, cache, cfg, num_new)
-        last = jnp.where((last_chunk == c)[:, None], _at(x, num_new - 1), last)
-        return cache, last
-
-    last = jnp.zeros((batch, cfg.hidden_size), params.embed.dtype)
-    cache, last = jax.lax.fori_loop(0, total // chunk, body, (cache, last))
+    last, cache = chunked_prefill(extend, params, tokens, lengths, cache, cfg, chunk)
     return logits_from_hidden(params, last, cfg), cache
