@@ -9,8 +9,9 @@ family runs (:mod:`step3_jax.model.family`): a Step-3.5 layer's attention half i
 ``step35.attention_block`` (GQA over its own cache: the whole context on full layers, a ring of
 ``window`` slots on sliding ones, slots derived on device from the rows' lengths exactly as the
 colocated decoder does), its router the biased sigmoid one, and its FFN half ``step35.ffn_block``
-with the layer's clamps, so the programs take the layer's index (static) for its
-:class:`~step3_jax.model.step35_config.LayerSpec`.
+with the layer's clamps, so the programs take a layer index (static) for its
+:class:`~step3_jax.model.step35_config.LayerSpec`: the first layer of the same kind
+(:func:`program_layer`), so that layers alike share one program.
 
 The schedule (:func:`stack_pass`) is driven from Python, as real AFD deployments drive two sets
 of instances: micro-batch after micro-batch, layer by layer, with nothing on the host waiting for
@@ -62,6 +63,24 @@ class RouterOnly:
 
 
 
+# What each program reads of a Step-3.5 layer's spec: layers that agree on these run one program.
+ATTENTION_FIELDS = ("attention", "q_heads", "kv_heads", "head_dim", "window", "rope_theta",
+                    "rotary_dim", "rope_scaling")
+FFN_FIELDS = ("moe", "swiglu_limit", "swiglu_limit_shared")
+
+
+def program_layer(cfg: AnyConfig, i: int, fields: tuple[str, ...]) -> int | None:
+    """The static layer index of layer ``i``'s attention (``fields``: :data:`ATTENTION_FIELDS`)
+    or FFN (:data:`FFN_FIELDS`) program: for Step-3.5 the first layer whose spec agrees with
+    ``i``'s on ``fields`` (Step-3.5-Flash's 45 layers need 4 attention programs, not 45; the
+    weights' shapes and the router's presence are the pytree's, not the spec's); None for
+    Step-3, whose layers share one program."""
+    if not family.is_step35(cfg):
+        return None
+    key = lambda j: tuple(getattr(cfg.layer(j), f) for f in fields)  # noqa: E731
+    return next(j for j in range(i + 1) if key(j) == key(i))
+
+
 # ----- the programs: single-device on each attention device, one over the FFN mesh ---------------
 
 def _quantize(y, dtype: str):
@@ -104,7 +123,7 @@ def attention_step(layer, h, f, positions, k_cache, v_cache, slots, key_len, aft
     ``after``: arrays the step must wait for and otherwise ignores (the lockstep schedule).
     ``table``: the rows' page tables when ``k_cache``/``v_cache`` are page pools (the engine).
     Step-3 writes this chunk's K/V at the host-computed ``slots`` and reads ``key_len`` slots;
-    Step-3.5 (``index``: the layer) takes the rows' cached ``lengths [B]`` (None: an empty cache,
+    Step-3.5 (``index``: :func:`program_layer`'s) takes the rows' cached ``lengths [B]`` (None: an empty cache,
     the prefill) and ``num_new [B]`` instead, as ``step35.layer`` does (``slots``, ``key_len``
     None).
     """
@@ -124,8 +143,8 @@ def attention_step(layer, h, f, positions, k_cache, v_cache, slots, key_len, aft
 def ffn_step(ffn, pieces, *, cfg, index=None):
     """The FFN on the tokens of every attention device; ``pieces`` holds one ``(q, scale,
     routing)`` per attention device, and the result comes back split the same way, replicated
-    over the FFN mesh (call under ``jax.set_mesh(ffn_mesh)``). ``index``: the layer, for a
-    Step-3.5 config (its clamps)."""
+    over the FFN mesh (call under ``jax.set_mesh(ffn_mesh)``). ``index``: for a Step-3.5 config,
+    :func:`program_layer`'s (the layer's clamps)."""
     rows = [q.shape[0] for q, _, _ in pieces]
     q = jnp.concatenate([q for q, _, _ in pieces])
     if pieces[0][1] is None:
@@ -249,9 +268,8 @@ def stack_pass(m, mbs: list[list[Shard]], feeds: list[list[dict]],
     last_back = {}  # attention device index -> what its next launch waits for (lockstep)
     to_ffn = NamedSharding(m.ffn_mesh, P())
     ffn_devices = m.ffn_devices
-    # The layer index is static in the programs: Step-3.5's layers differ in kind (one compile
-    # each); Step-3's share one program, so they pass None.
-    index = (lambda i: i) if family.is_step35(cfg) else (lambda i: None)  # noqa: E731
+    attn_index = [program_layer(cfg, i, ATTENTION_FIELDS) for i in range(cfg.num_hidden_layers)]
+    ffn_index = [program_layer(cfg, i, FFN_FIELDS) for i in range(cfg.num_hidden_layers)]
     put = lambda x, d: None if x is None else jax.device_put(x, d)  # noqa: E731
     ins = [[{k: put(v, sh.device) for k, v in feed.items()} for sh, feed in zip(shards, fs)]
            for shards, fs in zip(mbs, feeds)]
@@ -273,7 +291,7 @@ def stack_pass(m, mbs: list[list[Shard]], feeds: list[list[dict]],
                         x.get("slots"), x.get("key_len"),
                         last_back.get(sh.index) if schedule == "lockstep" else None,
                         x.get("table"), x.get("lengths"), x.get("num_new"), cfg=cfg,
-                        transfer=plan.transfer_dtype, index=index(i)))
+                        transfer=plan.transfer_dtype, index=attn_index[i]))
                     if cached:
                         sh.k[i], sh.v[i] = k, v
                     state[j][s] = [h, None]
@@ -285,7 +303,7 @@ def stack_pass(m, mbs: list[list[Shard]], feeds: list[list[dict]],
             with jax.profiler.TraceAnnotation(f"afd/a2f/{i}/{j}"):
                 pieces = [sync(jax.device_put(p, to_ffn)) for p in pieces]
             with jax.profiler.TraceAnnotation(f"afd/ffn/{i}/{j}"), jax.set_mesh(m.ffn_mesh):
-                outs = sync(ffn_step(m.ffn[i], tuple(pieces), cfg=cfg, index=index(i)))
+                outs = sync(ffn_step(m.ffn[i], tuple(pieces), cfg=cfg, index=ffn_index[i]))
             if i == cfg.num_hidden_layers - 1:
                 tail.append(outs)
             with jax.profiler.TraceAnnotation(f"afd/f2a/{i}/{j}"):
