@@ -62,7 +62,6 @@ class RouterOnly:
     router_bias: jax.Array | None = None
 
 
-
 # What each program reads of a Step-3.5 layer's spec: layers that agree on these run one program.
 ATTENTION_FIELDS = ("attention", "q_heads", "kv_heads", "head_dim", "window", "rope_theta",
                     "rotary_dim", "rope_scaling")
@@ -123,9 +122,9 @@ def attention_step(layer, h, f, positions, k_cache, v_cache, slots, key_len, aft
     ``after``: arrays the step must wait for and otherwise ignores (the lockstep schedule).
     ``table``: the rows' page tables when ``k_cache``/``v_cache`` are page pools (the engine).
     Step-3 writes this chunk's K/V at the host-computed ``slots`` and reads ``key_len`` slots;
-    Step-3.5 (``index``: :func:`program_layer`'s) takes the rows' cached ``lengths [B]`` (None: an empty cache,
-    the prefill) and ``num_new [B]`` instead, as ``step35.layer`` does (``slots``, ``key_len``
-    None).
+    Step-3.5 (``index``: :func:`program_layer`'s) takes the rows' cached ``lengths [B]`` (None:
+    an empty cache, the prefill) and ``num_new [B]`` instead, as ``step35.layer`` does
+    (``slots``, ``key_len`` None).
     """
     x = h + f.astype(h.dtype)
     if after is not None:
