@@ -15,9 +15,10 @@ it runs the colocated float32 operations on other devices; only the FFN's ``psum
 and ``tp`` adds in another order and the per-shard batch changes XLA's blocking:
 log-probabilities (scale ~6) agree to ~1e-6 (measured 9.5e-7), checked at 1e-4 absolute.
 Greedy tokens are compared exactly, as ``test_step35_generate.py`` does for the decode loop (its
-teacher-forced margin test guards the same rows). The FP8 transfer is the family-independent code Step-3's tests bound
-(tests/test_afd.py); on these weights it was measured at <= 0.25 (mean 0.05) log-prob deviation,
-a bfloat16 transfer at <= 0.008: not re-run here, for time.
+teacher-forced margin test guards the same rows). The FP8 transfer is the family-independent
+code Step-3's tests bound (tests/test_afd.py); on these weights (1:2, tp=2) it was measured at
+<= 0.25 (mean 0.05) log-prob deviation, a bfloat16 transfer at <= 0.008: not re-run here, for
+time.
 """
 
 import json
