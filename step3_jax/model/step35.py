@@ -5,7 +5,10 @@ Layer ``i`` (pre-norm, every norm zero-centred): ``h = x + Attn_i(ZNorm(x))``, t
 ``x' = h + FFN_i(ZNorm(h))``; the layer's kind -- full or sliding-window attention, its query
 heads, RoPE theta, rotary width and scaling, dense or MoE FFN, its clamps -- comes from
 ``cfg.layer(i)`` (a :class:`~step3_jax.model.step35_config.LayerSpec`), so one code path runs
-both kinds. Layers run in a Python loop over per-layer weights, as Step-3's decoder does.
+both kinds. Layers run in a Python loop over per-layer weights, as Step-3's decoder does. A layer
+is :func:`attention_block` then :func:`ffn_block` on :func:`post_norm`'s output: AFD
+(:mod:`step3_jax.runtime.afd_schedule`) runs the two halves on two device groups, the router on
+the attention side.
 
 The KV cache (:class:`Step35Cache`) is per layer. K/V heads are ``G x d`` on every layer; a full
 layer keeps every position (slot = position), a sliding layer only the last ``window``: a ring
