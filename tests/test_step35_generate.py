@@ -181,7 +181,8 @@ def test_cli_generate_and_score_run_step35(capsys, batch, teacher):
 @pytest.mark.parametrize("argv, fragment", [
     (["generate", "--prompt-ids", "1,2", "--max-num-seqs", "2"], "engine serves Step-3 only"),
     (["bench", "--requests", "2"], "engine serves Step-3 only"),
-    (["generate", "--prompt-ids", "1,2", "--afd", "1:1"], "--afd"),
+    (["generate", "--prompt-ids", "1,2", "--afd", "1:1", "--coordinator", "localhost:1234"],
+     "multi-process --afd"),
     (["bench"], "bench measures Step-3 only"),
     (["serve", "--port", "0"], "engine serves Step-3 only"),
 ])

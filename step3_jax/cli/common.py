@@ -221,15 +221,21 @@ def refuse_engine(cfg) -> None:
 
 
 def refuse_step3_only(args, cfg) -> None:
-    """What runs Step-3 only, refused for a Step-3.5 config before any weight loads: AFD (and
-    so the multi-process runs) and the engine's flags."""
+    """What runs Step-3 only, refused for a Step-3.5 config before any weight loads: AFD across
+    processes (``--coordinator`` or ``$JAX_COORDINATOR_ADDRESS``; single-process ``--afd`` runs
+    either family) and the engine's flags."""
+    import os
+
     from step3_jax.model import family
+    from step3_jax.runtime.launch import ENV_COORDINATOR
 
     if not family.is_step35(cfg):
         return
-    if getattr(args, "afd", None):
-        raise Step3Error(f"config {cfg.name!r} is a Step-3.5 model: --afd (attention-FFN "
-                         "disaggregation) runs Step-3 only; drop --afd")
+    if getattr(args, "afd", None) and (getattr(args, "coordinator", None)
+                                       or os.environ.get(ENV_COORDINATOR)):
+        raise Step3Error(f"config {cfg.name!r} is a Step-3.5 model: multi-process --afd "
+                         "(--coordinator/$" + ENV_COORDINATOR + ") runs Step-3 only; run --afd "
+                         "in one process")
     if uses_engine(args):
         raise Step3Error(f"config {cfg.name!r} is a Step-3.5 model: the continuous-batching "
                          "engine serves Step-3 only; drop --max-num-seqs, --page-size, "

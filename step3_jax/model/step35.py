@@ -5,7 +5,10 @@ Layer ``i`` (pre-norm, every norm zero-centred): ``h = x + Attn_i(ZNorm(x))``, t
 ``x' = h + FFN_i(ZNorm(h))``; the layer's kind -- full or sliding-window attention, its query
 heads, RoPE theta, rotary width and scaling, dense or MoE FFN, its clamps -- comes from
 ``cfg.layer(i)`` (a :class:`~step3_jax.model.step35_config.LayerSpec`), so one code path runs
-both kinds. Layers run in a Python loop over per-layer weights, as Step-3's decoder does.
+both kinds. Layers run in a Python loop over per-layer weights, as Step-3's decoder does. A layer
+is :func:`attention_block` then :func:`ffn_block` on :func:`post_norm`'s output: AFD
+(:mod:`step3_jax.runtime.afd_schedule`) runs the two halves on two device groups, the router on
+the attention side.
 
 The KV cache (:class:`Step35Cache`) is per layer. K/V heads are ``G x d`` on every layer; a full
 layer keeps every position (slot = position), a sliding layer only the last ``window``: a ring
@@ -102,20 +105,11 @@ def _write(cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
     return cache.at[rows, slots].set(new.astype(cache.dtype), mode="drop")
 
 
-def ffn_block(ffn, y: jax.Array, spec: LayerSpec, cfg: Step35Config) -> jax.Array:
-    if isinstance(ffn, Moe35):
-        return moe(ffn, y, spec, cfg)
-    with jax.named_scope("dense_ffn"):
-        return shared_ffn(ffn, y, spec.swiglu_limit_shared)
-
-
-def layer(p: Layer35, x: jax.Array, positions: jax.Array, spec: LayerSpec, cfg: Step35Config,
-          kv=None):
-    """One decoder layer. ``kv``: None (no cache) or ``(k_cache, v_cache, lengths, num_new)``:
-    the chunk attends over what the cache holds for ``lengths [B]`` tokens and its own keys,
-    then writes its first ``num_new [B]`` tokens' K/V; ``lengths=None`` means an empty cache (a
-    prefill: attention within the chunk alone, nothing read). Returns the new hidden states and
-    the updated ``(k_cache, v_cache)`` (or None)."""
+def attention_block(p: Layer35, x: jax.Array, positions: jax.Array, spec: LayerSpec,
+                    cfg: Step35Config, kv=None):
+    """``h = x + Attn(ZNorm(x))``, the attention half of :func:`layer` (AFD runs it on the
+    attention group), and the updated ``(k_cache, v_cache)`` (or None); ``kv`` as in
+    :func:`layer`."""
     eps = cfg.rms_norm_eps
     u = znorm(x, p.input_norm, eps)
     with jax.named_scope("full_attention" if spec.window is None else "sliding_attention"):
@@ -135,8 +129,35 @@ def layer(p: Layer35, x: jax.Array, positions: jax.Array, spec: LayerSpec, cfg: 
                                  slot_positions(spec, slots, lengths + num_new),
                                  write_slots(spec, slots, positions, num_new))
                 o, new_kv = attention(p.attn, u, positions, spec, eps, view, cfg.attention_impl)
-    h = x + o
-    return h + ffn_block(p.ffn, znorm(h, p.post_norm, eps), spec, cfg), new_kv
+    return x + o, new_kv
+
+
+def post_norm(p: Layer35, h: jax.Array, cfg: Step35Config) -> jax.Array:
+    """The FFN's input: ``ZNorm(h, post_attention_layernorm)``."""
+    return znorm(h, p.post_norm, cfg.rms_norm_eps)
+
+
+def ffn_block(ffn, y: jax.Array, spec: LayerSpec, cfg: Step35Config,
+              routing=None) -> jax.Array:
+    """The FFN half of :func:`layer` on the post-normed ``y``: the MoE (``routing``: its ``(weights,
+    idx)`` computed elsewhere, as AFD's attention side does; default: routed here) or the dense
+    clamped SwiGLU."""
+    if isinstance(ffn, Moe35):
+        return moe(ffn, y, spec, cfg, routing)
+    with jax.named_scope("dense_ffn"):
+        return shared_ffn(ffn, y, spec.swiglu_limit_shared)
+
+
+def layer(p: Layer35, x: jax.Array, positions: jax.Array, spec: LayerSpec, cfg: Step35Config,
+          kv=None):
+    """One decoder layer: :func:`attention_block`, then :func:`ffn_block` on the post-normed
+    ``h``. ``kv``: None (no cache) or ``(k_cache, v_cache, lengths, num_new)``: the chunk attends
+    over what the cache holds for ``lengths [B]`` tokens and its own keys, then writes its first
+    ``num_new [B]`` tokens' K/V; ``lengths=None`` means an empty cache (a prefill: attention
+    within the chunk alone, nothing read). Returns the new hidden states and the updated
+    ``(k_cache, v_cache)`` (or None)."""
+    h, new_kv = attention_block(p, x, positions, spec, cfg, kv)
+    return h + ffn_block(p.ffn, post_norm(p, h, cfg), spec, cfg), new_kv
 
 
 def embed(params: Params35, tokens: jax.Array) -> jax.Array:

@@ -260,13 +260,16 @@ def route(y: jax.Array, p: Moe35, cfg: Step35Config):
     return weights * cfg.moe_router_scaling_factor, idx
 
 
-def moe(p: Moe35, y: jax.Array, spec: LayerSpec, cfg: Step35Config) -> jax.Array:
+def moe(p: Moe35, y: jax.Array, spec: LayerSpec, cfg: Step35Config, routing=None) -> jax.Array:
     """The MoE FFN on ``y [B, T, H]``: routed experts (clamped at ``spec.swiglu_limit``) on
     ``cfg.moe_impl``'s kernel (:func:`step3_jax.model.moe.experts`, expert-parallel under a
-    mesh) plus the unscaled shared expert (clamped at ``spec.swiglu_limit_shared``)."""
-    with jax.named_scope("moe_router"):
-        weights, idx = route(y.reshape(-1, y.shape[-1]), p, cfg)
-    routing = (weights.reshape(*y.shape[:-1], -1), idx.reshape(*y.shape[:-1], -1))
+    mesh) plus the unscaled shared expert (clamped at ``spec.swiglu_limit_shared``).
+    ``routing``: ``(weights, idx) [B, T, k]`` computed elsewhere (AFD routes on the attention
+    side, where ``p.router`` lives); default: :func:`route` here."""
+    if routing is None:
+        with jax.named_scope("moe_router"):
+            weights, idx = route(y.reshape(-1, y.shape[-1]), p, cfg)
+        routing = (weights.reshape(*y.shape[:-1], -1), idx.reshape(*y.shape[:-1], -1))
     out = experts(y, *routing, p, cfg, spec.swiglu_limit)
     if p.shared is not None:
         with jax.named_scope("shared_expert"):

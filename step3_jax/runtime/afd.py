@@ -15,6 +15,11 @@ width (``tp``). No device holds both. Per layer and micro-batch:
 4. F→A: each attention device's rows of the result, in the compute dtype, come back to it and
    are added to ``h``.
 
+Step-3.5 runs the same way (``step35.attention_block`` over its per-layer cache, sliding rings
+included, and the biased sigmoid router with its float32 bias on the attention side; the routed
+and shared experts or the dense FFN, clamped at the layer's limits, on the FFN group, its experts
+stacked as the loader keeps them), in one process only.
+
 The programs and the micro-batch schedule that drives them from Python are in
 :mod:`step3_jax.runtime.afd_schedule`; the per-device timeline of a decode step and its stage
 metrics (per-layer attention / FFN / transfer time, bubble fraction, overlap) in
@@ -33,14 +38,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from step3_jax.checkpoint.loader import per_expert as per_expert_layout
 from step3_jax.errors import Step3Error
-from step3_jax.model.config import Step3Config
-from step3_jax.model.moe import per_expert_layout
 from step3_jax.model.sharding import axis_sizes, drop_first_axis, make_mesh, param_shardings
+from step3_jax.model.step35_reader import AnyConfig
+from step3_jax.model.step35_weights import Moe35
 from step3_jax.model.weights import Moe, Params, stack_moe, unstack_moe
 from step3_jax.runtime import sampling
-from step3_jax.runtime.afd_schedule import (SCHEDULES, RouterOnly, Shard, logits, new_cache,
-                                            next_tokens, slots, stack_pass)
+from step3_jax.runtime.afd_schedule import (SCHEDULES, RouterOnly, Shard, cache_feed, logits,
+                                            new_cache, next_tokens, stack_pass)
 from step3_jax.runtime.afd_trace import device_intervals, summarize, traced
 from step3_jax.runtime.generate import (FINISH_REASONS, MIN_PREFILL_BUCKET, GenerationResult,
                                         bucket, check_eos, check_prompts, shape_buckets)
@@ -85,12 +91,12 @@ def parse_plan(afd: str, ffn_mesh: str | None = None, micro_batches: int = 3,
 class AfdModel:
     """Weights split and placed on the two groups, with the jitted per-group steps."""
 
-    cfg: Step3Config
+    cfg: AnyConfig
     plan: AfdPlan
     attn_mesh: jax.sharding.Mesh
     ffn_mesh: jax.sharding.Mesh
-    attn: Params   # embedding, norms, MFA, routers, LM head; every ``ffn`` field None
-    ffn: tuple     # per layer: Mlp, or Moe without its router
+    attn: Params   # embedding, norms, attention, routers (RouterOnly), LM head; else ``ffn`` None
+    ffn: tuple     # per layer: Mlp, or Moe / Moe35 without its router (and router bias)
     local: tuple = ()  # per attention device: ``attn`` as that device's own arrays (no copy)
     remote: object = None  # the FFN group in other processes (distributed.RemoteFfn), or None
 
@@ -131,24 +137,35 @@ def group_meshes(plan: AfdPlan, devices: Sequence | None = None):
     return attn_mesh, ffn_mesh
 
 
-def afd_shardings(cfg: Step3Config, plan: AfdPlan, devices: Sequence | None = None) -> Params:
+def _is_moe(ffn) -> bool:
+    """A routed layer's FFN, of either family (Step-3's ``Moe``, Step-3.5's ``Moe35``)."""
+    return isinstance(ffn, (Moe, Moe35))
+
+
+def _router_part(ffn) -> dict:
+    """The MoE fields that live on the attention side: the router, and on Step-3.5 its bias."""
+    return {k: getattr(ffn, k) for k in ("router", "router_bias") if hasattr(ffn, k)}
+
+
+def afd_shardings(cfg: AnyConfig, plan: AfdPlan, devices: Sequence | None = None) -> Params:
     """Where every weight lives under AFD (a params-shaped tree, for ``load(shardings=...)``):
-    attention weights, norms, routers, embedding and LM head replicated on the attention group;
-    expert, shared-expert and dense-FFN weights split over the FFN group by the rules table."""
+    attention weights, norms, routers (Step-3.5: with their bias), embedding and LM head
+    replicated on the attention group; expert, shared-expert and dense-FFN weights split over the
+    FFN group by the rules table."""
     attn_mesh, ffn_mesh = group_meshes(plan, devices)
     ffn_sh = param_shardings(cfg, ffn_mesh)  # also checks ep/tp divide what they split
     attn = NamedSharding(attn_mesh, P())
     on_attn = lambda tree: jax.tree.map(lambda _: attn, tree)  # noqa: E731
     layers = tuple(
         layer.replace(input_norm=attn, post_norm=attn, attn=on_attn(layer.attn),
-                      ffn=layer.ffn.replace(router=attn) if isinstance(layer.ffn, Moe)
-                      else layer.ffn)
+                      ffn=layer.ffn.replace(**on_attn(_router_part(layer.ffn)))
+                      if _is_moe(layer.ffn) else layer.ffn)
         for layer in ffn_sh.layers)
     return ffn_sh.replace(embed=attn, layers=layers, final_norm=attn,
                           lm_head=None if cfg.tie_word_embeddings else attn)
 
 
-def place(params: Params, cfg: Step3Config, plan: AfdPlan,
+def place(params: Params, cfg: AnyConfig, plan: AfdPlan,
           devices: Sequence | None = None) -> AfdModel:
     """Split ``params`` into the attention and FFN parts and place them on disjoint groups.
 
@@ -166,23 +183,25 @@ def place_attention(params: Params, attn_mesh) -> tuple[Params, tuple]:
     """The attention side: every weight but the FFNs' (routers kept), replicated on the group,
     and each device's single-device view of it."""
     layers = tuple(
-        layer.replace(ffn=RouterOnly(layer.ffn.router) if isinstance(layer.ffn, Moe) else None)
+        layer.replace(ffn=RouterOnly(**_router_part(layer.ffn)) if _is_moe(layer.ffn) else None)
         for layer in params.layers)
     attn = jax.device_put(params.replace(layers=layers), NamedSharding(attn_mesh, P()))
     return attn, tuple(_on_device(attn, d) for d in attn_mesh.devices.flat)
 
 
-def place_ffn(params: Params, cfg: Step3Config, plan: AfdPlan,
+def place_ffn(params: Params, cfg: AnyConfig, plan: AfdPlan,
               devices: Sequence | None = None) -> tuple:
-    """The FFN side: per layer the dense FFN, or the MoE without its router, split over the FFN
-    group by the rules table (per-expert arrays for the CPU loop kernel when ``ep`` is 1)."""
+    """The FFN side: per layer the dense FFN, or the MoE without its router (and bias), split
+    over the FFN group by the rules table (per-expert arrays for the CPU loop kernel when ``ep``
+    is 1 and the loader's ``per_expert`` says so; Step-3.5's experts stay stacked)."""
     shardings = afd_shardings(cfg, plan, devices)
     per_expert = per_expert_layout(cfg, plan.ffn_ep)
+    no_router = lambda x: x.replace(**{k: None for k in _router_part(x)})  # noqa: E731
     ffn = []
     for layer, sh in zip(params.layers, shardings.layers):
         f, s = layer.ffn, sh.ffn
-        if isinstance(f, Moe):
-            f, s = f.replace(router=None), s.replace(router=None)
+        if _is_moe(f):
+            f, s = no_router(f), no_router(s)
             f = unstack_moe(f) if per_expert else stack_moe(f)
             if per_expert:  # each expert's arrays take the stacked sharding minus its first axis
                 s = s.replace(**{k: tuple(drop_first_axis(getattr(s, k)) for _ in getattr(f, k))
@@ -287,7 +306,7 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
             feeds.append({"tokens": tokens[sh.rows],
                           "positions": np.broadcast_to(np.arange(chunk, dtype=np.int32),
                                                        (r, chunk)).copy(),
-                          "slots": slots(np.zeros(r, np.int32), lengths[sh.rows], chunk, capacity)})
+                          **cache_feed(cfg, None, lengths[sh.rows], chunk, capacity)})
         started, since = time.perf_counter(), clock.now()
         state, tail = stack_pass(m, mbs, _by_mb(feeds, A), schedule)
         next_tok = draw(state, 0, last=lengths)
@@ -318,8 +337,7 @@ def generate(m: AfdModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
             started, since, hidden = time.perf_counter(), clock.now(), 0.0
             feed = (~done).astype(np.int32)
             feeds = [{"tokens": next_tok[sh.rows][:, None], "positions": cur[sh.rows][:, None],
-                      "slots": slots(cur[sh.rows], feed[sh.rows], 1, capacity),
-                      "key_len": np.minimum(cur[sh.rows] + feed[sh.rows], capacity)}
+                      **cache_feed(cfg, cur[sh.rows], feed[sh.rows], 1, capacity)}
                      for sh in shards]
             if step == profile_step:  # the trace must hold this pass's launches and no others
                 jax.block_until_ready(tail)
