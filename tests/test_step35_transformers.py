@@ -36,7 +36,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from packaging.version import Version  # noqa: E402  (a transformers dependency)
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, run_cli  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 import compare_transformers_step35 as cmp  # noqa: E402
@@ -68,6 +68,7 @@ def _setup(tmp_path_factory, name, rope_scaling):
     cfg, params = cmp.load_ours(directory)
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, FORWARD_T))
     return {"cfg": cfg, "params": params, "model": cmp.load_transformers(directory),
+            "dir": directory,
             "tokens": tokens, "ours": cmp.our_logits(params, cfg, tokens)}
 
 
@@ -160,6 +161,32 @@ def test_cached_prompt_and_greedy_decode_match(scaled):
     theirs = cmp.hf_logits(model, prompts)
     assert _relative(seen, theirs) < REL_TOL
     np.testing.assert_array_equal(ours, cmp.hf_greedy(model, prompts, DECODE))
+
+
+def test_cli_generate_and_score_on_the_checkpoint_match(scaled, capsys):
+    """``step3-jax generate --checkpoint`` and ``score --checkpoint`` on the saved Hub checkpoint
+    (a ``step3p7`` wrapper with MTP stand-ins, read by the library's loader): the greedy tokens
+    of both prompts equal transformers' ``generate``; the score's log-probabilities are within
+    2 x 2e-5 of the logit scale of transformers' (a log-softmax moves by at most twice the
+    largest logit error)."""
+    cfg, model, directory = scaled["cfg"], scaled["model"], str(scaled["dir"])
+    prompts = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, PROMPT_T))
+    argv = [a for p in prompts for a in ("--prompt-ids", ",".join(map(str, p)))]
+    code, out, err = run_cli(capsys, "generate", "--checkpoint", directory, *argv,
+                             "--max-new-tokens", str(DECODE), "--eos-id", "-1", "--json", "-q")
+    assert code == 0, err
+    got = [r["generated_ids"] for r in json.loads(out)["results"]]
+    np.testing.assert_array_equal(got, cmp.hf_greedy(model, prompts, DECODE))
+    ids = scaled["tokens"][0]
+    code, out, err = run_cli(capsys, "score", "--checkpoint", directory, "--ids",
+                             ",".join(map(str, ids)), "--json", "-q")
+    assert code == 0, err
+    theirs = cmp.hf_logits(model, ids[None])[0, :-1].astype(np.float64)
+    logp = theirs - theirs.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    want = logp[np.arange(len(ids) - 1), ids[1:]]
+    got = np.asarray(json.loads(out)["logprobs"])
+    assert np.abs(got - want).max() < 2 * REL_TOL * np.abs(theirs).max()
 
 
 @contextlib.contextmanager

@@ -116,7 +116,7 @@ class Ours:
         state, knobs = self.state(prefix, first), self.knobs(first.size, steps)
         fn, compile_s = self.gen._executable(
             "decode", (first.size, prefix.capacity, 1), _decode,
-            (self.params, state, *knobs), cfg=self.cfg)
+            (self.params, state, *knobs), capacity=prefix.capacity, cfg=self.cfg)
         jax.block_until_ready(state)
         t0 = time.perf_counter()
         out = jax.block_until_ready(fn(self.params, state, *knobs))

@@ -47,15 +47,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from step3_jax.checkpoint.hub import leaf_to_hub
+from step3_jax.checkpoint.loader import load
 from step3_jax.errors import ConfigError, Step3Error
 from step3_jax.model import step35
 from step3_jax.model.config import read_config_source, step35_model_type
 from step3_jax.model.step35_config import FULL, SLIDING, Step35Config
-from step3_jax.model.step35_reader import from_step35_dict, load_any_config
-from step3_jax.model.step35_weights import declare, from_hub_state, is_spec
+from step3_jax.model.step35_reader import from_step35_dict
+from step3_jax.model.step35_weights import declare, is_spec
 
 MIN_TRANSFORMERS = "5.16"
 # The smallest vision tower Step3p7Config builds (one layer, a 2x2 patch grid): the wrapper needs
@@ -155,9 +156,10 @@ def text_config(spec: str, *, rope_scaling="keep") -> dict:
 # ----- the two models -----------------------------------------------------------------------------
 
 def load_ours(directory: str | Path):
-    """``(cfg, params)`` read back from the checkpoint directory (config and tensors)."""
-    cfg = load_any_config(directory)
-    return cfg, from_hub_state(load_file(str(Path(directory) / "model.safetensors")), cfg)
+    """``(cfg, params)`` read back from the checkpoint directory by the library's loader (the
+    ``step3p7`` wrapper's ``text_config``, header checks, the MTP tensors skipped), float32."""
+    params, cfg = load(directory, dtype="float32", progress=False)
+    return cfg, params
 
 
 def load_transformers(directory: str | Path):
