@@ -204,7 +204,7 @@ def decode_point(params, cfg, *, batch, context, steps, repeats, flush, seed) ->
     row = {"family": family.of(cfg).label, "config": cfg.name, "context": context,
            "batch": batch, "steps": steps, "capacity": capacity,
            "full_attention_kernel": full_attention_kernel(cfg, batch, capacity)}
-    skip = fits(2 * cache_bytes(cfg, batch, capacity))
+    skip = fits(cache_bytes(cfg, batch, capacity))  # donated: one cache at a time
     if skip:
         return dict(row, skipped=skip)
     rng = np.random.default_rng(seed)
@@ -238,7 +238,7 @@ def prefill_chunk(params, tokens, cache, cfg):
 def prefill_point(params, cfg, *, length: int, chunk: int, capacity: int, seed: int) -> dict:
     row = {"family": family.of(cfg).label, "config": cfg.name, "tokens": length,
            "chunk": chunk, "layers": cfg.num_hidden_layers}
-    skip = fits(2 * cache_bytes(cfg, 1, capacity) + 64 * chunk * cfg.hidden_size * 4)
+    skip = fits(cache_bytes(cfg, 1, capacity) + 64 * chunk * cfg.hidden_size * 4)
     if skip:
         return dict(row, skipped=skip)
     prompt = np.random.default_rng(seed).integers(2, cfg.vocab_size, size=(1, length))

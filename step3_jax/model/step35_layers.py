@@ -147,8 +147,8 @@ class CacheView(NamedTuple):
 # 2 K/V heads) the blocked kernel was 1.3-2.3x faster for one decode query over 513 keys at
 # batch 16 (a sliding layer's ring: 4.1 against 9.5 ms with 24 heads), 1.4-5x over 2,048-32,768
 # keys, and 2.4-6x for 64-query chunks over 2,048; plain was ahead only at batch 1 over 513 keys
-# with 16 heads (0.65 against 0.86 ms; with 24: 0.52 blocked, 0.65 plain). Measured on the
-# loaded 2-core machine, tools/bench_step35.py's setting.
+# with 16 heads (0.65 against 0.86 ms; with 24: 0.52 blocked, 0.65 plain). Standalone timings of
+# the two cores on the loaded 2-core machine (BENCHMARKS.md, "Step-3.5 beside Step-3").
 PLAIN_MAX_KEYS = 256
 
 
