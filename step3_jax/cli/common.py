@@ -298,7 +298,8 @@ def check_memory(args, cfg, plan, *, batch: int, longest: int, new_tokens: int,
     from step3_jax.model import family
 
     if family.is_step35(cfg):
-        return _check_step35_memory(args, cfg, batch=batch, capacity=capacity, what=what)
+        return _check_step35_memory(args, cfg, plan, batch=batch, capacity=capacity,
+                                    what=what)
     if plan is not None:
         placement = deployment.Placement(afd=True, attention=plan.attention, ffn_ep=plan.ffn_ep,
                                          ffn_tp=plan.ffn_tp, micro_batches=plan.micro_batches)
@@ -310,11 +311,12 @@ def check_memory(args, cfg, plan, *, batch: int, longest: int, new_tokens: int,
                     what=what, weights_format="fp8" if stored == "fp8" else None, extra=extra)
 
 
-def _check_step35_memory(args, cfg, *, batch: int, capacity: int, what: str) -> None:
+def _check_step35_memory(args, cfg, plan, *, batch: int, capacity: int, what: str) -> None:
     """:func:`check_memory` for a Step-3.5 config: its weights and its KV cache at
-    ``capacity`` (full layers the whole capacity, sliding ones their window), spread over the
-    mesh's devices, against the host (XLA:CPU) or each device. Activations are not counted (the
-    memory plan's arithmetic is Step-3's), so this refuses only what surely cannot fit."""
+    ``capacity`` (full layers the whole capacity, sliding ones their window), spread evenly over
+    the mesh's devices or AFD's two groups (``plan``), against the host (XLA:CPU) or each
+    device. Activations are not counted and the spread is the most even one, so this refuses
+    only what surely cannot fit."""
     import jax
 
     from step3_jax.analysis import deployment, preflight, step35
@@ -326,7 +328,8 @@ def _check_step35_memory(args, cfg, *, batch: int, capacity: int, what: str) -> 
     if device.platform == "cpu":
         per_device, have, where = 1, preflight.host_available(), "this machine has"
     else:
-        per_device = deployment.parse_placement(mesh=args.mesh).devices
+        per_device = (plan.attention + plan.ffn if plan is not None
+                      else deployment.parse_placement(mesh=args.mesh).devices)
         have, where = preflight.device_limit(device), f"each {device.device_kind} has"
     need = (weights + kv) // per_device
     if have is not None and need > have:
