@@ -71,8 +71,9 @@ def write_positions(lengths: jax.Array, num_new: jax.Array, chunk: int,
 
 
 def update(v_cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
-    """Scatter ``new [batch, chunk, d]`` into one layer's V ``[batch, capacity, d]`` at ``slots``
-    (``[batch, chunk]``); out-of-bounds slots are dropped."""
+    """Scatter ``new [batch, chunk, ...]`` into a cache ``[batch, capacity, ...]`` at ``slots``
+    (``[batch, chunk]``); out-of-bounds slots are dropped. Step-3's V ``[batch, capacity, d]``
+    and Step-3.5's K and V ``[batch, slots, G, d]`` (``step35_layers``) both write here."""
     b = jnp.arange(slots.shape[0])[:, None]
     if slots.size == 1:  # XLA:CPU turns a one-update scatter into a copying select + DUS
         b, slots, new = _with_dropped_update(b, slots, new, v_cache.shape[1])

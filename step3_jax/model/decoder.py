@@ -155,7 +155,7 @@ def forward(params: Params, tokens: jax.Array, cache: KVCache | None, cfg: Step3
     return logits_from_hidden(params, x, cfg), cache
 
 
-def _at(x: jax.Array, index: jax.Array) -> jax.Array:
+def take_at(x: jax.Array, index: jax.Array) -> jax.Array:
     """``x[b, index[b]]`` for ``x [B, T, H]``: each sequence's hidden state at one position."""
     return jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[1] - 1)[:, None, None], axis=1)[:, 0]
 
@@ -178,7 +178,7 @@ def prefill(params: Params, tokens: jax.Array, lengths: jax.Array, capacity: int
         x, (k, v) = _stack(params, embed(params, tokens), positions,
                            (cache.k, cache.v, slots, None), cfg)
         cache = KVCache(k=k, v=v, lengths=jnp.minimum(lengths, capacity).astype(jnp.int32))
-        return logits_from_hidden(params, _at(x, lengths - 1), cfg), cache
+        return logits_from_hidden(params, take_at(x, lengths - 1), cfg), cache
     last, cache = chunked_prefill(extend, params, tokens, lengths, cache, cfg, chunk)
     return logits_from_hidden(params, last, cfg), cache
 
@@ -200,7 +200,7 @@ def chunked_prefill(extend_fn, params, tokens: jax.Array, lengths: jax.Array, ca
         piece = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)
         num_new = jnp.clip(lengths - c * chunk, 0, chunk).astype(jnp.int32)
         x, cache = extend_fn(params, piece, cache, cfg, num_new)
-        last = jnp.where((last_chunk == c)[:, None], _at(x, num_new - 1), last)
+        last = jnp.where((last_chunk == c)[:, None], take_at(x, num_new - 1), last)
         return cache, last
 
     last = jnp.zeros((batch, cfg.hidden_size), params.embed.dtype)

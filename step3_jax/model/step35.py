@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from step3_jax.model.decoder import chunked_prefill
+from step3_jax.model.cache import update
+from step3_jax.model.decoder import chunked_prefill, take_at
 from step3_jax.model.layers import linear
 from step3_jax.model.step35_config import LayerSpec, Step35Config
 from step3_jax.model.step35_layers import CacheView, attention, moe, shared_ffn, znorm
@@ -63,11 +64,16 @@ def cache_slots(cfg: Step35Config, layer: int, capacity: int) -> int:
     return min(cfg.sliding_window, capacity) if cfg.is_sliding(layer) else capacity
 
 
+def layer_shapes(cfg: Step35Config, batch: int, capacity: int) -> list[tuple[int, ...]]:
+    """Each layer's K (and V) shape ``[batch, S_i, G, d]`` for ``capacity`` positions."""
+    return [(batch, cache_slots(cfg, i, capacity), cfg.num_attention_groups, cfg.head_dim)
+            for i in range(cfg.num_hidden_layers)]
+
+
 def init_cache(cfg: Step35Config, batch: int, capacity: int, dtype=None) -> Step35Cache:
     """An empty cache for ``batch`` sequences of up to ``capacity`` positions."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shapes = [(batch, cache_slots(cfg, i, capacity), cfg.num_attention_groups, cfg.head_dim)
-              for i in range(cfg.num_hidden_layers)]
+    shapes = layer_shapes(cfg, batch, capacity)
     return Step35Cache(k=tuple(jnp.zeros(s, dtype) for s in shapes),
                        v=tuple(jnp.zeros(s, dtype) for s in shapes),
                        lengths=jnp.zeros((batch,), jnp.int32), capacity=capacity)
@@ -100,11 +106,6 @@ def write_slots(spec: LayerSpec, slots: int, positions: jax.Array,
     return jnp.where(keep & (slot < slots), slot, slots)
 
 
-def _write(cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
-    rows = jnp.arange(cache.shape[0])[:, None]
-    return cache.at[rows, slots].set(new.astype(cache.dtype), mode="drop")
-
-
 def attention_block(p: Layer35, x: jax.Array, positions: jax.Array, spec: LayerSpec,
                     cfg: Step35Config, kv=None):
     """``h = x + Attn(ZNorm(x))``, the attention half of :func:`layer` (AFD runs it on the
@@ -122,7 +123,7 @@ def attention_block(p: Layer35, x: jax.Array, positions: jax.Array, spec: LayerS
             if lengths is None:  # an empty cache: the chunk attends within itself
                 o, (k, v) = attention(p.attn, u, positions, spec, eps, None, cfg.attention_impl)
                 where = write_slots(spec, slots, positions, num_new)
-                new_kv = (_write(k_cache, where, k), _write(v_cache, where, v))
+                new_kv = (update(k_cache, where, k), update(v_cache, where, v))
             else:
                 view = CacheView(k_cache, v_cache, lengths, num_new,
                                  slot_positions(spec, slots, lengths),
@@ -228,11 +229,6 @@ def forward(params: Params35, tokens: jax.Array, cache: Step35Cache | None, cfg:
     return logits_from_hidden(params, x, cfg), None
 
 
-def _at(x: jax.Array, index: jax.Array) -> jax.Array:
-    """``x[b, index[b]]`` for ``x [B, T, H]``."""
-    return jnp.take_along_axis(x, jnp.clip(index, 0, x.shape[1] - 1)[:, None, None], axis=1)[:, 0]
-
-
 def prefill(params: Params35, tokens: jax.Array, lengths: jax.Array, capacity: int,
             cfg: Step35Config, chunk: int | None = None):
     """Run right-padded prompts ``tokens [B, T]`` (``lengths[b]`` real tokens each) into a new
@@ -250,6 +246,6 @@ def prefill(params: Params35, tokens: jax.Array, lengths: jax.Array, capacity: i
     cache = init_cache(cfg, batch, capacity, dtype=params.embed.dtype)
     if chunk is None or chunk >= total:
         x, cache = _stack(params, tokens, cfg, cache, None, lengths)
-        return logits_from_hidden(params, _at(x, lengths - 1), cfg), cache
+        return logits_from_hidden(params, take_at(x, lengths - 1), cfg), cache
     last, cache = chunked_prefill(extend, params, tokens, lengths, cache, cfg, chunk)
     return logits_from_hidden(params, last, cfg), cache

@@ -26,6 +26,7 @@ import numpy as np
 
 from step3_jax.model.attention import PLAIN_MAX_SCORE_BYTES
 from step3_jax.model.blocked_attention import gqa_attend
+from step3_jax.model.cache import update
 from step3_jax.model.layers import linear
 from step3_jax.model.moe import clamped_swiglu, experts
 from step3_jax.model.step35_config import LayerSpec, RopeScaling, Step35Config
@@ -162,11 +163,6 @@ def resolve_impl(impl: str, batch: int, queries: int, heads: int, keys: int) -> 
     return "plain" if keys <= PLAIN_MAX_KEYS and small else "blocked"
 
 
-def _store(cache: jax.Array, slots: jax.Array, new: jax.Array) -> jax.Array:
-    rows = jnp.arange(cache.shape[0])[:, None]
-    return cache.at[rows, slots].set(new.astype(cache.dtype), mode="drop")
-
-
 def _ring_in_order(cache: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
     """A sliding layer's ring ``[B, W, G, d]`` (slot = position mod ``window``) laid out in
     position order: entry ``i`` holds position ``lengths - W + i`` (unfilled entries, negative
@@ -187,7 +183,7 @@ def _cached(q, k, v, positions, spec: LayerSpec, view: CacheView, impl: str):
     batch, chunk, heads, _ = q.shape
     slots = view.k.shape[1]
     if spec.window is None or chunk == 1:
-        kc, vc = _store(view.k, view.write, k), _store(view.v, view.write, v)
+        kc, vc = update(view.k, view.write, k), update(view.v, view.write, v)
         if resolve_impl(impl, batch, chunk, heads, slots) == "blocked":
             with jax.named_scope("attention_blocked"):
                 key_len = jnp.minimum(view.lengths + view.num_new, slots)
@@ -216,7 +212,7 @@ def _cached(q, k, v, positions, spec: LayerSpec, view: CacheView, impl: str):
         k_pos = jnp.concatenate([view.slot_pos, positions], axis=1)
         k_valid = jnp.concatenate([view.slot_pos >= 0, new_valid], axis=1)
         o = attend(q, keys, values, visible(positions, k_pos, k_valid, spec.window))
-    return o, (_store(view.k, view.write, k), _store(view.v, view.write, v))
+    return o, (update(view.k, view.write, k), update(view.v, view.write, v))
 
 
 def attention(p: Attention35, u: jax.Array, positions: jax.Array, spec: LayerSpec, eps: float,

@@ -204,13 +204,11 @@ class Shard:
 
 def new_cache(cfg: AnyConfig, shard: Shard, capacity: int) -> None:
     """Zeroed per-layer K/V arrays of ``capacity`` positions for ``shard``'s rows, on its
-    device: Step-3's ``cache.layer_shapes``, Step-3.5's per-layer slots
-    (``step35.cache_slots``)."""
+    device: Step-3's ``cache.layer_shapes``, Step-3.5's ``step35.layer_shapes`` (a ring on
+    sliding layers)."""
     rows = shard.rows.stop - shard.rows.start
     if family.is_step35(cfg):
-        shapes = [(rows, step35.cache_slots(cfg, i, capacity), cfg.num_attention_groups,
-                   cfg.head_dim) for i in range(cfg.num_hidden_layers)]
-        shapes = list(zip(shapes, shapes))
+        shapes = [(s, s) for s in step35.layer_shapes(cfg, rows, capacity)]
     else:
         shapes = [layer_shapes(cfg, rows, capacity)] * cfg.num_hidden_layers
     zeros = lambda shape: jnp.zeros(shape, cfg.dtype, device=shard.device)  # noqa: E731
