@@ -44,21 +44,19 @@ from step3_jax.model.quant import BLOCK, Fp8Weight, materialize
 from step3_jax.model.weights import Moe, stack_weight
 
 
-def clamped_swiglu(x: jax.Array, gate, up, down, limit: float = 0.0) -> jax.Array:
-    """``(min(silu(x@gate.T), L) * clip(x@up.T, -L, L)) @ down.T`` for a limit ``L > 0`` (upper
-    only on the activated gate, both sides on up: ``shared/spec/step35.md`` §2); exactly
-    :func:`~step3_jax.model.layers.swiglu` (the same operations) for ``L = 0``."""
-    if not limit:
-        return swiglu(x, gate, up, down)
-    g = jnp.minimum(jax.nn.silu(linear(x, gate)), limit)
-    return linear(g * jnp.clip(linear(x, up), -limit, limit), down)
-
-
 def _activate(g: jax.Array, u: jax.Array, limit: float) -> jax.Array:
-    """The SwiGLU product of gate and up projections ``g``, ``u``, clamped at ``limit`` (> 0)."""
+    """The SwiGLU product of gate and up projections ``g``, ``u``: ``silu(g) * u``, or for a
+    limit ``L > 0`` ``min(silu(g), L) * clip(u, -L, L)`` (upper only on the activated gate, both
+    sides on up: ``shared/spec/step35.md`` §2)."""
     if not limit:
         return jax.nn.silu(g) * u
     return jnp.minimum(jax.nn.silu(g), limit) * jnp.clip(u, -limit, limit)
+
+
+def clamped_swiglu(x: jax.Array, gate, up, down, limit: float = 0.0) -> jax.Array:
+    """``activate(x@gate.T, x@up.T) @ down.T`` clamped at ``limit`` (:func:`_activate`); for
+    ``limit = 0`` the same operations as :func:`~step3_jax.model.layers.swiglu`."""
+    return linear(_activate(linear(x, gate), linear(x, up), limit), down)
 
 
 def route(y: jax.Array, router: jax.Array, cfg: Step3Config):
