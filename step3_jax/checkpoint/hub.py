@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from step3_jax.errors import CheckpointError
 from step3_jax.model import family, quant
-from step3_jax.model.weights import WeightSpec
+from step3_jax.model.weights import WeightSpec, hub_to_leaf, leaf_to_hub
 
 if TYPE_CHECKING:
     from step3_jax.model.step35_reader import AnyConfig
@@ -170,21 +170,6 @@ class HubReader:
                 header_len = int.from_bytes(f.read(8), "little")
                 self._headers[path] = (header_len, json.loads(f.read(header_len)))
         return self._headers[path]
-
-
-def hub_to_leaf(arr: np.ndarray, spec: WeightSpec, cfg: AnyConfig) -> np.ndarray:
-    """A Hub tensor -> the weight ``spec`` declares (reshape, pad the vocabulary)."""
-    unpadded = tuple(cfg.vocab_size if a == "vocab" else n for a, n in zip(spec.axes, spec.shape))
-    arr = arr.reshape(unpadded)
-    if unpadded != spec.shape:
-        arr = np.pad(arr, [(0, full - have) for full, have in zip(spec.shape, unpadded)])
-    return arr
-
-
-def leaf_to_hub(arr: np.ndarray, spec: WeightSpec, cfg: AnyConfig) -> np.ndarray:
-    """Inverse of :func:`hub_to_leaf`."""
-    arr = arr[tuple(slice(0, cfg.vocab_size) if a == "vocab" else slice(None) for a in spec.axes)]
-    return np.ascontiguousarray(arr.reshape(spec.hub_shape))
 
 
 def leaf_dtype(spec: WeightSpec, dtype) -> np.dtype:

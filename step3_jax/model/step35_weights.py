@@ -26,7 +26,7 @@ import numpy as np
 from flax import struct
 
 from step3_jax.model.step35_config import Step35Config
-from step3_jax.model.weights import Mlp, WeightSpec
+from step3_jax.model.weights import Mlp, WeightSpec, hub_to_leaf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,17 +241,13 @@ def count_params(cfg: Step35Config) -> dict[str, int]:
     return {"total": total, "activated": activated}
 
 
-def hub_to_leaf(arr: np.ndarray, spec: Spec35, cfg: Step35Config) -> np.ndarray:
-    """A Hub tensor -> the declared weight: shape check, reshape, zero-pad the vocabulary."""
+def _from_hub(arr, spec: Spec35, cfg: Step35Config) -> np.ndarray:
+    """A Hub tensor of an in-memory state -> the declared weight, its shape checked first."""
     arr = np.asarray(arr)
     if tuple(arr.shape) != spec.hub_shape:
         raise ValueError(f"{spec.hub}: Hub shape {list(arr.shape)}, expected "
                          f"{list(spec.hub_shape)}")
-    unpadded = tuple(cfg.vocab_size if a == "vocab" else n for a, n in zip(spec.axes, spec.shape))
-    arr = arr.reshape(unpadded)
-    if unpadded != spec.shape:
-        arr = np.pad(arr, [(0, full - have) for full, have in zip(spec.shape, unpadded)])
-    return arr
+    return hub_to_leaf(arr, spec, cfg)
 
 
 def from_hub_state(state: dict, cfg: Step35Config) -> Params35:
@@ -263,7 +259,7 @@ def from_hub_state(state: dict, cfg: Step35Config) -> Params35:
     if missing:
         raise KeyError(f"missing Hub tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return jax.tree.map(
-        lambda s: jnp.asarray(hub_to_leaf(state[s.hub], s, cfg), leaf_dtype(s, cfg)),
+        lambda s: jnp.asarray(_from_hub(state[s.hub], s, cfg), leaf_dtype(s, cfg)),
         decl, is_leaf=is_spec)
 
 

@@ -25,6 +25,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from step3_jax.model.config import Step3Config
@@ -37,7 +38,7 @@ class WeightSpec:
 
     ``hub`` is the Hub tensor name and ``hub_shape`` its shape there. The Hub tensor becomes this
     weight by reshaping to the per-layer shape and zero-padding the ``vocab`` axis
-    (``checkpoint.hub_to_leaf`` / ``checkpoint.leaf_to_hub``).
+    (:func:`hub_to_leaf` / :func:`leaf_to_hub`).
     """
 
     shape: tuple[int, ...]
@@ -156,6 +157,22 @@ def _layer(cfg: Step3Config, i: int) -> Layer:
         attn=attn,
         ffn=ffn,
     )
+
+
+def hub_to_leaf(arr: np.ndarray, spec: WeightSpec, cfg) -> np.ndarray:
+    """A Hub tensor -> the weight ``spec`` declares (reshape, pad the vocabulary); either
+    family's declaration (``cfg.vocab_size``)."""
+    unpadded = tuple(cfg.vocab_size if a == "vocab" else n for a, n in zip(spec.axes, spec.shape))
+    arr = arr.reshape(unpadded)
+    if unpadded != spec.shape:
+        arr = np.pad(arr, [(0, full - have) for full, have in zip(spec.shape, unpadded)])
+    return arr
+
+
+def leaf_to_hub(arr: np.ndarray, spec: WeightSpec, cfg) -> np.ndarray:
+    """Inverse of :func:`hub_to_leaf`."""
+    arr = arr[tuple(slice(0, cfg.vocab_size) if a == "vocab" else slice(None) for a in spec.axes)]
+    return np.ascontiguousarray(arr.reshape(spec.hub_shape))
 
 
 def declare(cfg: Step3Config) -> Params:
